@@ -1,0 +1,3 @@
+from stdit.cli import main
+
+main()

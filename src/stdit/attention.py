@@ -1,0 +1,260 @@
+"""Attention dispatch.
+
+Every attention in the model goes through :func:`attention`, with q, k, v laid out ``[B, S, H, D]`` as the
+projections produce them (no transposes on our side). The backend is a run-time choice, never stored in a
+config. Resolution order: the :func:`attention_backend` context manager, then the model's
+``set_attention_backend`` choice, then ``STDIT_ATTENTION``, then the default (``triton`` on CUDA, ``sdpa``
+otherwise).
+
+Backends:
+    ``triton``    our fused flash-attention kernels (``stdit.kernels``), CUDA or ``TRITON_INTERPRET=1``
+    ``sdpa``      ``torch.nn.functional.scaled_dot_product_attention`` (torch picks flash/cuDNN/efficient)
+    ``xformers``  ``xformers.ops.memory_efficient_attention`` (optional extra: ``pip install stdit[xformers]``)
+    ``eager``     plain math in fp32, the reference
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import warnings
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("triton", "sdpa", "xformers", "eager")
+ENV_VAR = "STDIT_ATTENTION"
+
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("stdit_attention", default=None)
+_warned: set[str] = set()
+
+
+def check_backend(name: str) -> str:
+    """Return ``name`` if it is a known backend, else raise one clear error."""
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    return name
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Use backend ``name`` for every attention call inside the ``with`` block (overrides the model's choice)."""
+    token = _context_backend.set(check_backend(name))
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+def default_backend() -> str:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return check_backend(env.strip().lower())
+    return "triton" if torch.cuda.is_available() else "sdpa"
+
+
+def resolve_backend(preferred: str | None = None) -> str:
+    """The backend an attention call uses now: context manager > ``preferred`` (the model's) > env > default."""
+    ctx = _context_backend.get()
+    if ctx is not None:
+        return ctx
+    if preferred is not None:
+        return check_backend(preferred)
+    return default_backend()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference attention in fp32. q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]``, mask ``[B, Sk]`` (True = attend)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if key_padding_mask is not None:
+        # A query whose keys are all padding attends to nothing: output zero, not NaN.
+        p = torch.nan_to_num(p, nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.float()).to(q.dtype)
+
+
+def sdpa_attention(q, k, v, key_padding_mask=None, scale=None):
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         scale=scale)
+    out = out.transpose(1, 2)
+    if key_padding_mask is not None:
+        out = out.masked_fill(~key_padding_mask.any(dim=1)[:, None, None, None], 0.0)
+    return out
+
+
+def xformers_attention(q, k, v, key_padding_mask=None, scale=None):
+    try:
+        import xformers.ops as xops
+    except ImportError as e:
+        raise ImportError(
+            "The 'xformers' attention backend needs xformers: pip install 'stdit[xformers]' "
+            "(or choose another backend: triton, sdpa, eager)."
+        ) from e
+    bias = None
+    if key_padding_mask is not None:
+        b, sk = key_padding_mask.shape
+        bias = torch.zeros(b, q.shape[2], q.shape[1], sk, device=q.device, dtype=q.dtype)
+        bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+
+
+@torch.library.custom_op("stdit::flash_attention_fwd", mutates_args=())
+def _flash_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from stdit.kernels.attention import flash_attention_forward
+
+    return flash_attention_forward(q, k, v, key_padding_mask, scale)
+
+
+@_flash_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, scale):
+    b, sq, h, d = q.shape
+    return q.new_empty(b, sq, h, d), q.new_empty(b, h, sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("stdit::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from stdit.kernels.attention import flash_attention_backward
+
+    return flash_attention_backward(do, q, k, v, o, lse, key_padding_mask, scale)
+
+
+@_flash_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, key_padding_mask, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+    ctx.scale = scale
+
+
+def _flash_backward(ctx, do, dlse):
+    q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, key_padding_mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash_attention_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+def triton_attention(q, k, v, key_padding_mask=None, scale=None):
+    # Registered as torch.library custom ops so torch.compile keeps the kernels opaque instead of breaking the graph.
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _flash_attention_fwd(q, k, v, key_padding_mask, scale)[0]
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the triton backend cannot take these inputs, or None if it can."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (q.is_cuda or interpret):
+        return "inputs are not on a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not supported"
+    if k.dtype != q.dtype:
+        return f"q and k dtypes differ ({q.dtype}, {k.dtype})"
+    try:
+        from stdit.kernels import SUPPORTED_HEAD_DIMS
+    except ImportError as e:
+        return f"the kernels could not be imported ({e})"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of {sorted(SUPPORTED_HEAD_DIMS)}"
+    return None
+
+
+_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "triton": triton_attention,
+    "sdpa": sdpa_attention,
+    "xformers": xformers_attention,
+    "eager": eager_attention,
+}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Non-causal attention. q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]`` -> ``[B, Sq, H, D]``.
+
+    ``key_padding_mask`` ``[B, Sk]`` bool marks the keys to attend to (True) — padded text tokens are False.
+    ``backend`` is the caller's preference; the context manager overrides it (see :func:`resolve_backend`).
+    """
+    name = resolve_backend(backend)
+    if name == "triton":
+        reason = triton_supports(q, k)
+        if reason is not None:
+            _warn_once(f"triton:{reason}", f"stdit: triton attention unavailable ({reason}); falling back to sdpa.")
+            name = "sdpa"
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
+    return _IMPLS[name](q, k, v, key_padding_mask=key_padding_mask, scale=scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in fp32 (matches ``torch.nn.RMSNorm`` on fp32 inputs)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor | None,
+    weight_k: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK RMSNorm across heads, then 3D RoPE: q, k ``[B, S, H*D]`` -> ``[B, S, H, D]`` each.
+
+    ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. With the
+    triton backend on CUDA the three steps run as one fused kernel; otherwise as plain torch ops.
+    """
+    from stdit.rope import apply_rope
+
+    name = resolve_backend(backend)
+    if name == "triton" and cos is not None and triton_supports(q.unflatten(-1, (num_heads, -1)), k) is None:
+        try:
+            from stdit.kernels import qk_norm_rope as fused
+        except ImportError:
+            fused = None
+        if fused is not None:
+            return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+    q = rms_norm(q, weight_q, eps).unflatten(-1, (num_heads, -1))
+    k = rms_norm(k, weight_k, eps).unflatten(-1, (num_heads, -1))
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k

@@ -1,0 +1,117 @@
+"""Wan (diffusers ``WanTransformer3DModel`` layout) <-> StDiT.
+
+Config names and state-dict keys are shared, so conversion is a config translation plus an identity key map:
+Wan-only keys (``rope_max_seq_len`` etc.) are dropped on the way in and restored on the way out, and StDiT
+features that Wan has no equivalent for (class labels, image conditioning, factorized attention, a custom RoPE)
+refuse to export instead of exporting something that computes differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from stdit.model import StDiT
+
+# Wan-only config keys: RoPE table size (StDiT builds tables for any grid) and the CLIP image branch of Wan I2V.
+_WAN_ONLY = {"rope_max_seq_len": 1024, "pos_embed_seq_len": None, "image_dim": None, "added_kv_proj_dim": None}
+# StDiT-only config keys and the values under which a StDiT computes exactly what Wan does.
+_STDIT_ONLY = {"rope_theta": 10000.0, "rope_axes_dim": None, "num_classes": None, "condition_channels": 0,
+               "attention_mode": "full"}
+_STDIT_KEYS = set(_STDIT_ONLY) | {
+    "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps"}
+
+
+def wan_config_to_stdit(wan_config: dict) -> dict:
+    """StDiT kwargs for a ``WanTransformer3DModel`` config; rejects Wan variants StDiT does not implement."""
+    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if wan_config.get(key) is not None:
+            raise NotImplementedError(
+                f"Wan config has {key}={wan_config[key]!r} (the CLIP image branch of Wan I2V), which StDiT does not "
+                "implement; StDiT converts text-to-video Wan checkpoints. For image-to-video use "
+                "StDiT(condition_channels=...) instead.")
+    return {k: (tuple(v) if k == "patch_size" else v) for k, v in wan_config.items() if k in _STDIT_KEYS}
+
+
+def stdit_config_to_wan(config: dict) -> dict:
+    """``WanTransformer3DModel`` kwargs for a StDiT config that Wan can represent exactly."""
+    from stdit.rope import axis_split
+
+    differs = {k: config.get(k, v) for k, v in _STDIT_ONLY.items() if config.get(k, v) != v}
+    axes = differs.pop("rope_axes_dim", None)
+    if axes is not None and tuple(axes) == axis_split(config["attention_head_dim"]):
+        axes = None
+    if axes is not None:
+        differs["rope_axes_dim"] = axes
+    if config.get("text_dim") is None:
+        differs["text_dim"] = None
+    if differs:
+        raise ValueError(f"This StDiT cannot be exported to Wan: {differs} have no Wan equivalent "
+                         f"(Wan needs {{text_dim: int, **{_STDIT_ONLY}}}).")
+    wan = {k: config[k] for k in _STDIT_KEYS - set(_STDIT_ONLY) if k in config}
+    wan["patch_size"] = tuple(wan["patch_size"])
+    return {**wan, **_WAN_ONLY}
+
+
+def _is_pipeline_dir(path: Path) -> bool:
+    return (path / "model_index.json").is_file() and (path / "transformer").is_dir()
+
+
+def from_wan(model_or_path, subfolder: str | None = None, **kwargs) -> StDiT:
+    """A StDiT with the weights of a Wan transformer: a ``WanTransformer3DModel`` object, or a local directory or
+    Hub repo id in diffusers layout (a whole Wan pipeline directory/repo is read from its ``transformer/``).
+    ``kwargs`` (``torch_dtype``, ``cache_dir``, ...) go to :meth:`StDiT.from_pretrained`."""
+    if isinstance(model_or_path, torch.nn.Module):
+        config = wan_config_to_stdit(dict(model_or_path.config))
+        with torch.device("meta"):
+            model = StDiT(**config)
+        model.load_state_dict(model_or_path.state_dict(), strict=True, assign=True)
+        model.rope._cache.clear()
+        dtype = kwargs.get("torch_dtype")
+        return model.to(dtype) if dtype is not None else model
+    path = model_or_path
+    if subfolder is None and Path(path).is_dir() and _is_pipeline_dir(Path(path)):
+        subfolder = "transformer"
+    config = StDiT.load_config(path, subfolder=subfolder, **{k: v for k, v in kwargs.items()
+                                                             if k in ("cache_dir", "revision", "token")})
+    config = wan_config_to_stdit({k: v for k, v in config.items() if not k.startswith("_")})
+    return StDiT.from_pretrained(path, subfolder=subfolder, **config, **kwargs)
+
+
+def to_wan(model: StDiT):
+    """A diffusers ``WanTransformer3DModel`` holding ``model``'s weights (strict: no missing/unexpected keys)."""
+    from diffusers import WanTransformer3DModel
+
+    config = stdit_config_to_wan(dict(model.config))
+    with torch.device("meta"):
+        wan = WanTransformer3DModel(**config)
+    wan.load_state_dict(model.state_dict(), strict=True, assign=True)
+    # Wan keeps its RoPE tables in non-persistent buffers, which the meta-device build left empty.
+    wan.rope = type(wan.rope)(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"])
+    return wan.to(next(model.parameters()).device)
+
+
+# ---- `stdit convert` -----------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="Wan transformer (diffusers layout: local dir or Hub repo id) or a StDiT directory")
+    p.add_argument("dst", help="output directory (written with save_pretrained, safetensors)")
+    p.add_argument("--to", choices=("stdit", "wan"), default="stdit", help="direction (default: Wan -> stdit)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the weights (default: keep the checkpoint's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+
+
+def run(args: argparse.Namespace) -> int:
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.to == "stdit":
+        model = from_wan(args.src, **({"torch_dtype": dtype} if dtype else {}))
+    else:
+        model = to_wan(StDiT.from_pretrained(args.src, **({"torch_dtype": dtype} if dtype else {})))
+    model.save_pretrained(args.dst, safe_serialization=True, max_shard_size=args.max_shard_size)
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"saved": str(args.dst), "class": type(model).__name__, "parameters": n}))
+    return 0

@@ -1,0 +1,142 @@
+import pytest
+import torch
+from torch import nn
+
+from helpers import rel_err, tiny_model
+from stdit import StDiT, attention_backend
+from stdit.model import unpatchify
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2), (1, 1, 3)])
+def test_unpatchify_inverts_the_patch_conv(patch):
+    """A Conv3d whose weights copy each patch's pixels into its token; unpatchify must rebuild the input exactly."""
+    c, (pt, ph, pw) = 3, patch
+    n = c * pt * ph * pw
+    conv = nn.Conv3d(c, n, kernel_size=patch, stride=patch, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        for ci in range(c):
+            for a in range(pt):
+                for b in range(ph):
+                    for d in range(pw):
+                        # token feature order is (pt, ph, pw, c), as the final projection emits it
+                        conv.weight[((a * ph + b) * pw + d) * c + ci, ci, a, b, d] = 1.0
+    x = torch.randn(2, c, 2 * pt, 3 * ph, 5 * pw)
+    tokens = conv(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(unpatchify(tokens, (2, 3, 5), patch), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "factorized"])
+@pytest.mark.parametrize("shape", [(1, 4, 1, 2, 2), (2, 4, 3, 6, 10), (1, 4, 5, 4, 8)])
+def test_forward_shapes_any_grid(mode, shape):
+    m = tiny_model(attention_mode=mode)
+    x = torch.randn(shape)
+    out = m(x, torch.rand(shape[0]) * 1000, torch.randn(shape[0], 7, 24)).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_temporal_patch_and_output_channels():
+    m = tiny_model(patch_size=(2, 2, 2), out_channels=6)
+    out = m(torch.randn(1, 4, 4, 4, 6), 3.0, torch.randn(1, 5, 24)).sample
+    assert out.shape == (1, 6, 4, 4, 6)
+
+
+def test_full_attention_mixes_frames_and_factorized_separates_spatial():
+    """Full 3D attention lets frame 0 see frame 2; both modes must depend on other frames (temporal attention)."""
+    for mode in ("full", "factorized"):
+        m = tiny_model(attention_mode=mode)
+        x = torch.randn(1, 4, 3, 4, 4)
+        text = torch.randn(1, 3, 24)
+        y = x.clone()
+        y[:, :, 2] += 1.0
+        a, b = m(x, 500.0, text).sample, m(y, 500.0, text).sample
+        assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-4, mode
+
+
+def test_text_mask_ignores_padding():
+    m = tiny_model()
+    x, t = torch.randn(2, 4, 2, 4, 4), torch.tensor([100.0, 900.0])
+    text = torch.randn(2, 4, 24)
+    padded = torch.cat([text, torch.randn(2, 3, 24) * 50], dim=1)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[:, :4] = True
+    ref = m(x, t, text).sample
+    assert rel_err(m(x, t, padded, encoder_attention_mask=mask).sample, ref) < 1e-5
+    assert rel_err(m(x, t, padded).sample, ref) > 1e-3  # without the mask the padding does change the output
+
+
+def test_class_labels_and_null_class():
+    m = tiny_model(text_dim=None, num_classes=5)
+    assert m.blocks[0].attn2 is None
+    x = torch.randn(2, 4, 2, 4, 4)
+    null = m(x, 10.0, class_labels=torch.tensor([5, 5])).sample
+    torch.testing.assert_close(m(x, 10.0).sample, null)
+    cond = m(x, 10.0, class_labels=torch.tensor([0, 3])).sample
+    assert rel_err(cond, null) > 1e-4
+
+
+def test_unconditional_model():
+    m = tiny_model(text_dim=None)
+    assert m(torch.randn(1, 4, 2, 4, 4), 10.0).sample.shape == (1, 4, 2, 4, 4)
+
+
+def test_image_to_video_condition():
+    m = tiny_model(condition_channels=5)
+    x = torch.randn(1, 4, 3, 4, 4)
+    cond = StDiT.i2v_condition(torch.randn(1, 4, 1, 4, 4), num_frames=3)
+    assert cond.shape == (1, 5, 3, 4, 4) and cond[0, 4, 0].eq(1).all() and cond[0, 4, 1:].eq(0).all()
+    out = m(x, 10.0, torch.randn(1, 3, 24), condition=cond).sample
+    assert out.shape == x.shape
+    other = StDiT.i2v_condition(torch.randn(1, 4, 1, 4, 4), num_frames=3)
+    assert rel_err(m(x, 10.0, torch.randn(1, 3, 24), condition=other).sample, out) > 1e-4
+
+
+def test_scalar_and_batched_timestep_agree():
+    m = tiny_model()
+    x, text = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 3, 24)
+    torch.testing.assert_close(m(x, 250.0, text).sample, m(x, torch.tensor([250.0, 250.0]), text).sample)
+
+
+@pytest.mark.parametrize("mode", ["full", "factorized"])
+def test_gradient_checkpointing_same_grads(mode):
+    m = tiny_model(attention_mode=mode).train()
+    x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 24)
+
+    def grads():
+        m.zero_grad()
+        m(x, 300.0, text).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref = grads()
+    m.enable_gradient_checkpointing()
+    ck = grads()
+    assert ref.keys() == ck.keys() and len(ref) > 10
+    for n in ref:
+        torch.testing.assert_close(ck[n], ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_initialize_weights_starts_at_zero_output():
+    m = tiny_model()
+    m.initialize_weights()
+    out = m(torch.randn(1, 4, 2, 4, 4), 10.0, torch.randn(1, 3, 24)).sample
+    assert out.abs().max() == 0
+
+
+@pytest.mark.parametrize("mode", ["full", "factorized"])
+def test_backends_agree(mode):
+    m = tiny_model(attention_mode=mode)
+    x, t, text = torch.randn(2, 4, 3, 4, 6), torch.tensor([5.0, 600.0]), torch.randn(2, 7, 24)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    with attention_backend("eager"):
+        ref = m(x, t, text, encoder_attention_mask=mask).sample
+    m.set_attention_backend("sdpa")
+    assert rel_err(m(x, t, text, encoder_attention_mask=mask).sample, ref) < 1e-5
+
+
+def test_bf16_forward_close_to_fp32():
+    m = tiny_model()
+    x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 24)
+    ref = m(x, 100.0, text).sample
+    out = m.to(torch.bfloat16)(x.bfloat16(), 100.0, text.bfloat16()).sample
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
