@@ -37,7 +37,13 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size) -> 
 
 
 class StDiTAttention(nn.Module):
-    """Multi-head attention on ``[B, S, H*D]`` activations; self-attention (with RoPE) or cross-attention."""
+    """Multi-head attention on ``[B, S, H*D]`` activations; self-attention (with RoPE) or cross-attention.
+
+    Self-attention takes a ``layout`` ``(mode, grid)``: ``"full"`` attends over all tokens, ``"spatial"`` over the
+    tokens of each frame, ``"temporal"`` over the frames at each position. Projections, QK norm and RoPE are
+    per-token, so under sequence parallelism they run on the local shard and only the attention core sees the
+    whole sequence (Ulysses all-to-all from sequence shards to head shards and back).
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int, eps: float, qk_norm: bool = True):
         super().__init__()
@@ -51,8 +57,9 @@ class StDiTAttention(nn.Module):
         self.norm_k = nn.RMSNorm(inner, eps=eps) if qk_norm else None
         self.eps = eps
         self.backend: str | None = None  # runtime choice, set by StDiT.set_attention_backend
+        self.sp = None  # runtime: a stdit.parallel.ulysses.SequenceParallel, set by StDiT.enable_sequence_parallel
 
-    def forward(self, x, context=None, rope=None, context_mask=None):
+    def forward(self, x, context=None, rope=None, context_mask=None, layout=None):
         src = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(src), self.to_v(src)
         cos, sin = rope if rope is not None else (None, None)
@@ -63,8 +70,32 @@ class StDiTAttention(nn.Module):
             q, k = q.unflatten(-1, (self.heads, -1)), k.unflatten(-1, (self.heads, -1))
             if cos is not None:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v.unflatten(-1, (self.heads, -1)), key_padding_mask=context_mask, backend=self.backend)
+        v = v.unflatten(-1, (self.heads, -1))
+        if context is not None:  # cross-attention is per query token: no communication under sequence parallelism
+            out = attention(q, k, v, key_padding_mask=context_mask, backend=self.backend)
+        elif self.sp is not None:
+            q, k, v = (self.sp.seq_to_heads(t) for t in (q, k, v))
+            out = self.sp.heads_to_seq(self._self_attention(q, k, v, layout, self.sp.seq_len))
+        else:
+            out = self._self_attention(q, k, v, layout, q.shape[1])
         return self.to_out[0](out.flatten(2).type_as(x))
+
+    def _self_attention(self, q, k, v, layout, seq_len):
+        """Attention over the first ``seq_len`` tokens (the rest is sequence-parallel padding, output zero)."""
+        mode, (t, h, w) = layout if layout is not None else ("full", (1, 1, q.shape[1]))
+        pad = q.shape[1] - seq_len
+        if pad:
+            q, k, v = q[:, :seq_len], k[:, :seq_len], v[:, :seq_len]
+        if mode == "spatial":
+            q, k, v = (rearrange(z, "b (t s) n d -> (b t) s n d", t=t) for z in (q, k, v))
+        elif mode == "temporal":
+            q, k, v = (rearrange(z, "b (t s) n d -> (b s) t n d", t=t) for z in (q, k, v))
+        out = attention(q, k, v, backend=self.backend)
+        if mode == "spatial":
+            out = rearrange(out, "(b t) s n d -> b (t s) n d", t=t)
+        elif mode == "temporal":
+            out = rearrange(out, "(b s) t n d -> b (t s) n d", s=h * w)
+        return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad)) if pad else out
 
 
 class StDiTBlock(nn.Module):
@@ -92,14 +123,11 @@ class StDiTBlock(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = mods[:6]
         n = norm_modulate(x, shift, scale, eps=self.eps)
         if self.factorized:
-            t, h, w = grid
-            spatial = self.attn1(rearrange(n, "b (t s) d -> (b t) s d", t=t), rope=rope["spatial"])
-            x, n = add_norm_modulate(x, rearrange(spatial, "(b t) s d -> b (t s) d", t=t), gate, mods[6], mods[7],
-                                     eps=self.eps)
-            temporal = self.attn_temporal(rearrange(n, "b (t s) d -> (b s) t d", t=t), rope=rope["temporal"])
-            y, g = rearrange(temporal, "(b s) t d -> b (t s) d", s=h * w), mods[8]
+            spatial = self.attn1(n, rope=rope["spatial"], layout=("spatial", grid))
+            x, n = add_norm_modulate(x, spatial, gate, mods[6], mods[7], eps=self.eps)
+            y, g = self.attn_temporal(n, rope=rope["temporal"], layout=("temporal", grid)), mods[8]
         else:
-            y, g = self.attn1(n, rope=rope["full"]), gate
+            y, g = self.attn1(n, rope=rope["full"], layout=("full", grid)), gate
         if self.attn2 is not None:
             w_, b_ = (self.norm2.weight, self.norm2.bias) if self.norm2 is not None else (None, None)
             x, n = add_norm_modulate(x, y, g, weight=w_, bias=b_, eps=self.eps, norm=self.norm2 is not None)
@@ -203,6 +231,24 @@ class StDiT(ModelMixin, ConfigMixin):
             if isinstance(m, StDiTAttention):
                 m.backend = backend
 
+    def enable_sequence_parallel(self, group=None) -> None:
+        """Shard the tokens over the ranks of ``group`` (default: the whole world), Ulysses style. Every rank must
+        call the model with the same full inputs; each returns the same full output. Runtime only, not config."""
+        from stdit.parallel.ulysses import SequenceParallel, check_sp_size
+
+        sp = SequenceParallel(group)
+        check_sp_size(sp.size, self.config.num_attention_heads)
+        self._set_sp(sp if sp.size > 1 else None)
+
+    def disable_sequence_parallel(self) -> None:
+        self._set_sp(None)
+
+    def _set_sp(self, sp) -> None:
+        self._sp = sp
+        for m in self.modules():
+            if isinstance(m, StDiTAttention):
+                m.sp = sp
+
     def initialize_weights(self) -> None:
         """DiT-style init for training from scratch: xavier linears, zeroed modulation and output projections,
         so every block starts as the identity and the model predicts zero."""
@@ -269,9 +315,16 @@ class StDiT(ModelMixin, ConfigMixin):
                                  f"(see StDiT.i2v_condition); got {got}.")
 
     def rope_tables(self, grid: tuple[int, int, int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-token ``(cos, sin)`` tables ``[t*h*w, D/2]`` in token order, one pair per attention layout.
+
+        Spatial attention rotates by (h, w) only and temporal attention by t only: their tables are the 3D
+        tables of position (0, h, w) and (t, 0, 0), repeated over the axis they do not attend along."""
         t, h, w = grid
         if self.config.attention_mode == "factorized":
-            return {"spatial": self.rope((1, h, w), device), "temporal": self.rope((t, 1, 1), device)}
+            sc, ss = self.rope((1, h, w), device)
+            tc, ts = self.rope((t, 1, 1), device)
+            return {"spatial": (sc.repeat(t, 1), ss.repeat(t, 1)),
+                    "temporal": (tc.repeat_interleave(h * w, 0), ts.repeat_interleave(h * w, 0))}
         return {"full": self.rope(grid, device)}
 
     # ---- forward ---------------------------------------------------------------------------------------
@@ -306,6 +359,11 @@ class StDiT(ModelMixin, ConfigMixin):
         rope = self.rope_tables(grid, hidden_states.device)
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        seq_len, sp = x.shape[1], getattr(self, "_sp", None)
+        if sp is not None:
+            sp.seq_len = seq_len
+            x = sp.shard(x)
+            rope = {k: (sp.shard(c, 0), sp.shard(s, 0)) for k, (c, s) in rope.items()}
         ref = encoder_hidden_states if encoder_hidden_states is not None else x
         temb, timestep_proj, text = self.condition_embedder(timestep, ref.dtype, encoder_hidden_states, class_labels)
         timestep_proj = timestep_proj.unflatten(1, (-1, x.shape[-1]))
@@ -321,6 +379,8 @@ class StDiT(ModelMixin, ConfigMixin):
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(norm_modulate(x, shift, scale, eps=self.config.eps))
+        if sp is not None:
+            x = sp.gather(x, seq_len)
         out = unpatchify(x, grid, self.config.patch_size)
         if not return_dict:
             return (out,)
