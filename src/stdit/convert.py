@@ -9,6 +9,7 @@ refuse to export instead of exporting something that computes differently.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def stdit_config_to_wan(config: dict) -> dict:
     """``WanTransformer3DModel`` kwargs for a StDiT config that Wan can represent exactly."""
     from stdit.rope import axis_split
 
+    defaults = {n: p.default for n, p in inspect.signature(StDiT.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    config = {**defaults, **config}
     differs = {k: config.get(k, v) for k, v in _STDIT_ONLY.items() if config.get(k, v) != v}
     axes = differs.pop("rope_axes_dim", None)
     if axes is not None and tuple(axes) == axis_split(config["attention_head_dim"]):

@@ -1,0 +1,136 @@
+"""StDiT against diffusers' WanTransformer3DModel holding the same weights: forward latency, peak memory, and
+the relative error between the two outputs, bf16, one process, same inputs. Also writes a profile per op family.
+
+    python benchmarks/bench_model.py                      # Wan2.1-T2V-1.3B at 480p and 720p x 81 frames
+    python benchmarks/bench_model.py --config wan2.1-t2v-14b --shapes 480p
+    python benchmarks/bench_model.py --compile            # add torch.compile rows (per block, both models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, bar_plot, bench_ms, gpu_slug, machine, peak_memory_gib, write_results  # noqa: E402
+from wan_models import model_flops, random_wan_pair  # noqa: E402
+
+# latent grids of 81-frame videos through the Wan VAE (4x time, 8x space), before the (1, 2, 2) patch
+SHAPES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
+TEXT_LEN = 512
+
+FAMILIES = [
+    ("attention", r"attn|attention|flash|fmha|_fwd_kernel|_bwd_kernel|cudnn"),
+    ("matmul", r"gemm|matmul|cutlass|xmma|nvjet|sm90_|addmm|\bmm\b|linear"),
+    ("norm+modulate", r"norm|modulate|adaln"),
+    ("rope", r"rope|rotary"),
+    ("gelu", r"gelu"),
+    ("copy/layout", r"copy|cat|transpose|contiguous|permute|index"),
+    ("elementwise", r"elementwise|vectorized|add|mul|fill"),
+]
+
+
+def family(name: str) -> str:
+    for fam, pattern in FAMILIES:
+        if re.search(pattern, name, flags=re.I):
+            return fam
+    return "other"
+
+
+def profile(fn, path: Path) -> list[dict]:
+    """One profiled call: GPU time per op family and the top kernels, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per_family: dict[str, float] = defaultdict(float)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    attr = "device_time_total" if hasattr(kernels[0], "device_time_total") else "cuda_time_total"
+    for e in kernels:
+        per_family[family(e.key)] += getattr(e, attr) / 1e3
+    total = sum(per_family.values())
+    rows = [{"family": k, "ms": v, "share": v / total} for k, v in sorted(per_family.items(), key=lambda kv: -kv[1])]
+    top = sorted(kernels, key=lambda e: -getattr(e, attr))[:25]
+    text = "GPU time per op family (one forward)\n" + "\n".join(
+        f"{r['family']:>14}  {r['ms']:9.2f} ms  {100 * r['share']:5.1f}%" for r in rows)
+    text += "\n\nTop kernels\n" + "\n".join(f"{getattr(e, attr) / 1e3:9.2f} ms  x{e.count:<4} {e.key[:110]}" for e in top)
+    path.write_text(text + "\n")
+    print(text.split("\n\nTop")[0])
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="wan2.1-t2v-1.3b")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--backends", nargs="+", default=["triton", "sdpa"])
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows (regional: each block)")
+    p.add_argument("--no-profile", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_model needs a CUDA GPU.", file=sys.stderr)
+        return 2
+
+    wan, ours = random_wan_pair(args.config)
+    cfg = dict(ours.config)
+    rows, slug = [], gpu_slug(machine()["gpu"])
+    for shape in args.shapes:
+        t, h, w = SHAPES[shape]
+        gen = torch.Generator("cuda").manual_seed(0)
+        x = torch.randn(1, 16, t, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
+        text = torch.randn(1, TEXT_LEN, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ts = torch.tensor([500.0], device="cuda")
+        grid = (t, h // 2, w // 2)
+        flops = model_flops(cfg, grid, TEXT_LEN)
+        with torch.no_grad():
+            ref = wan(x, ts, text, return_dict=False)[0].float()
+            candidates = [("diffusers Wan", lambda: wan(x, ts, text, return_dict=False)[0], None)]
+            candidates += [(f"stdit ({b})", lambda: ours(x, ts, text, return_dict=False)[0], b) for b in args.backends]
+            if args.compile:
+                for m in (wan, ours):
+                    for blk in m.blocks:
+                        blk.compile()
+                candidates += [("diffusers Wan + compile", candidates[0][1], None)]
+                candidates += [(f"stdit ({b}) + compile", c[1], b) for c, b in zip(candidates[1:], args.backends)]
+            base_ms = None
+            for name, fn, backend in candidates:
+                ours.set_attention_backend(backend)
+                try:
+                    out = fn().float()
+                    ms = bench_ms(fn, warmup_ms=200, rep_ms=1500)
+                    mem = peak_memory_gib(fn)
+                except Exception as e:  # a failing candidate is reported, not allowed to hide the others
+                    rows.append({"shape": shape, "impl": name, "error": f"{type(e).__name__}: {e}"[:200]})
+                    print(f"{shape} {name}: FAILED {e}")
+                    continue
+                base_ms = base_ms or ms
+                rows.append({"shape": shape, "tokens": grid[0] * grid[1] * grid[2], "impl": name, "ms": ms,
+                             "speedup": base_ms / ms, "TFLOP/s": flops / ms / 1e9, "peak GiB": mem,
+                             "rel err vs Wan": ((out - ref).norm() / ref.norm()).item()})
+                print(rows[-1])
+            if shape == "480p" and not args.no_profile:
+                ours.set_attention_backend(args.backends[0])
+                fam = profile(lambda: ours(x, ts, text, return_dict=False), RESULTS / f"model-profile-{slug}.txt")
+        torch.cuda.empty_cache()
+
+    name = "model" if args.config == "wan2.1-t2v-1.3b" else f"model-{args.config}"
+    cols = ["shape", "tokens", "impl", "ms", "speedup", "TFLOP/s", "peak GiB", "rel err vs Wan", "error"]
+    md = write_results(name, f"Forward latency, {args.config}, bf16, batch 1, text length {TEXT_LEN}", rows, cols,
+                       notes="`speedup` is against diffusers' Wan of the same run; TFLOP/s counts matmuls and "
+                             "attention only. Both models hold the same tensors.")
+    ok = [r for r in rows if "ms" in r]
+    impls = list(dict.fromkeys(r["impl"] for r in ok))
+    bar_plot(md.with_suffix(".png"), args.shapes,
+             {i: [next((r["ms"] for r in ok if r["impl"] == i and r["shape"] == s), 0.0) for s in args.shapes]
+              for i in impls}, "forward latency (ms, lower is better)", f"{args.config} forward, {machine()['gpu']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

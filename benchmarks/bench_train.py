@@ -1,0 +1,95 @@
+"""One training step (forward + backward, activation checkpointing on, bf16) of StDiT and of diffusers'
+WanTransformer3DModel holding the same weights: tokens/s, model FLOP utilization (MFU) and peak memory.
+
+    python benchmarks/bench_train.py                      # Wan2.1-T2V-1.3B, 480p x 81 frames (32,760 tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import SHAPES, TEXT_LEN  # noqa: E402
+from common import bar_plot, bench_ms, machine, peak_memory_gib, write_results  # noqa: E402
+from wan_models import model_flops, random_wan_pair  # noqa: E402
+
+# dense bf16 tensor-core peak (no sparsity) by GPU, for MFU
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_tflops(gpu: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="wan2.1-t2v-1.3b")
+    p.add_argument("--shape", default="480p", choices=list(SHAPES))
+    p.add_argument("--backends", nargs="+", default=["triton", "sdpa"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_train needs a CUDA GPU.", file=sys.stderr)
+        return 2
+
+    wan, ours = random_wan_pair(args.config)
+    for m in (wan, ours):
+        m.train()
+        m.enable_gradient_checkpointing()
+    t, h, w = SHAPES[args.shape]
+    grid = (t, h // 2, w // 2)
+    tokens = grid[0] * grid[1] * grid[2]
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 16, t, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
+    target = torch.randn(1, 16, t, h, w, device="cuda", dtype=torch.float32, generator=gen)
+    text = torch.randn(1, TEXT_LEN, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ts = torch.tensor([500.0], device="cuda")
+    params = list(wan.parameters())  # the same tensors as ours
+    flops = 3 * model_flops(dict(ours.config), grid, TEXT_LEN)  # forward + backward; recompute not counted
+    peak = peak_tflops(machine()["gpu"])
+
+    def step(model):
+        def fn():
+            out = model(x, ts, text, return_dict=False)[0]
+            (out.float() - target).square().mean().backward()
+        return fn
+
+    rows, base = [], None
+    candidates = [("diffusers Wan", wan, None)] + [(f"stdit ({b})", ours, b) for b in args.backends]
+    for name, model, backend in candidates:
+        ours.set_attention_backend(backend)
+        fn = step(model)
+        try:
+            fn()
+            ms = bench_ms(fn, warmup_ms=200, rep_ms=2000)
+            mem = peak_memory_gib(fn)
+        except Exception as e:
+            rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:200]})
+            print(f"{name}: FAILED {e}")
+            continue
+        finally:
+            for p_ in params:
+                p_.grad = None
+        base = base or tokens / ms * 1e3
+        tps = tokens / ms * 1e3
+        rows.append({"impl": name, "tokens": tokens, "step ms": ms, "tokens/s": tps, "vs diffusers": tps / base,
+                     "TFLOP/s": flops / ms / 1e9, "MFU": (flops / ms / 1e9 / peak) if peak else None,
+                     "peak GiB": mem})
+        print(rows[-1])
+    name = "train" if args.config == "wan2.1-t2v-1.3b" else f"train-{args.config}"
+    md = write_results(
+        name, f"Training step (fwd+bwd, activation checkpointing), {args.config}, {args.shape}, bf16", rows,
+        ["impl", "tokens", "step ms", "tokens/s", "vs diffusers", "TFLOP/s", "MFU", "peak GiB", "error"],
+        notes=f"MFU = model FLOPs (3x forward matmul + attention FLOPs; recompute not counted) / step time / "
+              f"{peak} TFLOP/s dense bf16 peak.")
+    ok = [r for r in rows if "tokens/s" in r]
+    bar_plot(md.with_suffix(".png"), [r["impl"] for r in ok], {"tokens/s": [r["tokens/s"] for r in ok]},
+             "tokens/s (higher is better)", f"{args.config} training step, {machine()['gpu']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
