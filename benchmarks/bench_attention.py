@@ -1,0 +1,287 @@
+"""Attention benchmark: our Triton flash attention vs torch SDPA (each backend pinned), xformers and FlexAttention.
+
+Same inputs for every implementation, one process. Forward and forward+backward TFLOP/s (4*B*H*S^2*D forward flops;
+the backward counts 2.5x the forward), ``triton.testing.do_bench`` medians over rotating input sets, and the whole
+"QK-norm + RoPE + attention" op (our fused kernels vs rmsnorm + rope in torch + the best SDPA backend).
+
+    python benchmarks/bench_attention.py            # full run
+    python benchmarks/bench_attention.py --quick    # two short shapes, no FlexAttention
+
+Writes ``benchmarks/results/attention-<gpu>.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from stdit.attention import rms_norm
+from stdit.kernels import flash_attention, qk_norm_rope
+from stdit.rope import RotaryEmbedding3D, apply_rope
+
+SHAPES = [  # name, B, H, S, D
+    ("B1 H12 S32760 d128", 1, 12, 32760, 128),
+    ("B1 H12 S75600 d128", 1, 12, 75600, 128),
+    ("B1 H40 S32760 d128", 1, 40, 32760, 128),
+    ("B1 H24 S16384 d64", 1, 24, 16384, 64),
+    ("B2 H16 S4096 d72", 2, 16, 4096, 72),
+    ("B1 H12 S4096 d128", 1, 12, 4096, 128),
+    ("B4 H12 S1024 d128", 4, 12, 1024, 128),
+]
+QUICK = ["B1 H12 S4096 d128", "B2 H16 S4096 d72"]
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def sdpa_fn(backend):
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return fn
+
+
+def implementations(flex: bool, tune: bool = False):
+    impls = {"ours": lambda q, k, v: flash_attention(q, k, v)}
+    if tune:
+        impls["ours-ptr"] = impls["ours"]  # timed with tensor descriptors switched off
+    impls.update({name: sdpa_fn(b) for name, b in SDPA_BACKENDS.items()})
+    try:
+        import xformers.ops as xops
+        impls["xformers"] = lambda q, k, v: xops.memory_efficient_attention(q, k, v)
+    except ImportError:
+        pass
+    if flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            compiled = torch.compile(flex_attention, dynamic=False)
+            impls["flex"] = lambda q, k, v: compiled(q.transpose(1, 2), k.transpose(1, 2),
+                                                     v.transpose(1, 2)).transpose(1, 2)
+        except ImportError:
+            pass
+    return impls
+
+
+def rotating(make, nbytes_one: int):
+    """Enough input sets that consecutive calls do not find their inputs in L2."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    n = max(1, min(4, math.ceil(2 * l2 / max(nbytes_one, 1))))
+    sets = [make(i) for i in range(n)]
+    it = itertools.cycle(range(n))
+    return sets, it
+
+
+def bench(fn, sets, it, backward: bool) -> float:
+    def run():
+        args = sets[next(it)]
+        if backward:
+            out = fn(*args[:-1])
+            out.backward(args[-1])
+        else:
+            with torch.no_grad():
+                fn(*args[:-1])
+    grads = [t for s in sets for t in s[:-1] if t.requires_grad] if backward else None
+    run()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(run, warmup=50, rep=300, grad_to_none=grads, return_mode="median")
+
+
+def attention_inputs(b, h, s, d, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=dtype, generator=g) for _ in range(4))
+    return [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do]
+
+
+def fused_op_inputs(b, h, s, d, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(b, s, 3 * h * d, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    return [qkv, torch.randn(b, s, h, d, device="cuda", dtype=dtype, generator=g)]
+
+
+def time_fn_pair(fn, make, nbytes):
+    sets, it = rotating(make, nbytes)
+    return bench(fn, sets, it, False), bench(fn, sets, it, True)
+
+
+def run_shape(name, b, h, s, d, impls, dtype, args):
+    flops = 4 * b * h * s * s * d
+    row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "fwd_tflops": {}, "fwdbwd_tflops": {}, "ms": {},
+           "errors": {}}
+    nbytes = 4 * b * s * h * d * 2
+    make = lambda i: attention_inputs(b, h, s, d, dtype, seed=i)  # noqa: E731
+    check = attention_inputs(b, h, s, d, dtype, seed=123)
+    with torch.no_grad():
+        ref = impls["ours"](*check[:3]).float()
+    for iname, fn in impls.items():
+        if iname == "ours-ptr":
+            os.environ["STDIT_ATTN_TMA"] = "0"
+        try:
+            with torch.no_grad():
+                out = fn(*check[:3]).float()
+            row["errors"][iname] = (out - ref).abs().max().item()
+            fwd, fb = time_fn_pair(fn, make, nbytes)
+        except Exception as e:  # a backend may refuse a head dim or run out of memory; record why
+            row["ms"][iname] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            print(f"  {name:22s} {iname:15s} {row['ms'][iname]}", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        finally:
+            os.environ.pop("STDIT_ATTN_TMA", None)
+        row["ms"][iname] = {"fwd": fwd, "fwdbwd": fb}
+        row["fwd_tflops"][iname] = flops / fwd / 1e9
+        row["fwdbwd_tflops"][iname] = 3.5 * flops / fb / 1e9
+        print(f"  {name:22s} {iname:15s} fwd {fwd:9.3f} ms {row['fwd_tflops'][iname]:7.1f} TF/s   "
+              f"fwd+bwd {fb:9.3f} ms {row['fwdbwd_tflops'][iname]:7.1f} TF/s", flush=True)
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_fused_op(name, b, h, s, d, dtype, best_sdpa):
+    """QK RMSNorm across heads + 3D RoPE + attention, from the fused qkv projection output to [B, S, H, D]."""
+    t = max(1, s // 1560)
+    hw = s // t
+    grid = (t, hw, 1) if t * hw == s else (1, s, 1)
+    cos, sin = RotaryEmbedding3D(d)(grid, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wq = (1 + 0.1 * torch.randn(h * d, device="cuda", generator=g)).requires_grad_()
+    wk = (1 + 0.1 * torch.randn(h * d, device="cuda", generator=g)).requires_grad_()
+    backend = SDPA_BACKENDS[best_sdpa]
+
+    def ours(qkv):
+        q, k, v = qkv.split(h * d, dim=-1)
+        q, k = qk_norm_rope(q, k, wq, wk, 1e-6, cos, sin, h)
+        return flash_attention(q, k, v.unflatten(-1, (h, d)))
+
+    def torch_way(qkv):
+        q, k, v = qkv.split(h * d, dim=-1)
+        q = apply_rope(rms_norm(q, wq, 1e-6).unflatten(-1, (h, d)), cos, sin)
+        k = apply_rope(rms_norm(k, wk, 1e-6).unflatten(-1, (h, d)), cos, sin)
+        return sdpa_fn(backend)(q, k, v.unflatten(-1, (h, d)))
+
+    make = lambda i: fused_op_inputs(b, h, s, d, dtype, seed=i)  # noqa: E731
+    res = {"shape": name, "torch_sdpa_backend": best_sdpa}
+    check = fused_op_inputs(b, h, s, d, dtype, seed=7)
+    with torch.no_grad():
+        res["max_abs_diff"] = (ours(check[0]).float() - torch_way(check[0]).float()).abs().max().item()
+    for label, fn in (("ours_fused", ours), ("torch_unfused", torch_way)):
+        fwd, fb = time_fn_pair(fn, make, 4 * b * s * h * d * 2)
+        res[label] = {"fwd_ms": fwd, "fwdbwd_ms": fb}
+        torch.cuda.empty_cache()
+    print(f"  norm+rope+attn {name:22s} ours {res['ours_fused']['fwd_ms']:.3f}/{res['ours_fused']['fwdbwd_ms']:.3f} ms"
+          f"  torch+{best_sdpa} {res['torch_unfused']['fwd_ms']:.3f}/{res['torch_unfused']['fwdbwd_ms']:.3f} ms",
+          flush=True)
+    return res
+
+
+def print_autotune():
+    from stdit.kernels import attention as ka
+
+    for label, (tuned, _) in (("fwd", ka._FWD), ("dkdv", ka._DKDV), ("dq", ka._DQ)):
+        for key, best in tuned.cache.items():
+            print(f"    autotune {label} key={key} best={best}")
+        for cfg, ms in sorted(getattr(tuned, "configs_timings", {}).items(), key=lambda kv: kv[1]):
+            print(f"      {label} {cfg}: {ms}")
+
+
+def versions():
+    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
+
+
+def write_results(rows, fused, info, out_dir: Path):
+    slug = re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower()).strip("-")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"attention-{slug}.json").write_text(json.dumps({"versions": info, "attention": rows,
+                                                                "norm_rope_attention": fused}, indent=2))
+    names = sorted({n for r in rows for n in r["fwd_tflops"]}, key=lambda n: (n != "ours", n))
+    lines = [f"# Attention benchmark — {info['gpu']}", "",
+             f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}; bf16, "
+             "non-causal; TFLOP/s with forward = 4·B·H·S²·D flops and forward+backward = 3.5× that; "
+             "`triton.testing.do_bench` medians.", ""]
+    for key, title in (("fwd_tflops", "Forward TFLOP/s"), ("fwdbwd_tflops", "Forward + backward TFLOP/s")):
+        lines += [f"## {title}", "", "| shape | " + " | ".join(names) + " | ours / best SDPA |",
+                  "|---" * (len(names) + 2) + "|"]
+        for r in rows:
+            vals = r[key]
+            sd = [vals[n] for n in SDPA_BACKENDS if n in vals]
+            ratio = f"{vals['ours'] / max(sd):.2f}×" if sd and "ours" in vals else "—"
+            lines.append(f"| {r['shape']} | " + " | ".join(f"{vals[n]:.0f}" if n in vals else "—" for n in names)
+                         + f" | {ratio} |")
+        lines.append("")
+    if fused:
+        lines += ["## QK-norm + RoPE + attention (ms, forward / forward+backward)", "",
+                  "| shape | ours (fused norm+rope kernel + flash) | torch norm + rope + best SDPA | speedup fwd | "
+                  "speedup fwd+bwd |", "|---|---|---|---|---|"]
+        for f in fused:
+            o, t = f["ours_fused"], f["torch_unfused"]
+            lines.append(f"| {f['shape']} | {o['fwd_ms']:.2f} / {o['fwdbwd_ms']:.2f} | {t['fwd_ms']:.2f} / "
+                         f"{t['fwdbwd_ms']:.2f} ({f['torch_sdpa_backend']}) | {t['fwd_ms'] / o['fwd_ms']:.2f}× | "
+                         f"{t['fwdbwd_ms'] / o['fwdbwd_ms']:.2f}× |")
+        lines.append("")
+    (out_dir / f"attention-{slug}.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+        width = 0.8 / max(len(names), 1)
+        for ax, (key, title) in zip(axes, (("fwd_tflops", "forward"), ("fwdbwd_tflops", "forward + backward"))):
+            for i, n in enumerate(names):
+                ax.bar([j + i * width for j in range(len(rows))], [r[key].get(n, 0) for r in rows], width, label=n)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+            ax.set_xticklabels([r["shape"] for r in rows], rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel("TFLOP/s")
+            ax.set_title(f"{title} — {info['gpu']}")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"attention-{slug}.png", dpi=110)
+    except ImportError:
+        print("matplotlib missing: no plot written")
+    return out_dir / f"attention-{slug}.md"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="two short shapes, no FlexAttention")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--shapes", nargs="*", help="only these shape names (as in the table)")
+    p.add_argument("--tune", action="store_true", help="also time pointer loads and print every autotune timing")
+    p.add_argument("--no-fused", action="store_true", help="skip the norm + rope + attention comparison")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention needs a CUDA GPU")
+    info = versions()
+    print(json.dumps(info), flush=True)
+    shapes = [s for s in SHAPES if (not args.quick or s[0] in QUICK) and (not args.shapes or s[0] in args.shapes)]
+    impls = implementations(flex=not (args.quick or args.no_flex), tune=args.tune)
+    dtype = torch.bfloat16
+    rows, fused = [], []
+    t0 = time.time()
+    for name, b, h, s, d in shapes:
+        rows.append(run_shape(name, b, h, s, d, impls, dtype, args))
+        sd = {n: v for n, v in rows[-1]["fwdbwd_tflops"].items() if n in SDPA_BACKENDS}
+        if args.tune:
+            print_autotune()
+        if sd and not args.no_fused:
+            fused.append(run_fused_op(name, b, h, s, d, dtype, max(sd, key=sd.get)))
+    path = write_results(rows, fused, info, args.out)
+    print(f"\nwrote {path} ({time.time() - t0:.0f} s)\n")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""Flash attention (non-causal) in Triton: forward and backward over q/k/v read strided as ``[B, S, H, D]``.
+
+Forward: online softmax in base 2 (log2(e) folded into the scale), fp32 accumulators, an unmasked main loop
+over whole key blocks plus one masked tail block, logsumexp (base 2) saved for the backward. Backward: a
+``delta = rowsum(dO * O)`` preprocess, one pass that owns a key block and sweeps the queries (dK, dV), and one
+that owns a query block and sweeps the keys (dQ), so no atomics are needed and the result is deterministic.
+
+Head dims that are not powers of two (72, 96) are padded to the next power of two inside the kernel with
+masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA).
+The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = frozenset({32, 48, 64, 72, 80, 96, 128})
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _off(b, stride_b, h, stride_h, ALIGN: tl.constexpr):
+    # Triton proves alignment only for strides divisible by 16; a head stride such as 72 hides that every
+    # (batch, head) slice still starts on a 16-byte boundary, and without that proof the loads go scalar.
+    return tl.multiple_of(b * stride_b + h * stride_h, ALIGN)
+
+
+@triton.jit
+def _load_tile(base, offs_r, offs_d, stride_r, stride_d, n_rows,
+               D: tl.constexpr, D_PAD: tl.constexpr, ROW_MASK: tl.constexpr):
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if ROW_MASK:
+        mask = offs_r[:, None] < n_rows
+        if D != D_PAD:
+            mask = mask & (offs_d[None, :] < D)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if D != D_PAD:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, offs_r, offs_d, stride_r, stride_d, n_rows, D: tl.constexpr, D_PAD: tl.constexpr):
+    mask = offs_r[:, None] < n_rows
+    if D != D_PAD:
+        mask = mask & (offs_d[None, :] < D)
+    tl.store(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, x, mask=mask)
+
+
+@triton.jit
+def _stream_tile(desc, base, start, offs_r0, offs_d, stride_r, stride_d, n_rows,
+                 D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, USE_TMA: tl.constexpr):
+    # The tensor descriptor zero-fills rows past n_rows, so the tail needs no mask on that path.
+    if USE_TMA:
+        x = desc.load([start, 0])
+    else:
+        x = _load_tile(base, start + offs_r0, offs_d, stride_r, stride_d, n_rows, D, D_PAD, TAIL)
+    return x
+
+
+@triton.jit
+def _make_desc(base, n_rows, stride_r, BLOCK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
+    if USE_TMA:
+        desc = tl.make_tensor_descriptor(base, shape=[n_rows, D], strides=[stride_r, 1], block_shape=[BLOCK, D])
+    else:
+        desc = base
+    return desc
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd, sms, qk_scale,
+               offs_n0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, HAS_MASK: tl.constexpr,
+               PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    k = _stream_tile(k_desc, K, start_n, offs_n0, offs_d, sks, skd, SK, D, D_PAD, TAIL, USE_TMA)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if TAIL or HAS_MASK:
+        offs_n = start_n + offs_n0
+        valid = offs_n < SK
+        if HAS_MASK:
+            valid = valid & (tl.load(KPM + offs_n * sms, mask=valid, other=0) != 0)
+        # A finite floor instead of -inf keeps every exp2 argument finite; rows that never see a valid key
+        # are detected by their running max in the epilogue.
+        s = tl.where(valid[None, :], qk * qk_scale, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _stream_tile(v_desc, V, start_n, offs_n0, offs_d, svs, svd, SK, D, D_PAD, TAIL, USE_TMA)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, KPM,
+              sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod, smb, sms,
+              H, SQ, SK, qk_scale, SQ_KEY, SK_KEY,
+              D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+              USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    Q += _off(b, sqb, h, sqh, ALIGN)
+    K += _off(b, skb, h, skh, ALIGN)
+    V += _off(b, svb, h, svh, ALIGN)
+    O += _off(b, sob, h, soh, ALIGN)
+    KPM += b * smb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k_desc = _make_desc(K, SK, sks, BLOCK_N, D, USE_TMA)
+    v_desc = _make_desc(V, SK, svs, BLOCK_N, D, USE_TMA)
+
+    q = _load_tile(Q, offs_m, offs_d, sqs, sqd, SQ, D, D_PAD, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    sk_full = (SK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, sk_full, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd,
+                                   sms, qk_scale, offs_n0, offs_d, D, D_PAD, False, HAS_MASK, PREC, USE_TMA)
+    if sk_full < SK:
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_desc, v_desc, K, V, KPM, sk_full, SK, sks, skd, svs, svd,
+                                   sms, qk_scale, offs_n0, offs_d, D, D_PAD, True, HAS_MASK, PREC, USE_TMA)
+    o = acc / l_i[:, None]
+    lse = m_i + tl.math.log2(l_i)
+    if HAS_MASK:
+        # Every key of this query is padding: the output is zero and an infinite logsumexp zeroes its
+        # probabilities in the backward.
+        dead = m_i < -1.0e29
+        o = tl.where(dead[:, None], 0.0, o)
+        lse = tl.where(dead, float("inf"), lse)
+    _store_tile(O, o.to(O.dtype.element_ty), offs_m, offs_d, sos, sod, SQ, D, D_PAD)
+    tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=offs_m < SQ)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DELTA, sob, sos, soh, sod, sdb, sds, sdh, sdd, H, SQ,
+                         D: tl.constexpr, D_PAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    o = _load_tile(O + _off(b, sob, h, soh, ALIGN), offs_m, offs_d, sos, sod, SQ, D, D_PAD, True)
+    do = _load_tile(DO + _off(b, sdb, h, sdh, ALIGN), offs_m, offs_d, sds, sdd, SQ, D, D_PAD, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * SQ + offs_m, delta, mask=offs_m < SQ)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
+                offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, PREC: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    offs_m = start_m + offs_m0
+    q = _stream_tile(q_desc, Q, start_m, offs_m0, offs_d, sqs, sqd, SQ, D, D_PAD, TAIL, USE_TMA)
+    if TAIL:
+        lse = tl.load(LSE + offs_m, mask=offs_m < SQ, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=offs_m < SQ, other=0.0)
+    else:
+        lse = tl.load(LSE + offs_m)
+        delta = tl.load(DELTA + offs_m)
+    st = tl.dot(k, tl.trans(q), input_precision=PREC)
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])
+    do = _stream_tile(do_desc, DO, start_m, offs_m0, offs_d, sds, sdd, SQ, D, D_PAD, TAIL, USE_TMA)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
+                   sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
+                   sgb, sgs, sgh, sgd, smb, sms,
+                   H, SQ, SK, qk_scale, sm_scale, SQ_KEY, SK_KEY,
+                   D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                   USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    Q += _off(b, sqb, h, sqh, ALIGN)
+    DO += _off(b, sdb, h, sdh, ALIGN)
+    LSE += pid_bh.to(tl.int64) * SQ
+    DELTA += pid_bh.to(tl.int64) * SQ
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    q_desc = _make_desc(Q, SQ, sqs, BLOCK_M, D, USE_TMA)
+    do_desc = _make_desc(DO, SQ, sds, BLOCK_M, D, USE_TMA)
+    # Key rows past SK load as zeros; whatever they accumulate is never stored.
+    k = _load_tile(K + _off(b, skb, h, skh, ALIGN), offs_n, offs_d, sks, skd, SK, D, D_PAD, True)
+    v = _load_tile(V + _off(b, svb, h, svh, ALIGN), offs_n, offs_d, svs, svd, SK, D, D_PAD, True)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    sq_full = (SQ // BLOCK_M) * BLOCK_M
+    for start_m in range(0, sq_full, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd,
+                             qk_scale, offs_m0, offs_d, D, D_PAD, False, PREC, USE_TMA)
+    if sq_full < SQ:
+        dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, sq_full, SQ, sqs, sqd, sds, sdd,
+                             qk_scale, offs_m0, offs_d, D, D_PAD, True, PREC, USE_TMA)
+    dk = dk * sm_scale
+    if HAS_MASK:
+        # A padded key gets no probability, so its gradients are exactly zero.
+        keep = tl.load(KPM + b * smb + offs_n * sms, mask=offs_n < SK, other=0) != 0
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+    DK += _off(b, sgb, h, sgh, ALIGN)
+    DV += _off(b, sgb, h, sgh, ALIGN)
+    _store_tile(DK, dk.to(DK.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
+    _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd, sms, qk_scale,
+              offs_n0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, HAS_MASK: tl.constexpr,
+              PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    k = _stream_tile(k_desc, K, start_n, offs_n0, offs_d, sks, skd, SK, D, D_PAD, TAIL, USE_TMA)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if TAIL or HAS_MASK:
+        offs_n = start_n + offs_n0
+        valid = offs_n < SK
+        if HAS_MASK:
+            valid = valid & (tl.load(KPM + offs_n * sms, mask=valid, other=0) != 0)
+        p = tl.where(valid[None, :], p, 0.0)
+    v = _stream_tile(v_desc, V, start_n, offs_n0, offs_d, svs, svd, SK, D, D_PAD, TAIL, USE_TMA)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM,
+                 sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
+                 sgb, sgs, sgh, sgd, smb, sms,
+                 H, SQ, SK, qk_scale, sm_scale, SQ_KEY, SK_KEY,
+                 D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                 USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    K += _off(b, skb, h, skh, ALIGN)
+    V += _off(b, svb, h, svh, ALIGN)
+    KPM += b * smb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k_desc = _make_desc(K, SK, sks, BLOCK_N, D, USE_TMA)
+    v_desc = _make_desc(V, SK, svs, BLOCK_N, D, USE_TMA)
+    q = _load_tile(Q + _off(b, sqb, h, sqh, ALIGN), offs_m, offs_d, sqs, sqd, SQ, D, D_PAD, True)
+    do = _load_tile(DO + _off(b, sdb, h, sdh, ALIGN), offs_m, offs_d, sds, sdd, SQ, D, D_PAD, True)
+    row = pid_bh.to(tl.int64) * SQ + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < SQ, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=offs_m < SQ, other=0.0)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    sk_full = (SK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, sk_full, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd, sms,
+                       qk_scale, offs_n0, offs_d, D, D_PAD, False, HAS_MASK, PREC, USE_TMA)
+    if sk_full < SK:
+        dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, K, V, KPM, sk_full, SK, sks, skd, svs, svd, sms,
+                       qk_scale, offs_n0, offs_d, D, D_PAD, True, HAS_MASK, PREC, USE_TMA)
+    dq = dq * sm_scale
+    _store_tile(DQ + _off(b, sgb, h, sgh, ALIGN), dq.to(DQ.dtype.element_ty), offs_m, offs_d, sgs, sgd, SQ, D, D_PAD)
+
+
+def _configs(pairs):
+    """Autotune space: (outer block, inner block, warps, stages); one small config under the interpreter."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+def _make_prune(single: bool):
+    def prune(configs, named_args, **kwargs):
+        # fp32 tiles need twice the shared memory and registers; keep the small blocks for them.
+        wide = named_args["Q"].element_size() > 2
+        kept = [c for c in configs if not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        kept = kept or configs[-1:]
+        return kept[:1] if single else kept
+    return prune
+
+
+_KEY = ["D", "HAS_MASK", "PREC", "USE_TMA", "SQ_KEY", "SK_KEY"]
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5),
+                         (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
+_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3),
+                          (32, 64, 4, 2)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3),
+                        (64, 32, 4, 2)])
+
+
+def _tuned(kernel, configs):
+    """(autotuned over ``configs``, one fixed config); ``STDIT_AUTOTUNE=0`` picks the second at launch.
+
+    The fixed variant takes the first config, or the last (the smallest) for fp32 inputs.
+    """
+    return (triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _make_prune(False)})(kernel),
+            triton.autotune(configs[:1] + configs[-1:], key=_KEY,
+                            prune_configs_by={"early_config_prune": _make_prune(True)})(kernel))
+
+
+_FWD = _tuned(_attn_fwd, _FWD_CONFIGS)
+_DKDV = _tuned(_attn_bwd_dkdv, _DKDV_CONFIGS)
+_DQ = _tuned(_attn_bwd_dq, _DQ_CONFIGS)
+
+
+def _pick(kernels):
+    return kernels[1] if os.environ.get("STDIT_AUTOTUNE", "1") == "0" else kernels[0]
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_allowed(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need Hopper, 16-byte aligned bases and strides, a unit inner stride and D = D_PAD."""
+    env = os.environ.get("STDIT_ATTN_TMA", "1")
+    if env == "0" or _INTERPRET or not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return False
+    t0 = tensors[0]
+    if not t0.is_cuda or _capability(t0.device.index)[0] < 9:
+        return False
+    d = t0.shape[-1]
+    if d != triton.next_power_of_2(d):
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+def _scratch(size: int, align: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    # Descriptors built inside a kernel live in a scratch buffer that Triton asks the host for. Triton keeps the
+    # allocator in a context variable, which the autograd engine's backward thread does not inherit: set it per call.
+    triton.set_allocator(_scratch)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, S, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, _, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise ValueError(f"k and v must be [B, Sk, H, D] matching q {tuple(q.shape)}; got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported; supported: {sorted(SUPPORTED_HEAD_DIMS)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, k.shape[1]):
+        raise ValueError(f"key_padding_mask must be [B, Sk] = {(b, k.shape[1])}; got {tuple(key_padding_mask.shape)}")
+    for t in (q, k, v):
+        if max(t.shape[1] * abs(t.stride(1)), t.shape[2] * abs(t.stride(2))) >= 2**31:
+            raise ValueError("a single (batch) slice of q/k/v spans 2**31 elements or more; split the batch")
+
+
+def _align(*tensors: torch.Tensor) -> int:
+    """The largest power of two (<= 16) dividing every batch and head stride, in elements."""
+    g = 16
+    for t in tensors:
+        g = math.gcd(g, math.gcd(t.stride(0), t.stride(2)))
+    return g & -g if g else 16
+
+
+def _mask_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
+    if key_padding_mask is None:
+        return like, 0, 0, False
+    m = key_padding_mask.to(device=like.device, dtype=torch.bool).view(torch.uint8)
+    return m, m.stride(0), m.stride(1), True
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def flash_attention_forward(q, k, v, key_padding_mask=None, scale=None):
+    """Returns ``(o [B, Sq, H, D], lse [B, H, Sq] fp32, base 2)``."""
+    _check(q, k, v, key_padding_mask)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if scale <= 0:
+        raise ValueError("scale must be positive")
+    o = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
+    use_tma = _tma_allowed(k, v)
+    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _pick(_FWD)[grid](
+        q, k, v, o, lse, kpm, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, sms,
+        h, sq, sk, scale * _LOG2E, _bucket(sq), _bucket(sk),
+        D=d, D_PAD=max(16, triton.next_power_of_2(d)), HAS_MASK=has_mask, PREC=_prec(q.dtype), USE_TMA=use_tma,
+        ALIGN=_align(q, k, v, o),
+    )
+    return o, lse
+
+
+def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
+    """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    d_pad = max(16, triton.next_power_of_2(d))
+    delta = torch.empty_like(lse)
+    pre_block = 16 if _INTERPRET else 64
+    _attn_bwd_preprocess[(triton.cdiv(sq, pre_block), b * h)](
+        o, do, delta, *o.stride(), *do.stride(), h, sq, D=d, D_PAD=d_pad, ALIGN=_align(o, do), BLOCK_M=pre_block,
+    )
+    dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
+    dv = torch.empty_like(dk)
+    kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
+    common = dict(D=d, D_PAD=d_pad, HAS_MASK=has_mask, PREC=_prec(q.dtype), ALIGN=_align(q, k, v, do, dq, dk))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _pick(_DKDV)[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * h)](
+        q, k, v, do, lse, delta, dk, dv, kpm, *strides, *dk.stride(), smb, sms,
+        h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk), USE_TMA=_tma_allowed(q, do), **common,
+    )
+    _pick(_DQ)[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)](
+        q, k, v, do, lse, delta, dq, kpm, *strides, *dq.stride(), smb, sms,
+        h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk), USE_TMA=_tma_allowed(k, v), **common,
+    )
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask=None, scale=None):
+        o, lse = flash_attention_forward(q, k, v, key_padding_mask, scale)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, key_padding_mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """Non-causal attention: q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]`` (any strides) -> o ``[B, Sq, H, D]``.
+
+    ``key_padding_mask`` ``[B, Sk]`` bool, True = attend; a query whose keys are all masked outputs zeros.
+    ``scale`` defaults to ``1/sqrt(D)``. Differentiable in q, k and v.
+    """
+    return FlashAttention.apply(q, k, v, key_padding_mask, scale)

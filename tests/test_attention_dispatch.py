@@ -1,0 +1,100 @@
+"""Attention dispatch: backend selection, the triton backend and its fallback, xformers' error, torch.compile."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from _kernel_env import HAS_CUDA, device, load_kernels, max_err
+
+load_kernels()
+# The package re-exports the function ``attention``, which shadows the submodule's attribute name.
+A = importlib.import_module("stdit.attention")
+
+
+def qkv(b=2, sq=24, sk=24, h=2, d=64, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=g).to(device(), dtype) for s in (sq, sk, sk)]
+
+
+def test_unknown_backend_is_one_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        A.check_backend("flash3")
+    monkeypatch.setenv(A.ENV_VAR, "Eager")
+    assert A.resolve_backend() == "eager"
+    with A.attention_backend("sdpa"):
+        assert A.resolve_backend("eager") == "sdpa"
+
+
+def test_xformers_missing_says_how_to_install():
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed")
+    except ImportError:
+        pass
+    q, k, v = qkv()
+    with pytest.raises(ImportError, match=r"stdit\[xformers\]"):
+        A.attention(q, k, v, backend="xformers")
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_triton_backend_matches_eager(mask):
+    q, k, v = qkv(sq=19, sk=33, d=72)
+    kpm = None
+    if mask:
+        kpm = torch.rand(2, 33, generator=torch.Generator().manual_seed(1)) > 0.5
+        kpm[1] = False
+        kpm = kpm.to(device())
+    out = A.attention(q, k, v, key_padding_mask=kpm, backend="triton")
+    ref = A.attention(q, k, v, key_padding_mask=kpm, backend="eager")
+    assert max_err(out, ref) < 1e-4
+    if mask:
+        assert out[1].abs().max() == 0
+        sd = A.attention(q, k, v, key_padding_mask=kpm, backend="sdpa")
+        assert max_err(sd, ref) < 1e-4
+
+
+def test_triton_fallback_warns_once_for_unsupported_shapes():
+    A._warned.clear()
+    q, k, v = qkv(d=100)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = A.attention(q, k, v, backend="triton")
+    msgs = [str(w.message) for w in rec if "falling back to sdpa" in str(w.message)]
+    assert len(msgs) == 1 and "head dim 100" in msgs[0]
+    assert max_err(out, A.eager_attention(q, k, v)) < 1e-4
+    assert A.triton_supports(q.to(torch.int32), k) is not None
+
+
+def test_triton_backend_gradients_and_compile():
+    q, k, v = (x.requires_grad_() for x in qkv(sq=20, sk=20, d=64))
+    kpm = torch.ones(2, 20, dtype=torch.bool, device=device())
+    kpm[0, 5:] = False
+
+    def f(q, k, v):
+        return A.triton_attention(q, k, v, key_padding_mask=kpm)
+
+    # The custom op keeps the kernels opaque to dynamo: one graph, forward and backward.
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for fn in (f, compiled):
+        out = fn(q, k, v)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        ref = A.eager_attention(q, k, v, key_padding_mask=kpm)
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        assert max_err(out, ref) < 1e-4
+        assert all(max_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_triton_backend_inductor_bf16():
+    q, k, v = (x.requires_grad_() for x in qkv(b=1, sq=300, sk=300, h=4, d=128, dtype=torch.bfloat16))
+    compiled = torch.compile(lambda q, k, v: A.triton_attention(q, k, v), fullgraph=True)
+    out = compiled(q, k, v)
+    out.float().sum().backward()
+    assert max_err(out, A.eager_attention(q, k, v)) < 2e-2
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -1,0 +1,128 @@
+"""Flash attention kernel vs its pure-torch twin: forward and dq/dk/dv, odd sizes, Sq != Sk, key padding masks.
+
+On the CPU the kernels run under the Triton interpreter (tiny shapes, fp32/fp16, one block config); on CUDA the
+``gpu`` tests use real sizes in bf16/fp16 with the flash-attention error rule (see ``_kernel_env.check_rule``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _kernel_env import HAS_CUDA, check_rule, device, load_kernels, max_err
+
+kernels = load_kernels()
+from stdit.kernels.attention_ref import attention_ref  # noqa: E402
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+def make_inputs(b, sq, sk, h, d, dtype, mask, seed, layout="plain"):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "fused":
+        # q, k, v as strided views of one fused projection output, as the model produces them.
+        qkv = torch.randn(b, sq, 3, h, d, generator=g).to(device(), dtype)
+        q, k, v = qkv.unbind(2)
+    else:
+        q = torch.randn(b, sq, h, d, generator=g).to(device(), dtype)
+        k = torch.randn(b, sk, h, d, generator=g).to(device(), dtype)
+        v = torch.randn(b, sk, h, d, generator=g).to(device(), dtype)
+    kpm = None
+    if mask:
+        kpm = torch.rand(b, k.shape[1], generator=g) > 0.4
+        kpm[0, 0] = True
+        if b > 1:
+            kpm[-1] = False  # a batch whose keys are all padding
+        kpm = kpm.to(device())
+    do = torch.randn(q.shape, generator=g).to(device(), dtype)
+    return q, k, v, kpm, do
+
+
+def run(fn, q, k, v, kpm, do, **kw):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, kpm, **kw)
+    o.backward(do.to(o.dtype))
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+CPU_CASES = [
+    # b, sq, sk, h, d, dtype, mask, layout
+    (2, 40, 40, 2, 64, torch.float32, False, "plain"),
+    (1, 37, 21, 2, 72, torch.float32, True, "plain"),
+    (2, 1, 19, 1, 96, torch.float32, True, "plain"),
+    (1, 17, 33, 1, 128, torch.float32, False, "plain"),
+    (1, 35, 35, 2, 64, torch.float32, False, "fused"),
+    (2, 33, 47, 1, 32, torch.float16, True, "plain"),
+    (1, 20, 20, 1, 72, torch.float16, False, "plain"),
+]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the gpu tests cover CUDA")
+@pytest.mark.parametrize("b,sq,sk,h,d,dtype,mask,layout", CPU_CASES)
+def test_flash_attention_interpreter(b, sq, sk, h, d, dtype, mask, layout):
+    q, k, v, kpm, do = make_inputs(b, sq, sk, h, d, dtype, mask, seed=sq * 131 + d, layout=layout)
+    out = run(kernels.flash_attention, q, k, v, kpm, do)
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float64), q, k, v, kpm, do)
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    for name, x, r in zip(("o", "dq", "dk", "dv"), out, ref):
+        assert x.dtype == dtype and x.shape == r.shape
+        assert max_err(x, r) <= tol * max(1.0, r.abs().max().item()), f"{name}: {max_err(x, r):.3e}"
+    if mask and b > 1:
+        assert out[0][-1].abs().max() == 0 and out[1][-1].abs().max() == 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter test")
+def test_flash_attention_scale_and_errors():
+    q, k, v, _, do = make_inputs(1, 18, 18, 1, 64, torch.float32, False, seed=3)
+    out = run(kernels.flash_attention, q, k, v, None, do, scale=0.3)
+    ref = run(lambda *a, **kw: attention_ref(*a, **kw, dtype=torch.float64), q, k, v, None, do, scale=0.3)
+    assert all(max_err(x, r) < 2e-5 for x, r in zip(out, ref))
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.flash_attention(q[..., :40], k[..., :40], v[..., :40])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        kernels.flash_attention(q, k, v, torch.ones(2, 18, dtype=torch.bool))
+    assert {64, 72, 96, 128} <= kernels.SUPPORTED_HEAD_DIMS
+
+
+GPU_CASES = [
+    (1, 4097, 4097, 2, 128, torch.bfloat16, False, "plain"),
+    (2, 1000, 1000, 3, 72, torch.bfloat16, False, "fused"),
+    (2, 1000, 77, 4, 64, torch.bfloat16, True, "plain"),
+    (2, 77, 1000, 2, 96, torch.bfloat16, True, "plain"),
+    (1, 1, 77, 2, 128, torch.bfloat16, False, "plain"),
+    (1, 4097, 1000, 2, 64, torch.float16, False, "plain"),
+    (2, 1000, 512, 2, 72, torch.float16, True, "plain"),
+    (1, 1000, 1000, 2, 128, torch.float16, False, "fused"),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("b,sq,sk,h,d,dtype,mask,layout", GPU_CASES)
+def test_flash_attention_gpu(b, sq, sk, h, d, dtype, mask, layout):
+    q, k, v, kpm, do = make_inputs(b, sq, sk, h, d, dtype, mask, seed=sq + sk + d, layout=layout)
+    out = run(kernels.flash_attention, q, k, v, kpm, do)
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, kpm, do)
+    low = run(lambda *a: attention_ref(*a, dtype=dtype), q, k, v, kpm, do)
+    for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
+        assert x.dtype == dtype
+        check_rule(name, x, r, lo)
+
+
+@pytest.mark.gpu
+@gpu
+def test_flash_attention_gpu_fp32():
+    q, k, v, kpm, do = make_inputs(2, 300, 200, 2, 72, torch.float32, True, seed=5)
+    out = run(kernels.flash_attention, q, k, v, kpm, do)
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float64), q, k, v, kpm, do)
+    for name, x, r in zip(("o", "dq", "dk", "dv"), out, ref):
+        assert max_err(x, r) <= 1e-4 * max(1.0, r.abs().max().item()), name
+
+
+@pytest.mark.gpu
+@gpu
+def test_flash_attention_gpu_deterministic_and_fully_written():
+    q, k, v, kpm, do = make_inputs(1, 4097, 4097, 2, 128, torch.bfloat16, False, seed=11)
+    a = run(kernels.flash_attention, q, k, v, kpm, do)
+    b = run(kernels.flash_attention, q, k, v, kpm, do)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
