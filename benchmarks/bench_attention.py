@@ -197,7 +197,9 @@ def print_autotune():
 
 def versions():
     return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+            "switches": {k: os.environ[k] for k in ("STDIT_ATTN_WS", "STDIT_ATTN_ATOMIC_BWD", "STDIT_AUTOTUNE")
+                         if k in os.environ}}
 
 
 def write_results(rows, fused, info, out_dir: Path):
@@ -278,7 +280,8 @@ def main(argv=None):
             print_autotune()
         if sd and not args.no_fused:
             fused.append(run_fused_op(name, b, h, s, d, dtype, max(sd, key=sd.get)))
-    path = write_results(rows, fused, info, args.out)
+        # After every shape, so a run cut short still leaves its finished rows.
+        path = write_results(rows, fused, info, args.out)
     print(f"\nwrote {path} ({time.time() - t0:.0f} s)\n")
     print(path.read_text())
 

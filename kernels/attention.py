@@ -109,7 +109,8 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
               sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod, smb, sms,
               H, SQ, SK, qk_scale, SQ_KEY, SK_KEY,
               D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-              USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              WS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -130,7 +131,9 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     sk_full = (SK // BLOCK_N) * BLOCK_N
-    for start_n in range(0, sk_full, BLOCK_N):
+    # WS: Triton's automatic warp specialization (a TMA producer warp feeding consumer warpgroups), which lets
+    # the softmax of one tile overlap the matrix products of the next; it needs the tensor-descriptor path.
+    for start_n in tl.range(0, sk_full, BLOCK_N, warp_specialize=WS):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd,
                                    sms, qk_scale, offs_n0, offs_d, D, D_PAD, False, HAS_MASK, PREC, USE_TMA)
@@ -288,11 +291,96 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM,
     _store_tile(DQ + _off(b, sgb, h, sgh, ALIGN), dq.to(DQ.dtype.element_ty), offs_m, offs_d, sgs, sgd, SQ, D, D_PAD)
 
 
-def _configs(pairs):
+@triton.jit
+def _fused_block(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, DQA, start_m, SQ, sqs, sqd, sds, sdd,
+                 sas, qk_scale, offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr,
+                 HAS_MASK: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
+    offs_m = start_m + offs_m0
+    q = _stream_tile(q_desc, Q, start_m, offs_m0, offs_d, sqs, sqd, SQ, D, D_PAD, TAIL, USE_TMA)
+    if TAIL:
+        lse = tl.load(LSE + offs_m, mask=offs_m < SQ, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=offs_m < SQ, other=0.0)
+    else:
+        lse = tl.load(LSE + offs_m)
+        delta = tl.load(DELTA + offs_m)
+    st = tl.dot(k, tl.trans(q), input_precision=PREC)
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])
+    if HAS_MASK:
+        pt = tl.where(keep[:, None], pt, 0.0)
+    do = _stream_tile(do_desc, DO, start_m, offs_m0, offs_d, sds, sdd, SQ, D, D_PAD, TAIL, USE_TMA)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk = tl.dot(dst, q, dk, input_precision=PREC)
+    # Key rows past SK are zeros in k, so their (garbage) dS adds nothing here.
+    dq = tl.dot(tl.trans(dst), k, input_precision=PREC)
+    if DQ_TMA:
+        # A bulk tensor reduce: one asynchronous add of the whole tile in L2; rows past SQ are clipped.
+        DQA.atomic_add([start_m, 0], dq)
+    else:
+        ptrs = DQA + offs_m[:, None] * sas + offs_d[None, :]
+        if TAIL or D != D_PAD:
+            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < SQ) & (offs_d[None, :] < D), sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_fused(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM,
+                    sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
+                    sgb, sgs, sgh, sgd, sab, sas, sah, smb, sms,
+                    H, SQ, SK, qk_scale, sm_scale, SQ_KEY, SK_KEY,
+                    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                    USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DQ_TMA: tl.constexpr):
+    # One pass: this program owns a key block (dK, dV in registers) and adds each query block's share of dQ into
+    # an fp32 buffer with atomics, so S and dP are computed once per tile pair (5 matrix products instead of 7).
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    Q += _off(b, sqb, h, sqh, ALIGN)
+    DO += _off(b, sdb, h, sdh, ALIGN)
+    DQA += b * sab + h * sah
+    LSE += pid_bh.to(tl.int64) * SQ
+    DELTA += pid_bh.to(tl.int64) * SQ
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    q_desc = _make_desc(Q, SQ, sqs, BLOCK_M, D, USE_TMA)
+    do_desc = _make_desc(DO, SQ, sds, BLOCK_M, D, USE_TMA)
+    dqa = _make_desc(DQA, SQ, sas, BLOCK_M, D, DQ_TMA)
+    k = _load_tile(K + _off(b, skb, h, skh, ALIGN), offs_n, offs_d, sks, skd, SK, D, D_PAD, True)
+    v = _load_tile(V + _off(b, svb, h, svh, ALIGN), offs_n, offs_d, svs, svd, SK, D, D_PAD, True)
+    keep = offs_n < SK
+    if HAS_MASK:
+        # A padded key gets no probability: its dK, dV and its share of dQ are exactly zero.
+        keep = tl.load(KPM + b * smb + offs_n * sms, mask=keep, other=0) != 0
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    sq_full = (SQ // BLOCK_M) * BLOCK_M
+    for start_m in range(0, sq_full, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        dk, dv = _fused_block(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, dqa, start_m, SQ, sqs, sqd,
+                              sds, sdd, sas, qk_scale, offs_m0, offs_d, D, D_PAD, False, HAS_MASK, PREC, USE_TMA,
+                              DQ_TMA)
+    if sq_full < SQ:
+        dk, dv = _fused_block(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, dqa, sq_full, SQ, sqs, sqd,
+                              sds, sdd, sas, qk_scale, offs_m0, offs_d, D, D_PAD, True, HAS_MASK, PREC, USE_TMA,
+                              DQ_TMA)
+    dk = dk * sm_scale
+    DK += _off(b, sgb, h, sgh, ALIGN)
+    DV += _off(b, sgb, h, sgh, ALIGN)
+    _store_tile(DK, dk.to(DK.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
+    _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
+
+
+def _configs(pairs, **extra):
     """Autotune space: (outer block, inner block, warps, stages); one small config under the interpreter."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **extra}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
 def _make_prune(single: bool):
@@ -300,6 +388,9 @@ def _make_prune(single: bool):
         # fp32 tiles need twice the shared memory and registers; keep the small blocks for them.
         wide = named_args["Q"].element_size() > 2
         kept = [c for c in configs if not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        # Warp specialization is built around the tensor-descriptor loads.
+        if not named_args.get("USE_TMA", kwargs.get("USE_TMA")):
+            kept = [c for c in kept if not c.kwargs.get("WS")]
         kept = kept or configs[-1:]
         return kept[:1] if single else kept
     return prune
@@ -307,26 +398,32 @@ def _make_prune(single: bool):
 
 _KEY = ["D", "HAS_MASK", "PREC", "USE_TMA", "SQ_KEY", "SK_KEY"]
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5),
-                         (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
+                         (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)], WS=False)
+if os.environ.get("STDIT_ATTN_WS") == "1" and not _INTERPRET:
+    _FWD_CONFIGS += _configs([(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)], WS=True)
 _DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3),
                           (32, 64, 4, 2)])
 _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3),
                         (64, 32, 4, 2)])
+_FUSED_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2)])
 
 
-def _tuned(kernel, configs):
+def _tuned(kernel, configs, key=_KEY, reset=None):
     """(autotuned over ``configs``, one fixed config); ``STDIT_AUTOTUNE=0`` picks the second at launch.
 
     The fixed variant takes the first config, or the last (the smallest) for fp32 inputs.
     """
-    return (triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _make_prune(False)})(kernel),
-            triton.autotune(configs[:1] + configs[-1:], key=_KEY,
+    # ``reset``: outputs accumulated with atomics, zeroed before each timed run of the autotuner.
+    return (triton.autotune(configs, key=key, reset_to_zero=reset,
+                            prune_configs_by={"early_config_prune": _make_prune(False)})(kernel),
+            triton.autotune(configs[:1] + configs[-1:], key=key, reset_to_zero=reset,
                             prune_configs_by={"early_config_prune": _make_prune(True)})(kernel))
 
 
 _FWD = _tuned(_attn_fwd, _FWD_CONFIGS)
 _DKDV = _tuned(_attn_bwd_dkdv, _DKDV_CONFIGS)
 _DQ = _tuned(_attn_bwd_dq, _DQ_CONFIGS)
+_FUSED = _tuned(_attn_bwd_fused, _FUSED_CONFIGS, _KEY + ["DQ_TMA"], ["DQA"])
 
 
 def _pick(kernels):
@@ -430,8 +527,16 @@ def flash_attention_forward(q, k, v, key_padding_mask=None, scale=None):
     return o, lse
 
 
+def _atomic_backward() -> bool:
+    return os.environ.get("STDIT_ATTN_ATOMIC_BWD", "0") == "1" and not torch.are_deterministic_algorithms_enabled()
+
+
 def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
-    """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype."""
+    """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype.
+
+    Two passes, dK/dV then dQ, with no atomics (deterministic). ``STDIT_ATTN_ATOMIC_BWD=1`` selects one pass with an
+    fp32 atomic dQ instead (run-to-run bits may differ); on H100 it measured slower (see NOTES-attention.md).
+    """
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -441,19 +546,30 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     _attn_bwd_preprocess[(triton.cdiv(sq, pre_block), b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, sq, D=d, D_PAD=d_pad, ALIGN=_align(o, do), BLOCK_M=pre_block,
     )
-    dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
     kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
-    common = dict(D=d, D_PAD=d_pad, HAS_MASK=has_mask, PREC=_prec(q.dtype), ALIGN=_align(q, k, v, do, dq, dk))
+    common = dict(D=d, D_PAD=d_pad, HAS_MASK=has_mask, PREC=_prec(q.dtype), ALIGN=_align(q, k, v, do, dk))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    keys = (h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk))
+    if _atomic_backward():
+        dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
+        use_tma = _tma_allowed(q, do)
+        # A bulk tensor reduce of the dQ tile measured faster than per-element atomics (45.8 vs 52.1 ms).
+        dq_tma = use_tma and hasattr(tl.tensor_descriptor, "atomic_add")
+        _pick(_FUSED)[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * h)](
+            q, k, v, do, lse, delta, dk, dv, dqa, kpm, *strides, *dk.stride(), dqa.stride(0), dqa.stride(1),
+            dqa.stride(2), smb, sms, *keys, USE_TMA=use_tma, DQ_TMA=dq_tma, **common,
+        )
+        return dqa.mul_(scale).to(q.dtype), dk, dv
+    dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     _pick(_DKDV)[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * h)](
-        q, k, v, do, lse, delta, dk, dv, kpm, *strides, *dk.stride(), smb, sms,
-        h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk), USE_TMA=_tma_allowed(q, do), **common,
+        q, k, v, do, lse, delta, dk, dv, kpm, *strides, *dk.stride(), smb, sms, *keys,
+        USE_TMA=_tma_allowed(q, do), **common,
     )
     _pick(_DQ)[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dq, kpm, *strides, *dq.stride(), smb, sms,
-        h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk), USE_TMA=_tma_allowed(k, v), **common,
+        q, k, v, do, lse, delta, dq, kpm, *strides, *dq.stride(), smb, sms, *keys,
+        USE_TMA=_tma_allowed(k, v), **common,
     )
     return dq, dk, dv
 

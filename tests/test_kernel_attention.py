@@ -57,8 +57,10 @@ CPU_CASES = [
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the gpu tests cover CUDA")
+@pytest.mark.parametrize("atomic", ["0", "1"])
 @pytest.mark.parametrize("b,sq,sk,h,d,dtype,mask,layout", CPU_CASES)
-def test_flash_attention_interpreter(b, sq, sk, h, d, dtype, mask, layout):
+def test_flash_attention_interpreter(b, sq, sk, h, d, dtype, mask, layout, atomic, monkeypatch):
+    monkeypatch.setenv("STDIT_ATTN_ATOMIC_BWD", atomic)
     q, k, v, kpm, do = make_inputs(b, sq, sk, h, d, dtype, mask, seed=sq * 131 + d, layout=layout)
     out = run(kernels.flash_attention, q, k, v, kpm, do)
     ref = run(lambda *a: attention_ref(*a, dtype=torch.float64), q, k, v, kpm, do)
@@ -97,8 +99,10 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("atomic", ["0", "1"])
 @pytest.mark.parametrize("b,sq,sk,h,d,dtype,mask,layout", GPU_CASES)
-def test_flash_attention_gpu(b, sq, sk, h, d, dtype, mask, layout):
+def test_flash_attention_gpu(b, sq, sk, h, d, dtype, mask, layout, atomic, monkeypatch):
+    monkeypatch.setenv("STDIT_ATTN_ATOMIC_BWD", atomic)
     q, k, v, kpm, do = make_inputs(b, sq, sk, h, d, dtype, mask, seed=sq + sk + d, layout=layout)
     out = run(kernels.flash_attention, q, k, v, kpm, do)
     ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, kpm, do)
@@ -120,7 +124,8 @@ def test_flash_attention_gpu_fp32():
 
 @pytest.mark.gpu
 @gpu
-def test_flash_attention_gpu_deterministic_and_fully_written():
+def test_flash_attention_gpu_deterministic_and_fully_written(monkeypatch):
+    monkeypatch.setenv("STDIT_ATTN_ATOMIC_BWD", "0")
     q, k, v, kpm, do = make_inputs(1, 4097, 4097, 2, 128, torch.bfloat16, False, seed=11)
     a = run(kernels.flash_attention, q, k, v, kpm, do)
     b = run(kernels.flash_attention, q, k, v, kpm, do)
