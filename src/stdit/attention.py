@@ -3,8 +3,7 @@
 Every attention in the model goes through :func:`attention`, with q, k, v laid out ``[B, S, H, D]`` as the
 projections produce them (no transposes on our side). The backend is a run-time choice, never stored in a
 config. Resolution order: the :func:`attention_backend` context manager, then the model's
-``set_attention_backend`` choice, then ``STDIT_ATTENTION``, then the default (``triton`` on CUDA, ``sdpa``
-otherwise).
+``set_attention_backend`` choice, then ``STDIT_ATTENTION``, then the default (``sdpa``, the fastest we measure).
 
 Backends:
     ``triton``    our fused flash-attention kernels (``stdit.kernels``), CUDA or ``TRITON_INTERPRET=1``
@@ -53,7 +52,9 @@ def default_backend() -> str:
     env = os.environ.get(ENV_VAR)
     if env:
         return check_backend(env.strip().lower())
-    return "triton" if torch.cuda.is_available() else "sdpa"
+    # sdpa (cuDNN on Hopper) measures faster than our triton kernel today (benchmarks/results/attention-*.md):
+    # users get the fastest attention by default and choose triton explicitly.
+    return "sdpa"
 
 
 def resolve_backend(preferred: str | None = None) -> str:
@@ -227,6 +228,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.to(x.dtype)
 
 
+def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
+    if os.environ.get("STDIT_FUSED_ROPE", "1") == "0" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import stdit.kernels  # noqa: F401
+    except ImportError:
+        return False
+    return (q.shape[-1] // num_heads) % 2 == 0
+
+
 def qk_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,19 +253,16 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """QK RMSNorm across heads, then 3D RoPE: q, k ``[B, S, H*D]`` -> ``[B, S, H, D]`` each.
 
-    ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. With the
-    triton backend on CUDA the three steps run as one fused kernel; otherwise as plain torch ops.
+    ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. On CUDA the
+    three steps run as one fused Triton kernel whatever the attention backend (norm and RoPE are not attention;
+    ``STDIT_FUSED_ROPE=0`` turns it off); on the CPU only with the triton backend under ``TRITON_INTERPRET=1``.
     """
     from stdit.rope import apply_rope
 
-    name = resolve_backend(backend)
-    if name == "triton" and cos is not None and triton_supports(q.unflatten(-1, (num_heads, -1)), k) is None:
-        try:
-            from stdit.kernels import qk_norm_rope as fused
-        except ImportError:
-            fused = None
-        if fused is not None:
-            return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+    if cos is not None and _fused_norm_rope_ok(q, num_heads, resolve_backend(backend)):
+        from stdit.kernels import qk_norm_rope as fused
+
+        return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
     q = rms_norm(q, weight_q, eps).unflatten(-1, (num_heads, -1))
     k = rms_norm(k, weight_k, eps).unflatten(-1, (num_heads, -1))
     if cos is not None:

@@ -107,3 +107,14 @@ class SequenceParallel:
     def heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, S, H/sp, D]`` -> ``[B, S/sp, H, D]``."""
         return _AllToAll.apply(x, self.group, 1, 2)
+
+
+def new_sp_group(sp: int):
+    """This rank's sequence-parallel group: consecutive blocks of ``sp`` ranks (every rank must call this)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for start in range(0, world, sp):
+        group = dist.new_group(list(range(start, start + sp)))
+        if start <= rank < start + sp:
+            mine = group
+    return mine

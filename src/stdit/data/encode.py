@@ -1,0 +1,181 @@
+"""``stdit encode``: a folder of videos -> VAE latents + text features in safetensors shards for training.
+
+Text features come from a text encoder (a local transformers model directory: T5/UMT5 encoders as Wan uses, or any
+``AutoModel`` with ``last_hidden_state``) applied to each video's sidecar caption, or are read precomputed from
+``<stem>.safetensors`` files (key ``prompt_embeds`` ``[L, D]``) beside the videos or in ``--text-features``.
+Without a VAE the "latents" are the pixel clips themselves (for pixel-space models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stdit.data.latents import INDEX, write_shard
+
+TextEncoder = Callable[[list[str]], list[torch.Tensor]]
+
+
+def load_text_encoder(path: str | Path, device: torch.device, max_length: int = 512) -> TextEncoder:
+    """A function ``captions -> [L_i, D] features`` (padding removed) from a local transformers directory."""
+    try:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise ImportError("--text-encoder needs the transformers package (pip install transformers); or pass "
+                          "precomputed features with --text-features.") from e
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type in ("t5", "mt5", "umt5"):
+        import transformers
+
+        cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}[model_type]
+        model = getattr(transformers, cls).from_pretrained(path)
+    else:
+        model = AutoModel.from_pretrained(path)
+    model = model.to(device).eval()
+
+    @torch.no_grad()
+    def encode(captions: list[str]) -> list[torch.Tensor]:
+        tok = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").to(device)
+        hidden = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        lengths = tok.attention_mask.sum(dim=1).tolist()
+        return [h[:max(1, n)].float().cpu() for h, n in zip(hidden, lengths)]
+
+    return encode
+
+
+def precomputed_text(video_path: Path, features_dir: Path | None) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    candidates = [(features_dir / video_path.stem) if features_dir else None, video_path.with_suffix("")]
+    for c in candidates:
+        if c is not None and c.with_suffix(".safetensors").is_file():
+            tensors = load_file(str(c.with_suffix(".safetensors")))
+            if "prompt_embeds" not in tensors:
+                raise KeyError(f"{c.with_suffix('.safetensors')} has no 'prompt_embeds' tensor.")
+            emb = tensors["prompt_embeds"]
+            return emb[0] if emb.ndim == 3 else emb
+    raise FileNotFoundError(f"no precomputed text features for {video_path.name}: expected "
+                            f"{video_path.stem}.safetensors beside it or in the --text-features folder.")
+
+
+def encode_dataset(dataset, out_dir: str | Path, vae=None, text_encoder: TextEncoder | None = None,
+                   text_features_dir: str | Path | None = None, shard_size: int = 256, progress: bool = True) -> Path:
+    """Encode every clip of ``dataset`` (a :class:`~stdit.data.video_folder.VideoFolderDataset`) into shards.
+
+    Returns the path of ``index.json``, written last so a folder with an index is always complete.
+    """
+    from tqdm.auto import tqdm
+
+    from stdit.pipeline import vae_encode, vae_scale_factors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    features_dir = Path(text_features_dir) if text_features_dir else None
+    first_path = Path(dataset.items[0][0]) if hasattr(dataset, "items") else None
+    beside = first_path is not None and first_path.with_suffix(".safetensors").is_file()
+    use_text = text_encoder is not None or features_dir is not None or beside
+    if vae is not None:
+        tf, _ = vae_scale_factors(vae)
+        bad = sorted({b[0] for b in dataset.bucket_ids if (b[0] - 1) % tf})
+        if bad:
+            raise ValueError(f"clip lengths {bad} do not fit this VAE: frames - 1 must be divisible by {tf} "
+                             f"(e.g. {(bad[0] - 1) // tf * tf + 1}).")
+    shards, latents, embeds, shapes, captions, paths = [], [], [], [], [], []
+
+    def flush():
+        name = f"shard-{len(shards):05d}.safetensors"
+        write_shard(out / name, latents, embeds if use_text else None)
+        shards.append({"file": name, "shapes": [list(s) for s in shapes], "captions": list(captions),
+                       "paths": list(paths)})
+        for lst in (latents, embeds, shapes, captions, paths):
+            lst.clear()
+
+    for i in tqdm(range(len(dataset)), desc="encode", disable=not progress):
+        item = dataset[i]
+        video = item["video"][None]
+        z = vae_encode(vae, video)[0] if vae is not None else video[0]
+        latents.append(z.float().cpu())
+        shapes.append(tuple(z.shape))
+        captions.append(item.get("caption", ""))
+        paths.append(item.get("path", ""))
+        if text_encoder is not None:
+            embeds.append(text_encoder([item.get("caption", "")])[0])
+        elif use_text:
+            embeds.append(precomputed_text(Path(item["path"]), features_dir).float())
+        if len(latents) == shard_size:
+            flush()
+    if latents:
+        flush()
+    index = {"shards": shards, "text_features": use_text, "count": sum(len(s["shapes"]) for s in shards),
+             "vae": getattr(getattr(vae, "config", None), "_name_or_path", None) if vae is not None else None}
+    tmp = out / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(out / INDEX)
+    return out / INDEX
+
+
+def _parse_buckets(text: str | None):
+    if not text:
+        return None
+    try:
+        return [tuple(int(x) for x in b.lower().split("x")) for b in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--buckets {text!r}: use FRAMESxHEIGHTxWIDTH separated by commas, e.g. 17x256x256,"
+                         "17x256x448.") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--videos", required=True, help="folder of videos (mp4/webm/mov/mkv/gif), searched "
+                        "recursively; captions from sidecar .txt files")
+    parser.add_argument("--out", required=True, help="output folder for shards + index.json")
+    parser.add_argument("--vae", help="diffusers video autoencoder directory (e.g. AutoencoderKLWan); omit to "
+                        "store pixels")
+    parser.add_argument("--text-encoder", help="transformers text-encoder directory (tokenizer + model)")
+    parser.add_argument("--text-features", help="folder of precomputed <video-stem>.safetensors text features "
+                        "(key prompt_embeds)")
+    parser.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--frame-stride", type=int, default=1)
+    parser.add_argument("--buckets", help="FxHxW buckets, comma-separated (overrides --frames/--height/--width)")
+    parser.add_argument("--max-text-length", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=256, help="clips per shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed for clip start positions")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stdit.data.video_folder import VideoFolderDataset
+
+    if args.text_encoder and args.text_features:
+        print("error: give --text-encoder or --text-features, not both.", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        dataset = VideoFolderDataset(args.videos, num_frames=args.frames, height=args.height, width=args.width,
+                                     frame_stride=args.frame_stride, buckets=_parse_buckets(args.buckets),
+                                     seed=args.seed)
+        vae = None
+        if args.vae:
+            from diffusers import AutoModel
+
+            vae = AutoModel.from_pretrained(args.vae).to(device).eval()
+        text_encoder = load_text_encoder(args.text_encoder, device, args.max_text_length) if args.text_encoder \
+            else None
+        index = encode_dataset(dataset, args.out, vae, text_encoder, args.text_features, args.shard_size,
+                               progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {json.loads(index.read_text())['count']} clips to {index.parent}/ (train with data.kind=latents "
+          f"data.root={index.parent})")
+    return 0

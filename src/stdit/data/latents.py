@@ -1,0 +1,74 @@
+"""Latent caches written by ``stdit encode``: safetensors shards plus an ``index.json``.
+
+Shard ``shard-00000.safetensors`` holds, for item ``j``, ``{j}.latents`` ``[C, T, H, W]`` (normalized VAE latents, or
+pixels without a VAE) and, when text features were encoded, ``{j}.prompt_embeds`` ``[L, D]`` (real tokens only).
+``index.json`` lists the shards, each item's latent shape (for bucketing), caption and source path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+INDEX = "index.json"
+
+
+class LatentDataset(Dataset):
+    """Items ``{"latents", "caption"[, "prompt_embeds"]}`` from a folder written by ``stdit encode``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        index_path = self.root / INDEX
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{self.root} has no {INDEX}; write it with `stdit encode --out {self.root} ...`.")
+        self.index = json.loads(index_path.read_text())
+        self.items = [(s["file"], j, tuple(shape), cap)
+                      for s in self.index["shards"]
+                      for j, (shape, cap) in enumerate(zip(s["shapes"], s["captions"]))]
+        if not self.items:
+            raise ValueError(f"{index_path} lists no items.")
+        self._handles: dict[str, object] = {}
+
+    @property
+    def bucket_ids(self) -> list[tuple[int, ...]]:
+        return [shape[1:] for _, _, shape, _ in self.items]
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.index.get("text_features"))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.root / file), framework="pt")
+        return self._handles[file]
+
+    def __getitem__(self, index: int) -> dict:
+        file, j, _, caption = self.items[index]
+        h = self._handle(file)
+        item = {"latents": h.get_tensor(f"{j}.latents").float(), "caption": caption}
+        if self.has_text:
+            item["prompt_embeds"] = h.get_tensor(f"{j}.prompt_embeds").float()
+        return item
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # file handles do not cross into DataLoader workers
+        return state
+
+
+def write_shard(path: Path, latents: list[torch.Tensor], prompt_embeds: list[torch.Tensor] | None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{j}.latents": z.contiguous() for j, z in enumerate(latents)}
+    if prompt_embeds is not None:
+        tensors.update({f"{j}.prompt_embeds": e.contiguous() for j, e in enumerate(prompt_embeds)})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)

@@ -1,0 +1,109 @@
+"""Rectified-flow training objective (Wan / SD3 convention).
+
+``x_t = (1 - t) * x0 + t * noise`` for ``t`` in [0, 1]; the model predicts the velocity ``noise - x0`` and sees
+the timestep on the 0..1000 scale that diffusers' flow-matching schedulers use at sampling time.
+
+Timesteps are drawn logit-normal (SD3: ``t = sigmoid(N(mean, std))``) and then shifted towards noise,
+``t' = s t / (1 + (s - 1) t)``: the same map ``FlowMatchEulerDiscreteScheduler(shift=s)`` applies to its
+sigmas, so training and sampling agree. Larger inputs keep more signal at the same ``t`` and need more noise,
+so ``s`` grows with the token count: ``s = base_shift * sqrt(seq_len / base_seq_len)`` (SD3, section 5.3.2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map ``t`` in [0, 1] towards 1 (more noise) for ``shift > 1``; the identity for ``shift == 1``."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0; got {shift}.")
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(seq_len: int, base_seq_len: int = 1024, base_shift: float = 1.0) -> float:
+    """The timestep shift for an input of ``seq_len`` tokens: ``base_shift * sqrt(seq_len / base_seq_len)``."""
+    if seq_len < 1 or base_seq_len < 1:
+        raise ValueError(f"seq_len and base_seq_len must be >= 1; got {seq_len}, {base_seq_len}.")
+    return base_shift * math.sqrt(seq_len / base_seq_len)
+
+
+def token_count(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> int:
+    """Tokens the model sees for an input of shape ``[..., T, H, W]``."""
+    t, h, w = shape[-3:]
+    pt, ph, pw = patch_size
+    return max(1, t // pt) * max(1, h // ph) * max(1, w // pw)
+
+
+def sample_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """``n`` timesteps in (0, 1) from ``sigmoid(N(mean, std))``."""
+    u = torch.randn(n, generator=generator, device=device if generator is None else generator.device)
+    return torch.sigmoid(mean + std * u).to(device)
+
+
+@dataclass
+class RectifiedFlow:
+    """Training-side rectified flow.
+
+    Args:
+        logit_mean, logit_std: parameters of the logit-normal timestep density.
+        shift: a fixed timestep shift, or None to derive it from the input size (see :func:`resolution_shift`).
+        base_seq_len, base_shift: the resolution rule used when ``shift`` is None.
+    """
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float | None = None
+    base_seq_len: int = 1024
+    base_shift: float = 1.0
+
+    def shift_for(self, shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> float:
+        if self.shift is not None:
+            return float(self.shift)
+        return resolution_shift(token_count(shape, patch_size), self.base_seq_len, self.base_shift)
+
+    def sample_t(self, n: int, shift: float, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        t = sample_logit_normal(n, self.logit_mean, self.logit_std, generator, device)
+        return shift_timesteps(t, shift)
+
+    def t_from_normal(self, u: torch.Tensor, shift: float) -> torch.Tensor:
+        """Timesteps from standard-normal draws ``u`` (for callers that draw their own randomness)."""
+        return shift_timesteps(torch.sigmoid(self.logit_mean + self.logit_std * u), shift)
+
+    @staticmethod
+    def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = (1 - t) x0 + t noise``, with ``t`` of shape [B] broadcast over the other dims."""
+        t = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return (1 - t) * x0 + t * noise
+
+    @staticmethod
+    def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def loss(self, model, x0: torch.Tensor, noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, patch_size: tuple[int, int, int] = (1, 1, 1),
+             **model_kwargs) -> torch.Tensor:
+        """Mean squared error between the model's velocity and ``noise - x0`` (fp32), one scalar.
+
+        ``noise`` and ``t`` (in [0, 1]) are drawn from ``generator`` unless given, so a caller that derives them
+        from its own seeds can replay a run exactly.
+        """
+        b = x0.shape[0]
+        if noise is None:
+            gen_device = generator.device if generator is not None else x0.device
+            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32)
+        noise = noise.to(device=x0.device, dtype=x0.dtype)
+        if t is None:
+            t = self.sample_t(b, self.shift_for(tuple(x0.shape), patch_size), generator, x0.device)
+        t = t.to(x0.device)
+        x_t = self.add_noise(x0, noise, t)
+        out = model(x_t, t * NUM_TRAIN_TIMESTEPS, return_dict=False, **model_kwargs)[0]
+        return F.mse_loss(out.float(), self.velocity(x0, noise).float())

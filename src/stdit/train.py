@@ -1,0 +1,390 @@
+"""Train a StDiT with rectified flow: ``torchrun --nproc_per_node=N -m stdit.train --config X.yaml key.sub=value``.
+
+The same command without torchrun (``python -m stdit.train`` or ``stdit train``) runs in one process, on the
+CPU too. Every random draw of a sample (noise, timestep, condition dropout) is seeded by the sample's position in
+the global batch stream, so a run gives the same losses on 1 or N ranks and after a resume.
+
+Writes to ``train.output_dir``: ``log.jsonl``, ``checkpoints/``, ``samples/``, ``loss.png``, ``config.yaml`` and
+the final ``model/`` (``StDiT.from_pretrained`` loads it; it also holds the sampling scheduler's config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from stdit.parallel.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint
+from stdit.parallel.dist import (DistInfo, all_reduce_mean, barrier, cleanup, data_parallel_mesh, init_distributed,
+                                 resolve_mode, wrap_model)
+from stdit.train_config import Config, describe, load_train_config
+
+
+def _say(info: DistInfo, msg: str) -> None:
+    if info.is_main:
+        print(msg, flush=True)
+
+
+def _per_sample_draws(shape, uids: list[int], seed: int, cond_dropout: float):
+    """Noise, a standard-normal timestep draw and a dropout coin for each sample, seeded by its global id."""
+    noise, u, drop = [], [], []
+    for uid in uids:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + uid)
+        noise.append(torch.randn(shape, generator=g))
+        u.append(torch.randn(1, generator=g))
+        drop.append(torch.rand(1, generator=g) < cond_dropout)
+    return torch.stack(noise), torch.cat(u), torch.cat(drop)
+
+
+def _conditioning(core, batch: dict, x0: torch.Tensor, drop: torch.Tensor, device) -> dict:
+    cfg = core.config
+    kwargs = {}
+    b = x0.shape[0]
+    drop = drop.to(device)
+    if cfg.num_classes:
+        labels = batch.get("class_label")
+        labels = labels.to(device) if labels is not None else torch.full((b,), cfg.num_classes, device=device)
+        if labels.max() >= cfg.num_classes:
+            raise ValueError(f"the data has class label {int(labels.max())} but model.num_classes={cfg.num_classes}.")
+        kwargs["class_labels"] = torch.where(drop, torch.full_like(labels, cfg.num_classes), labels).long()
+    if cfg.text_dim is not None:
+        if "prompt_embeds" not in batch:
+            raise ValueError("model.text_dim is set but the data has no text features; use data.kind=latents "
+                             "(written by `stdit encode`) or set model.text_dim: null.")
+        emb = batch["prompt_embeds"].to(device)
+        kwargs["encoder_hidden_states"] = emb * (~drop).view(-1, 1, 1).to(emb.dtype)
+        kwargs["encoder_attention_mask"] = batch["prompt_mask"].to(device)
+    if cfg.condition_channels:
+        kwargs["condition"] = core.i2v_condition(x0[:, :, :1], x0.shape[2])
+    return kwargs
+
+
+def _full_weights(wrapped, ema) -> dict[str, torch.Tensor]:
+    """Unsharded CPU weights for sampling and export (EMA if kept); a collective, so every rank calls it."""
+    if ema is not None:
+        return ema.full_state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.float() for k, v in sd.items()}
+
+
+def _inference_model(cfg: Config, weights: dict):
+    from stdit.model import StDiT
+
+    model = StDiT(**cfg.model)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def write_samples(cfg: Config, model, dataset, out_dir: Path, tag: str, shift: float, device) -> list[Path]:
+    """Sample a grid of videos (one row per class) and write it in each of ``sample.formats``."""
+    from stdit.export import export_video, video_grid
+    from stdit.pipeline import StDiTPipeline, make_scheduler
+
+    sc, mc = cfg.sample, model.config
+    vae = None
+    if sc.vae:
+        from diffusers import AutoModel
+
+        vae = AutoModel.from_pretrained(sc.vae).to(device).eval()
+    pipe = StDiTPipeline(model.to(device), make_scheduler(sc.scheduler, shift), vae)
+    pipe.set_progress_bar_config(disable=True)
+    n = sc.videos_per_class
+    kwargs = {}
+    if mc.num_classes:
+        kwargs["class_labels"] = [c for c in range(mc.num_classes) for _ in range(n)]
+    else:
+        kwargs["batch_size"] = n
+    if mc.text_dim is not None or mc.condition_channels:
+        from stdit.data.loader import collate
+
+        items = collate([dataset[i] for i in range(min(n, len(dataset)))])
+        if mc.text_dim is not None:
+            kwargs["prompt_embeds"], kwargs["prompt_attention_mask"] = items["prompt_embeds"], items["prompt_mask"]
+        if mc.condition_channels:
+            if "video" not in items:
+                return []
+            kwargs["image"] = (items["video"][:, :, 0] + 1) / 2
+        kwargs.pop("class_labels", None)
+        kwargs.pop("batch_size", None)
+    frames = pipe(num_frames=cfg.data.num_frames, height=cfg.data.height, width=cfg.data.width,
+                  num_inference_steps=sc.num_inference_steps, guidance_scale=sc.guidance_scale,
+                  generator=torch.Generator().manual_seed(sc.seed), output_type="pt", **kwargs).frames
+    grid = video_grid(list(frames.cpu()), cols=n if mc.num_classes else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [export_video(grid, out_dir / f"{tag}.{fmt}", fps=sc.fps, scale=sc.scale) for fmt in sc.formats]
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns a summary (paths, first/last loss) on every rank."""
+    info = init_distributed(cfg.parallel.backend)
+    try:
+        summary = _train(cfg, info)
+    except BaseException:
+        cleanup(wait_for_all=False)
+        raise
+    cleanup()
+    return summary
+
+
+def _train(cfg: Config, info: DistInfo) -> dict:
+    from tqdm.auto import tqdm
+
+    from stdit.data.buckets import BucketBatchSampler
+    from stdit.data.loader import batch_stream, bucket_ids, build_dataset
+    from stdit.diffusion import RectifiedFlow
+    from stdit.model import StDiT
+    from stdit.train_utils import EMA, plot_loss, read_log, warmup_cosine
+
+    tc, device = cfg.train, info.device
+    out = Path(tc.output_dir)
+    precision = ("bf16" if device.type == "cuda" else "fp32") if tc.precision == "auto" else tc.precision
+    mode = resolve_mode(cfg.parallel.mode, info)
+    sp = cfg.parallel.sp
+    if sp > 1:  # checked before any work starts
+        from stdit.parallel.ulysses import check_sp_size
+
+        if not info.distributed:
+            raise ValueError(f"parallel.sp={sp} needs a multiple of {sp} processes: launch with "
+                             f"torchrun --nproc_per_node=N (N divisible by {sp}).")
+        heads = cfg.model.get("num_attention_heads",
+                              inspect.signature(StDiT.__init__).parameters["num_attention_heads"].default)
+        check_sp_size(sp, heads, info.world_size)
+    # ranks of one sequence-parallel group train on the same samples: data parallelism is over groups
+    dp_rank, dp_world = info.rank // sp, info.world_size // sp
+    t_start = time.time()
+
+    torch.manual_seed(tc.seed)
+    model = StDiT(**cfg.model)
+    if hasattr(model, "initialize_weights"):
+        model.initialize_weights()
+    if tc.attention_backend:
+        model.set_attention_backend(tc.attention_backend)
+    if tc.activation_checkpointing:
+        model.enable_gradient_checkpointing()
+    if sp > 1:
+        from stdit.parallel.ulysses import new_sp_group
+
+        model.enable_sequence_parallel(new_sp_group(sp))
+    model.to(device)
+    if tc.compile:
+        for block in model.blocks:
+            block.compile()
+    mesh = None
+    if mode == "fsdp":
+        mesh = data_parallel_mesh(info, cfg.parallel.sp, cfg.parallel.dp_shard, cfg.parallel.dp_replicate)
+    wrapped = wrap_model(model, info, mode, torch.bfloat16 if precision == "bf16" else None,
+                         cfg.parallel.reshard_after_forward, mesh)
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay > 0 else None
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                  weight_decay=tc.weight_decay)
+    scheduler = warmup_cosine(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    flow = RectifiedFlow(**asdict(cfg.diffusion))
+
+    dataset = build_dataset(cfg.data)
+    sampler = BucketBatchSampler(bucket_ids(dataset), tc.batch_size, seed=tc.seed, rank=dp_rank,
+                                 world_size=dp_world, grad_accum=tc.grad_accum)
+    first = dataset[0]
+    x_key = "video" if "video" in first else "latents"
+    if first[x_key].shape[0] != model.config.in_channels:
+        raise ValueError(f"the data has {first[x_key].shape[0]} channels but model.in_channels="
+                         f"{model.config.in_channels}; make them match.")
+    patch = tuple(model.config.patch_size)
+    sample_shift = flow.shift_for(tuple(first[x_key].shape), patch)
+
+    ckpt_root = out / "checkpoints"
+    log_path = out / "log.jsonl"
+    step, data_state = 0, {"epoch": 0, "position": 0}
+    resume_from = find_resume(ckpt_root, tc.resume, info, log=lambda m: _say(info, m))
+    if resume_from is not None:
+        meta, rng = load_checkpoint(resume_from, wrapped, optimizer, info, ema)
+        scheduler.load_state_dict(meta["scheduler"])
+        step, data_state = int(meta["step"]), meta["data"]
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        _say(info, f"resumed from {resume_from} at step {step}")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if resume_from is None:
+            log_path.write_text("")
+    barrier()
+
+    stream = batch_stream(dataset, sampler, data_state["epoch"], data_state["position"], cfg.data.num_workers)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" and mode != "fsdp"
+                else contextlib.nullcontext())
+    gbs = tc.batch_size * dp_world
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(info, f"training {n_params / 1e6:.2f}M parameters on {info.world_size} x {device.type} ({mode}, "
+               f"{f'sp={sp}, ' if sp > 1 else ''}"
+               f"{precision}), global batch {gbs * tc.grad_accum}, {tc.steps} steps -> {out}")
+    bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
+               dynamic_ncols=True)
+
+    def save(at_step: int) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(ckpt_root, at_step, wrapped, optimizer, info, ema, rng=rng, keep=tc.keep_ckpts,
+                        extra={"scheduler": scheduler.state_dict(), "data": data_state})
+
+    def sample(tag: str) -> list[Path]:
+        if not cfg.sample.enabled:
+            return []
+        weights = _full_weights(wrapped, ema)
+        paths = []
+        if info.is_main:
+            try:
+                paths = write_samples(cfg, _inference_model(cfg, weights), dataset, out / "samples", tag,
+                                      sample_shift, device)
+            except (ImportError, OSError) as e:  # a missing video codec must not cost the trained model
+                _say(info, f"could not write the {tag} samples: {e}")
+        barrier()
+        return paths
+
+    log_file = open(log_path, "a") if info.is_main else None
+    wrapped.train()
+    while step < tc.steps:
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(tc.grad_accum):
+            batch, data_state = next(stream)
+            x0 = batch[x_key].to(device, torch.float32)
+            base = ((step * tc.grad_accum + micro) * dp_world + dp_rank) * tc.batch_size
+            uids = list(range(base, base + x0.shape[0]))
+            noise, u, drop = _per_sample_draws(tuple(x0.shape[1:]), uids, tc.seed, tc.cond_dropout)
+            t = flow.t_from_normal(u, flow.shift_for(tuple(x0.shape), patch)).to(device)
+            kwargs = _conditioning(model, batch, x0, drop, device)
+            last = micro == tc.grad_accum - 1
+            if mode == "fsdp":
+                wrapped.set_requires_gradient_sync(last)
+            sync = wrapped.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
+            with sync, autocast:
+                loss = flow.loss(wrapped, x0, noise=noise.to(device), t=t, patch_size=patch, **kwargs)
+                (loss / tc.grad_accum).backward()
+            loss_sum += loss.detach()
+        clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(step)
+        step += 1
+        loss_value = float(all_reduce_mean(loss_sum / tc.grad_accum))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data.")
+        dt = time.time() - t0
+        if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
+            rec = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "samples_per_s": gbs * tc.grad_accum / dt, "elapsed_s": time.time() - t_start}
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+        bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{gbs * tc.grad_accum / dt:.1f}")
+        bar.update()
+        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+            save(step)
+        if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            sample(f"step_{step:08d}")
+    bar.close()
+    if log_file is not None:
+        log_file.close()
+
+    if tc.ckpt_every:
+        save(step)
+    summary: dict = {"output_dir": str(out), "steps": step, "wall_s": time.time() - t_start}
+    summary["samples"] = [str(p) for p in sample("final")]
+    weights = _full_weights(wrapped, ema) if tc.export else None
+    if info.is_main:
+        records = read_log(log_path)
+        if records:
+            summary["loss_png"] = str(plot_loss(records, out / "loss.png"))
+            w = min(20, max(1, len(records) // 2))
+            summary["first_loss"] = sum(r["loss"] for r in records[:w]) / w
+            summary["last_loss"] = sum(r["loss"] for r in records[-w:]) / w
+        if weights is not None:
+            from stdit.pipeline import make_scheduler
+
+            model_dir = out / "model"
+            _inference_model(cfg, weights).save_pretrained(model_dir)
+            make_scheduler(cfg.sample.scheduler, sample_shift).save_pretrained(model_dir)
+            summary["model_dir"] = str(model_dir)
+        _report(summary)
+    barrier()
+    return summary
+
+
+def _report(s: dict) -> None:
+    lines = [f"done: {s['steps']} steps in {s['wall_s']:.0f} s; outputs in {s['output_dir']}/"]
+    if "first_loss" in s:
+        lines.append(f"  loss: {s['first_loss']:.4f} (first 20 steps) -> {s['last_loss']:.4f} (last 20 steps), "
+                     f"{s['first_loss'] / s['last_loss']:.1f}x lower")
+    for p in s.get("samples", []):
+        lines.append(f"  sample video: {p}")
+    if "loss_png" in s:
+        lines.append(f"  loss curve:   {s['loss_png']}")
+    if "model_dir" in s:
+        lines.append(f"  model:        {s['model_dir']}  (StDiT.from_pretrained / stdit sample --model)")
+    print("\n".join(lines), flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n  stdit train configs/tiny.yaml\n"
+                     "  torchrun --nproc_per_node=2 -m stdit.train --config configs/tiny.yaml train.lr=3e-4 "
+                     "parallel.mode=fsdp\nRun with --list-keys to see every key, its default and meaning.")
+    parser.add_argument("items", nargs="*", metavar="CONFIG | section.key=value",
+                        help="a YAML config (path or name in configs/) and/or dotted overrides")
+    parser.add_argument("--config", help="the YAML config (alternative to the positional form)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--list-keys", action="store_true", help="list every config key with its default and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_keys:
+        print(describe())
+        return 0
+    items = list(args.items)
+    config = args.config
+    if config is None:
+        plain = [i for i in items if "=" not in i]
+        if len(plain) != 1:
+            print("error: give one config (a YAML path or a name such as tiny), then any section.key=value "
+                  "overrides.", file=sys.stderr)
+            return 2
+        config = plain[0]
+        items.remove(config)
+    try:
+        cfg = load_train_config(config, items)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        train(cfg)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stdit.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

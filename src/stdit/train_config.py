@@ -1,0 +1,252 @@
+"""The trainer's config: YAML sections, dotted command-line overrides, and validation with clear errors.
+
+A config file has the sections ``model`` (StDiT arguments, see :mod:`stdit.config`), ``data``, ``diffusion``,
+``train``, ``sample`` and ``parallel``; any section or key may be left out to take its default. Overrides
+such as ``train.lr=3e-4`` or ``data.buckets=[[8,32,32]]`` are parsed as YAML values and checked like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str = "", min=None, max=None, choices=None):
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    kind: str = _f("synthetic", "synthetic (embedded moving objects), video_folder, or latents (stdit encode)",
+                   choices=("synthetic", "video_folder", "latents"))
+    root: str | None = _f(None, "folder of videos (video_folder) or of latent shards (latents)")
+    num_frames: int = _f(8, "frames per clip", min=1)
+    height: int = _f(32, "clip height in pixels", min=8)
+    width: int = _f(32, "clip width in pixels", min=8)
+    frame_stride: int = _f(1, "take every n-th frame of a real video", min=1)
+    buckets: list | None = _f(None, "list of [frames, height, width] buckets for video_folder (None: one bucket)")
+    num_videos: int = _f(10_000, "synthetic: dataset size", min=1)
+    seed: int = _f(0, "synthetic: dataset seed")
+    class_by: str = _f("shape", "synthetic: class label from the shape or the direction of motion",
+                       choices=("shape", "direction", "none"))
+    background: float = _f(-1.0, "synthetic: background value in [-1, 1]", min=-1.0, max=1.0)
+    num_workers: int = _f(0, "DataLoader worker processes", min=0)
+
+
+@dataclass
+class DiffusionConfig:
+    logit_mean: float = _f(0.0, "mean of the logit-normal timestep density")
+    logit_std: float = _f(1.0, "std of the logit-normal timestep density", min=1e-3)
+    shift: float | None = _f(None, "fixed timestep shift; None derives it from the token count", min=1e-3)
+    base_seq_len: int = _f(1024, "token count at which the derived shift equals base_shift", min=1)
+    base_shift: float = _f(1.0, "shift at base_seq_len tokens", min=1e-3)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/run", "where logs, checkpoints, samples and the final model go")
+    steps: int = _f(1000, "optimizer steps", min=1)
+    batch_size: int = _f(8, "clips per rank per micro-batch", min=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
+    lr: float = _f(1e-4, "peak learning rate", min=0.0)
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)", min=0.0, max=1.0)
+    warmup_steps: int = _f(100, "linear warmup steps", min=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    grad_clip: float = _f(1.0, "max gradient norm (0 disables clipping)", min=0.0)
+    cond_dropout: float = _f(0.1, "probability of dropping the class/text condition (for guidance)", min=0.0,
+                             max=1.0)
+    seed: int = _f(0, "seed for model init, noise and timesteps")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
+    ema_decay: float = _f(0.999, "EMA decay (0 disables EMA)", min=0.0, max=1.0)
+    ema_warmup: bool = _f(True, "ramp the EMA decay up as (1 + step) / (10 + step) early in training")
+    activation_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
+    compile: bool = _f(False, "torch.compile each block")
+    attention_backend: str | None = _f(None, "attention backend (None: default for the device)",
+                                       choices=(None, "triton", "sdpa", "xformers", "eager"))
+    log_every: int = _f(1, "steps between log lines", min=1)
+    ckpt_every: int = _f(0, "steps between checkpoints (0: only at the end)", min=0)
+    keep_ckpts: int = _f(2, "checkpoints kept on disk", min=1)
+    sample_every: int = _f(0, "steps between sample videos (0: only at the end)", min=0)
+    resume: str = _f("auto", "auto (latest good checkpoint in output_dir), none, or a checkpoint path")
+    progress: bool = _f(True, "show a progress bar on rank 0")
+    export: bool = _f(True, "save_pretrained the (EMA) model to output_dir/model at the end")
+
+
+@dataclass
+class SampleConfig:
+    enabled: bool = _f(True, "write sample videos during/after training")
+    num_inference_steps: int = _f(30, "sampling steps", min=1)
+    guidance_scale: float = _f(1.0, "classifier-free guidance scale (1: no guidance)", min=0.0)
+    scheduler: str = _f("euler", "euler (FlowMatchEulerDiscrete) or unipc (UniPCMultistep)",
+                        choices=("euler", "unipc"))
+    videos_per_class: int = _f(2, "videos per class (or in all, for an unconditional model)", min=1)
+    fps: int = _f(8, "frames per second of the written videos", min=1)
+    scale: int = _f(4, "pixel repeat factor of the written videos", min=1)
+    formats: list = _f(["mp4", "gif"], "video formats to write (mp4, gif)")
+    seed: int = _f(0, "sampling seed")
+    vae: str | None = _f(None, "diffusers VAE directory to decode latent samples (latent models)")
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = _f("auto", "auto (ddp when distributed), ddp, fsdp or none", choices=("auto", "ddp", "fsdp", "none"))
+    sp: int = _f(1, "sequence-parallel degree (1: off)", min=1)
+    dp_shard: int = _f(-1, "FSDP shard degree (-1: world_size / (sp * dp_replicate))", min=-1)
+    dp_replicate: int = _f(1, "HSDP replicate degree", min=1)
+    reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward")
+    backend: str = _f("auto", "process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo",
+                      choices=("auto", "nccl", "gloo"))
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
+                             "sample": SampleConfig, "parallel": ParallelConfig}
+
+
+@dataclass
+class Config:
+    model: dict[str, Any]
+    data: DataConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    sample: SampleConfig
+    parallel: ParallelConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), **{name: asdict(getattr(self, name)) for name in SECTIONS}}
+
+
+def _allowed_types(tp) -> tuple[type, ...]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(tp) for t in _allowed_types(arg))
+    if tp is type(None) or tp is None:
+        return (type(None),)
+    return (origin or tp,)
+
+
+def _coerce(where: str, value, f: dataclasses.Field, tp):
+    allowed = _allowed_types(tp)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ValueError(f"{where}: null is not allowed; expected {_type_names(allowed)}.")
+    if float in allowed and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and bool not in allowed:
+        raise ValueError(f"{where}: got {value!r}; expected {_type_names(allowed)}.")
+    if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
+        if list in allowed and isinstance(value, tuple):
+            value = list(value)
+        else:
+            raise ValueError(f"{where}: got {value!r} ({type(value).__name__}); expected {_type_names(allowed)}.")
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ValueError(f"{where}: {value!r} is not one of {list(meta['choices'])}.")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = meta.get("min"), meta.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ValueError(f"{where}: {value!r} is out of range; valid range is {rng}.")
+    return value
+
+
+def _type_names(types_: tuple[type, ...]) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types_)
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], source: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: section {name!r} must be a mapping; got {type(values).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid keys in "
+                         f"'{name}': {', '.join(fields)}.")
+    return cls(**{k: _coerce(f"{source}: {name}.{k}", v, fields[k], hints[k]) for k, v in values.items()})
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """``["train.lr=3e-4", ...]`` -> ``[(["train", "lr"], 3e-4), ...]`` (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or "." not in key:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4).")
+        parsed.append((key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    """Validate a raw config mapping (plus dotted overrides) into a :class:`Config`."""
+    from stdit.config import model_kwargs
+
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for path, value in parse_overrides(overrides or []):
+        section, *rest = path
+        if len(rest) != 1:
+            raise ValueError(f"override {'.'.join(path)!r}: expected exactly section.key.")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping.")
+        raw[section][rest[0]] = value
+    valid = ["model", *SECTIONS]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {', '.join(valid)}.")
+    if not isinstance(raw.get("model"), dict) or not raw["model"]:
+        raise ValueError(f"{source}: a 'model:' section with StDiT arguments is required.")
+    cfg = Config(model=model_kwargs(raw["model"], source=source),
+                 **{name: _build_section(name, cls, raw.get(name) or {}, source) for name, cls in SECTIONS.items()})
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def _check_consistency(cfg: Config, source: str) -> None:
+    for fmt in cfg.sample.formats:
+        if fmt not in ("mp4", "gif"):
+            raise ValueError(f"{source}: sample.formats has {fmt!r}; valid formats: mp4, gif.")
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ValueError(f"{source}: train.betas must be two numbers in [0, 1); got {cfg.train.betas}.")
+    if cfg.data.kind in ("video_folder", "latents") and not cfg.data.root:
+        raise ValueError(f"{source}: data.kind={cfg.data.kind} needs data.root (a folder).")
+    if cfg.data.buckets is not None:
+        for b in cfg.data.buckets:
+            if not (isinstance(b, (list, tuple)) and len(b) == 3 and all(isinstance(x, int) and x > 0 for x in b)):
+                raise ValueError(f"{source}: data.buckets entries must be [frames, height, width] positive ints; "
+                                 f"got {b!r}.")
+    if cfg.parallel.dp_shard == 0:
+        raise ValueError(f"{source}: parallel.dp_shard must be -1 (fill) or >= 1; got 0.")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (a path or a name in ``configs/``) and apply ``key.sub=value`` overrides."""
+    from stdit.config import load_config
+
+    return build_config(load_config(path), overrides, source=str(path))
+
+
+def describe() -> str:
+    """Every section and key with its default and help, for ``--help``."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Rectified-flow objective and timestep sampling."""
+
+import math
+
+import pytest
+import torch
+
+from stdit.diffusion import (NUM_TRAIN_TIMESTEPS, RectifiedFlow, resolution_shift, sample_logit_normal,
+                             shift_timesteps, token_count)
+from stdit.pipeline import make_scheduler
+
+
+def test_interpolation_and_target():
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 2, 4, 5, 6, generator=g), torch.randn(3, 2, 4, 5, 6, generator=g)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    xt = RectifiedFlow.add_noise(x0, noise, t)
+    torch.testing.assert_close(xt[0], x0[0])
+    torch.testing.assert_close(xt[2], noise[2])
+    torch.testing.assert_close(xt[1], 0.7 * x0[1] + 0.3 * noise[1])
+    # moving along the target velocity from x_t by dt lands on x_{t+dt}
+    v = RectifiedFlow.velocity(x0, noise)
+    torch.testing.assert_close(xt[1] + 0.2 * v[1], RectifiedFlow.add_noise(x0, noise, torch.full((3,), 0.5))[1])
+
+
+def test_shift_matches_diffusers_flow_scheduler():
+    """Training's shift map is the one FlowMatchEulerDiscreteScheduler applies to its sigmas."""
+    for shift in (1.0, 3.0, 7.5):
+        sched = make_scheduler("euler", shift)
+        sched.set_timesteps(10)
+        # diffusers spaces the steps between the shifted ends of its training sigmas, then shifts them
+        lowest = shift_timesteps(torch.tensor(1 / NUM_TRAIN_TIMESTEPS), shift).item()
+        base = torch.linspace(1.0, lowest, 10)
+        torch.testing.assert_close(sched.sigmas[:-1].float(), shift_timesteps(base, shift).float(), rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_shift_properties():
+    t = torch.linspace(0, 1, 101)
+    torch.testing.assert_close(shift_timesteps(t, 1.0), t)
+    s = shift_timesteps(t, 4.0)
+    assert s[0] == 0 and s[-1] == 1 and (s[1:-1] > t[1:-1]).all() and (s.diff() > 0).all()
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        shift_timesteps(t, 0.0)
+
+
+def test_resolution_shift_grows_with_tokens():
+    assert resolution_shift(1024, 1024, 1.0) == 1.0
+    assert resolution_shift(4096, 1024, 1.0) == pytest.approx(2.0)
+    assert resolution_shift(256, 1024, 3.0) == pytest.approx(1.5)
+    assert token_count((2, 3, 8, 32, 32), (1, 4, 4)) == 8 * 8 * 8
+    flow = RectifiedFlow()
+    small = flow.shift_for((1, 3, 8, 32, 32), (1, 2, 2))
+    big = flow.shift_for((1, 3, 8, 64, 64), (1, 2, 2))
+    assert big == pytest.approx(2 * small)
+    assert RectifiedFlow(shift=5.0).shift_for((1, 3, 8, 64, 64), (1, 2, 2)) == 5.0
+
+
+def test_logit_normal_distribution():
+    g = torch.Generator().manual_seed(0)
+    t = sample_logit_normal(200_000, mean=0.5, std=0.8, generator=g)
+    assert t.min() > 0 and t.max() < 1
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() - 0.5) < 0.01 and abs(logit.std().item() - 0.8) < 0.01
+    # shifting moves mass towards noise: the median follows the shift map
+    shifted = RectifiedFlow(logit_mean=0.0, logit_std=1.0).sample_t(100_000, 3.0, torch.Generator().manual_seed(0))
+    assert abs(shifted.median().item() - 0.75) < 0.01
+
+
+def test_loss_is_zero_for_the_exact_velocity_and_positive_otherwise():
+    x0 = torch.randn(4, 3, 2, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.rand(4)
+    seen = {}
+
+    def oracle(x_t, timestep, return_dict=False):
+        seen["t"] = timestep
+        return (noise - x0,)
+
+    flow = RectifiedFlow()
+    assert flow.loss(oracle, x0, noise=noise, t=t).item() == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(seen["t"], t * NUM_TRAIN_TIMESTEPS)
+
+    def zero(x_t, timestep, return_dict=False):
+        return (torch.zeros_like(x_t),)
+
+    expected = (noise - x0).pow(2).mean().item()
+    assert flow.loss(zero, x0, noise=noise, t=t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_draws_are_reproducible_from_the_generator():
+    x0 = torch.randn(2, 3, 2, 4, 4)
+    model = lambda x, t, return_dict=False: (x * 0.5,)  # noqa: E731
+    flow = RectifiedFlow()
+    a = flow.loss(model, x0, generator=torch.Generator().manual_seed(3))
+    b = flow.loss(model, x0, generator=torch.Generator().manual_seed(3))
+    c = flow.loss(model, x0, generator=torch.Generator().manual_seed(4))
+    assert a == b and a != c and math.isfinite(a.item())
