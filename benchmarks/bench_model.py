@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                              "attention only. Both models hold the same tensors.")
     ok = [r for r in rows if "ms" in r]
     impls = list(dict.fromkeys(r["impl"] for r in ok))
-    bar_plot(md.with_suffix(".png"), args.shapes,
+    bar_plot(md.parent / (md.stem + ".png"), args.shapes,
              {i: [next((r["ms"] for r in ok if r["impl"] == i and r["shape"] == s), 0.0) for s in args.shapes]
               for i in impls}, "forward latency (ms, lower is better)", f"{args.config} forward, {machine()['gpu']}")
     return 0

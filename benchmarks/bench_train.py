@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         notes=f"MFU = model FLOPs (3x forward matmul + attention FLOPs; recompute not counted) / step time / "
               f"{peak} TFLOP/s dense bf16 peak.")
     ok = [r for r in rows if "tokens/s" in r]
-    bar_plot(md.with_suffix(".png"), [r["impl"] for r in ok], {"tokens/s": [r["tokens/s"] for r in ok]},
+    bar_plot(md.parent / (md.stem + ".png"), [r["impl"] for r in ok], {"tokens/s": [r["tokens/s"] for r in ok]},
              "tokens/s (higher is better)", f"{args.config} training step, {machine()['gpu']}")
     return 0
 

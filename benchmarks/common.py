@@ -72,10 +72,10 @@ def write_results(name: str, title: str, rows: list[dict], columns: list[str], n
               f"triton {info['triton']} · diffusers {info['diffusers']}\n\n")
     print(header + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{name}-{gpu_slug(info['gpu'])}"
-    stem.with_suffix(".md").write_text(header + table + "\n" + (f"\n{notes}\n" if notes else ""))
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows, **(extra or {})}, indent=1))
-    return stem.with_suffix(".md")
+    stem = f"{name}-{gpu_slug(info['gpu'])}"  # names hold dots ("wan2.1"): no Path.with_suffix
+    (RESULTS / f"{stem}.md").write_text(header + table + "\n" + (f"\n{notes}\n" if notes else ""))
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows, **(extra or {})}, indent=1))
+    return RESULTS / f"{stem}.md"
 
 
 def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:

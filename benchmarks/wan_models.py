@@ -19,6 +19,7 @@ def random_wan_pair(config: str, device="cuda", dtype=torch.bfloat16, seed: int 
     wcfg = stdit_config_to_wan(load_model_config(config))
     with torch.device("meta"):
         wan = WanTransformer3DModel(**wcfg)
+    wan = wan.to(dtype)  # still on meta: cast before allocating, so a 14B model never exists in fp32
     wan.to_empty(device=device)
     wan.requires_grad_(True)
     torch.manual_seed(seed)
@@ -35,7 +36,7 @@ def random_wan_pair(config: str, device="cuda", dtype=torch.bfloat16, seed: int 
                 p.fill_(1.0)
     # Wan's RoPE tables are non-persistent buffers that the meta build left empty.
     wan.rope = type(wan.rope)(wcfg["attention_head_dim"], wcfg["patch_size"], wcfg["rope_max_seq_len"]).to(device)
-    wan = wan.to(dtype).eval()
+    wan = wan.eval()
     for name, param in wan.named_parameters():  # as from_pretrained(torch_dtype=...) leaves them
         if any(k in name.split(".") for k in wan._keep_in_fp32_modules):
             param.data = param.data.float()
