@@ -34,10 +34,10 @@ def test_triton_backend_matches_eager_on_cpu_interpreter(mode):
     inputs = _inputs(2, (2, 4, 6), 5, "cpu", torch.float32)
     ref, ref_g = _forward_backward(m, inputs, "eager")
     out, g = _forward_backward(m, inputs, "triton")
-    assert rel_err(out, ref) < 1e-4
+    assert rel_err(out, ref) < 1e-5  # fp32 in the interpreter: ~1e-7 measured
     assert ref_g.keys() == g.keys()
     for n in ref_g:
-        assert rel_err(g[n], ref_g[n]) < 1e-3, n
+        assert rel_err(g[n], ref_g[n]) < 5e-5, n  # ~3e-6 measured
 
 
 @pytest.mark.gpu

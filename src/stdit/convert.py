@@ -74,7 +74,6 @@ def from_wan(model_or_path, subfolder: str | None = None, **kwargs) -> StDiT:
         with torch.device("meta"):
             model = StDiT(**config)
         model.load_state_dict(model_or_path.state_dict(), strict=True, assign=True)
-        model.rope._cache.clear()
         dtype = kwargs.get("torch_dtype")
         return model.to(dtype) if dtype is not None else model
     path = model_or_path
