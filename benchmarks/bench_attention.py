@@ -98,6 +98,45 @@ def bench(fn, sets, it, backward: bool) -> float:
     return triton.testing.do_bench(run, warmup=50, rep=300, grad_to_none=grads, return_mode="median")
 
 
+def bench_graph(fn, args) -> float:
+    """Forward milliseconds replayed from a CUDA graph: the GPU time alone, without the host's launch cost."""
+    with torch.no_grad():
+        fn(*args)  # autotuning and compilation happen outside the capture
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(lambda: fn(*args), rep=100, return_mode="median")
+
+
+def host_overhead(impls, dtype, calls: int = 300) -> dict:
+    """Microseconds of host time per call on a tiny input (the GPU work is negligible, so the host sets the pace)."""
+    q, k, v, do = attention_inputs(1, 2, 256, 128, dtype, seed=0)
+    res = {}
+    for iname, fn in impls.items():
+        if iname == "ours-ptr":
+            continue
+        try:
+            for backward in (False, True):
+                def one():
+                    if backward:
+                        fn(q, k, v).backward(do)
+                    else:
+                        with torch.no_grad():
+                            fn(q, k, v)
+                for _ in range(20):
+                    one()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(calls):
+                    one()
+                torch.cuda.synchronize()
+                res.setdefault(iname, {})["fwdbwd_us" if backward else "fwd_us"] = (time.perf_counter() - t) / calls * 1e6
+        except Exception as e:  # noqa: BLE001 - a backend may refuse the input; say why
+            res[iname] = f"unavailable: {type(e).__name__}"
+        for t in (q, k, v):
+            t.grad = None
+        print(f"  host overhead {iname:15s} {res[iname]}", flush=True)
+    return res
+
+
 def attention_inputs(b, h, s, d, dtype, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=dtype, generator=g) for _ in range(4))
@@ -117,8 +156,8 @@ def time_fn_pair(fn, make, nbytes):
 
 def run_shape(name, b, h, s, d, impls, dtype, args):
     flops = 4 * b * h * s * s * d
-    row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "fwd_tflops": {}, "fwdbwd_tflops": {}, "ms": {},
-           "errors": {}}
+    row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "fwd_tflops": {}, "fwdbwd_tflops": {},
+           "graph_fwd_tflops": {}, "ms": {}, "errors": {}}
     nbytes = 4 * b * s * h * d * 2
     make = lambda i: attention_inputs(b, h, s, d, dtype, seed=i)  # noqa: E731
     check = attention_inputs(b, h, s, d, dtype, seed=123)
@@ -142,8 +181,21 @@ def run_shape(name, b, h, s, d, impls, dtype, args):
         row["ms"][iname] = {"fwd": fwd, "fwdbwd": fb}
         row["fwd_tflops"][iname] = flops / fwd / 1e9
         row["fwdbwd_tflops"][iname] = 3.5 * flops / fb / 1e9
+        graph = ""
+        if s <= args.graph_max_s:
+            try:
+                if iname == "ours-ptr":
+                    os.environ["STDIT_ATTN_TMA"] = "0"
+                gms = bench_graph(fn, check[:3])
+                row["ms"][iname]["fwd_graph"] = gms
+                row["graph_fwd_tflops"][iname] = flops / gms / 1e9
+                graph = f"   graph fwd {gms:9.3f} ms {row['graph_fwd_tflops'][iname]:7.1f} TF/s"
+            except Exception as e:  # noqa: BLE001 - capture can fail for a backend; the eager rows stand
+                graph = f"   graph fwd unavailable: {type(e).__name__}"
+            finally:
+                os.environ.pop("STDIT_ATTN_TMA", None)
         print(f"  {name:22s} {iname:15s} fwd {fwd:9.3f} ms {row['fwd_tflops'][iname]:7.1f} TF/s   "
-              f"fwd+bwd {fb:9.3f} ms {row['fwdbwd_tflops'][iname]:7.1f} TF/s", flush=True)
+              f"fwd+bwd {fb:9.3f} ms {row['fwdbwd_tflops'][iname]:7.1f} TF/s{graph}", flush=True)
         torch.cuda.empty_cache()
     return row
 
@@ -185,14 +237,16 @@ def run_fused_op(name, b, h, s, d, dtype, best_sdpa):
     return res
 
 
-def print_autotune():
+def print_autotune(verbose: bool):
+    """The autotuner's pick per kernel and key; with ``verbose``, every timing of its last tuning run."""
     from stdit.kernels import attention as ka
 
     for label, (tuned, _) in (("fwd", ka._FWD), ("dkdv", ka._DKDV), ("dq", ka._DQ)):
         for key, best in tuned.cache.items():
             print(f"    autotune {label} key={key} best={best}")
-        for cfg, ms in sorted(getattr(tuned, "configs_timings", {}).items(), key=lambda kv: kv[1]):
-            print(f"      {label} {cfg}: {ms}")
+        if verbose:
+            for cfg, ms in sorted((getattr(tuned, "configs_timings", None) or {}).items(), key=lambda kv: kv[1]):
+                print(f"      {label} {cfg}: {ms}")
 
 
 def versions():
@@ -202,20 +256,27 @@ def versions():
                          if k in os.environ}}
 
 
-def write_results(rows, fused, info, out_dir: Path):
+def write_results(rows, fused, info, out_dir: Path, host=None):
     slug = re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower()).strip("-")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"attention-{slug}.json").write_text(json.dumps({"versions": info, "attention": rows,
-                                                                "norm_rope_attention": fused}, indent=2))
+                                                                "norm_rope_attention": fused,
+                                                                "host_overhead_us": host}, indent=2))
     names = sorted({n for r in rows for n in r["fwd_tflops"]}, key=lambda n: (n != "ours", n))
     lines = [f"# Attention benchmark — {info['gpu']}", "",
              f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}; bf16, "
              "non-causal; TFLOP/s with forward = 4·B·H·S²·D flops and forward+backward = 3.5× that; "
              "`triton.testing.do_bench` medians.", ""]
-    for key, title in (("fwd_tflops", "Forward TFLOP/s"), ("fwdbwd_tflops", "Forward + backward TFLOP/s")):
+    for key, title in (("fwd_tflops", "Forward TFLOP/s"), ("fwdbwd_tflops", "Forward + backward TFLOP/s"),
+                       ("graph_fwd_tflops", "Forward TFLOP/s replayed from a CUDA graph (GPU time only, no host "
+                                            "launch cost)")):
+        if not any(r.get(key) for r in rows):
+            continue
         lines += [f"## {title}", "", "| shape | " + " | ".join(names) + " | ours / best SDPA |",
                   "|---" * (len(names) + 2) + "|"]
         for r in rows:
+            if not r.get(key):
+                continue
             vals = r[key]
             sd = [vals[n] for n in SDPA_BACKENDS if n in vals]
             ratio = f"{vals['ours'] / max(sd):.2f}×" if sd and "ours" in vals else "—"
@@ -231,6 +292,13 @@ def write_results(rows, fused, info, out_dir: Path):
             lines.append(f"| {f['shape']} | {o['fwd_ms']:.2f} / {o['fwdbwd_ms']:.2f} | {t['fwd_ms']:.2f} / "
                          f"{t['fwdbwd_ms']:.2f} ({f['torch_sdpa_backend']}) | {t['fwd_ms'] / o['fwd_ms']:.2f}× | "
                          f"{t['fwdbwd_ms'] / o['fwdbwd_ms']:.2f}× |")
+        lines.append("")
+    if host:
+        lines += ["## Host time per call (µs, tiny input B1 H2 S256 d128: the host sets the pace)", "",
+                  "| implementation | forward | forward + backward |", "|---|---|---|"]
+        for n, v in host.items():
+            lines.append(f"| {n} | " + (f"{v['fwd_us']:.0f} | {v['fwdbwd_us']:.0f} |" if isinstance(v, dict)
+                                        else f"{v} | |"))
         lines.append("")
     (out_dir / f"attention-{slug}.md").write_text("\n".join(lines))
     try:
@@ -262,6 +330,10 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", help="only these shape names (as in the table)")
     p.add_argument("--tune", action="store_true", help="also time pointer loads and print every autotune timing")
     p.add_argument("--no-fused", action="store_true", help="skip the norm + rope + attention comparison")
+    p.add_argument("--graph-max-s", type=int, default=16384,
+                   help="also time the forward from a CUDA graph for sequences up to this length")
+    p.add_argument("--merge", type=Path, help="a results JSON of an earlier run on this GPU: keep its rows for the "
+                                              "shapes not run now")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -273,15 +345,24 @@ def main(argv=None):
     dtype = torch.bfloat16
     rows, fused = [], []
     t0 = time.time()
+    host = host_overhead(impls, dtype)
     for name, b, h, s, d in shapes:
         rows.append(run_shape(name, b, h, s, d, impls, dtype, args))
         sd = {n: v for n, v in rows[-1]["fwdbwd_tflops"].items() if n in SDPA_BACKENDS}
-        if args.tune:
-            print_autotune()
+        print_autotune(verbose=args.tune)
         if sd and not args.no_fused:
             fused.append(run_fused_op(name, b, h, s, d, dtype, max(sd, key=sd.get)))
         # After every shape, so a run cut short still leaves its finished rows.
-        path = write_results(rows, fused, info, args.out)
+        path = write_results(rows, fused, info, args.out, host)
+    if args.merge and args.merge.exists():
+        old = json.loads(args.merge.read_text())
+        done = {r["shape"] for r in rows}
+        order = [sh[0] for sh in SHAPES]
+        rows = sorted(rows + [r for r in old["attention"] if r["shape"] not in done], key=lambda r: order.index(r["shape"]))
+        fused = sorted(fused + [f for f in old.get("norm_rope_attention", []) if f["shape"] not in done],
+                       key=lambda f: order.index(f["shape"]))
+        info["merged_from_earlier_run"] = sorted({r["shape"] for r in rows} - done)
+        path = write_results(rows, fused, info, args.out, host)
     print(f"\nwrote {path} ({time.time() - t0:.0f} s)\n")
     print(path.read_text())
 

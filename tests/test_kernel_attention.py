@@ -53,6 +53,8 @@ CPU_CASES = [
     (1, 35, 35, 2, 64, torch.float32, False, "fused"),
     (2, 33, 47, 1, 32, torch.float16, True, "plain"),
     (1, 20, 20, 1, 72, torch.float16, False, "plain"),
+    (1, 23, 29, 2, 80, torch.float32, True, "plain"),
+    (1, 19, 19, 1, 48, torch.float16, False, "fused"),
 ]
 
 
@@ -94,6 +96,7 @@ GPU_CASES = [
     (1, 4097, 1000, 2, 64, torch.float16, False, "plain"),
     (2, 1000, 512, 2, 72, torch.float16, True, "plain"),
     (1, 1000, 1000, 2, 128, torch.float16, False, "fused"),
+    (1, 1000, 1000, 2, 80, torch.bfloat16, True, "fused"),
 ]
 
 
@@ -131,3 +134,32 @@ def test_flash_attention_gpu_deterministic_and_fully_written(monkeypatch):
     b = run(kernels.flash_attention, q, k, v, kpm, do)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [72, 128])
+def test_every_tuning_config_gpu(d, monkeypatch):
+    """Each config the autotuner may pick, forward and backward, so a miscompiled config cannot hide behind
+    the one the tuning happened to choose (tails on both lengths, a key padding mask, a padded head dim)."""
+    from stdit.kernels import attention as ka
+
+    q, k, v, kpm, do = make_inputs(2, 1000, 777, 2, d, torch.bfloat16, True, seed=d)
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, kpm, do)
+    low = run(lambda *a: attention_ref(*a, dtype=torch.bfloat16), q, k, v, kpm, do)
+    flags = {"USE_TMA": ka._tma_allowed(q, k, v)}
+    spaces = {name: (kernel, ka._make_prune(False)(configs, {"Q": q}, **flags))
+              for name, kernel, configs in (("_FWD", ka._attn_fwd, ka._FWD_CONFIGS),
+                                            ("_DKDV", ka._attn_bwd_dkdv, ka._DKDV_CONFIGS),
+                                            ("_DQ", ka._attn_bwd_dq, ka._DQ_CONFIGS))}
+    for i in range(max(len(allowed) for _, allowed in spaces.values())):
+        picked = {}
+        for name, (kernel, allowed) in spaces.items():
+            picked[name] = allowed[i % len(allowed)]
+            monkeypatch.setattr(ka, name, ka._tuned(kernel, [picked[name]]))
+        out = run(kernels.flash_attention, q, k, v, kpm, do)
+        for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
+            try:
+                check_rule(name, x, r, lo)
+            except AssertionError as e:
+                raise AssertionError(f"{e} with configs {picked}") from None
