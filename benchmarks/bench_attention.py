@@ -115,7 +115,7 @@ def host_overhead(impls, dtype, calls: int = 300) -> dict:
             continue
         try:
             for backward in (False, True):
-                def one():
+                def one(fn=fn, backward=backward):
                     if backward:
                         fn(q, k, v).backward(do)
                     else:
@@ -171,6 +171,18 @@ def run_shape(name, b, h, s, d, impls, dtype, args):
                 out = fn(*check[:3]).float()
             row["errors"][iname] = (out - ref).abs().max().item()
             fwd, fb = time_fn_pair(fn, make, nbytes)
+            row["ms"][iname] = {"fwd": fwd, "fwdbwd": fb}
+            row["fwd_tflops"][iname] = flops / fwd / 1e9
+            row["fwdbwd_tflops"][iname] = 3.5 * flops / fb / 1e9
+            graph = ""
+            if s <= args.graph_max_s:
+                try:
+                    gms = bench_graph(fn, check[:3])
+                    row["ms"][iname]["fwd_graph"] = gms
+                    row["graph_fwd_tflops"][iname] = flops / gms / 1e9
+                    graph = f"   graph fwd {gms:9.3f} ms {row['graph_fwd_tflops'][iname]:7.1f} TF/s"
+                except Exception as e:  # noqa: BLE001 - capture can fail for a backend; the eager rows stand
+                    graph = f"   graph fwd unavailable: {type(e).__name__}"
         except Exception as e:  # a backend may refuse a head dim or run out of memory; record why
             row["ms"][iname] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             print(f"  {name:22s} {iname:15s} {row['ms'][iname]}", flush=True)
@@ -178,22 +190,6 @@ def run_shape(name, b, h, s, d, impls, dtype, args):
             continue
         finally:
             os.environ.pop("STDIT_ATTN_TMA", None)
-        row["ms"][iname] = {"fwd": fwd, "fwdbwd": fb}
-        row["fwd_tflops"][iname] = flops / fwd / 1e9
-        row["fwdbwd_tflops"][iname] = 3.5 * flops / fb / 1e9
-        graph = ""
-        if s <= args.graph_max_s:
-            try:
-                if iname == "ours-ptr":
-                    os.environ["STDIT_ATTN_TMA"] = "0"
-                gms = bench_graph(fn, check[:3])
-                row["ms"][iname]["fwd_graph"] = gms
-                row["graph_fwd_tflops"][iname] = flops / gms / 1e9
-                graph = f"   graph fwd {gms:9.3f} ms {row['graph_fwd_tflops'][iname]:7.1f} TF/s"
-            except Exception as e:  # noqa: BLE001 - capture can fail for a backend; the eager rows stand
-                graph = f"   graph fwd unavailable: {type(e).__name__}"
-            finally:
-                os.environ.pop("STDIT_ATTN_TMA", None)
         print(f"  {name:22s} {iname:15s} fwd {fwd:9.3f} ms {row['fwd_tflops'][iname]:7.1f} TF/s   "
               f"fwd+bwd {fb:9.3f} ms {row['fwdbwd_tflops'][iname]:7.1f} TF/s{graph}", flush=True)
         torch.cuda.empty_cache()

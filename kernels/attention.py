@@ -441,7 +441,7 @@ def _launch(kernels, key: tuple, grid, args: tuple, kwargs: dict) -> None:
     picked = tuned.__dict__.setdefault("_stdit_picked", {})
     cfg = picked.get(key)
     if cfg is None:
-        tuned[lambda meta: grid(meta)](*args, **kwargs)
+        tuned[grid](*args, **kwargs)
         tuned.nargs = None  # do not keep this call's tensors alive
         if getattr(tuned, "best_config", None) is not None:
             picked[key] = tuned.best_config
