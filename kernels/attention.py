@@ -6,8 +6,9 @@ over whole key blocks plus one masked tail block, logsumexp (base 2) saved for t
 that owns a query block and sweeps the keys (dQ), so no atomics are needed and the result is deterministic.
 
 Head dims that are not powers of two (72, 96) are padded to the next power of two inside the kernel with
-masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA).
-The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
+masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA), and the
+forward at head dim 128 runs the warp-specialized Gluon kernel of :mod:`.attention_sm90` (``STDIT_ATTN_SM90=0``
+turns it off). The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from . import attention_sm90 as _sm90
 
 SUPPORTED_HEAD_DIMS = frozenset({32, 48, 64, 72, 80, 96, 128})
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -477,6 +480,13 @@ def _tma_allowed(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
+    """The Hopper forward (:mod:`.attention_sm90`) covers the call; ``STDIT_ATTN_SM90=0`` turns it off."""
+    if os.environ.get("STDIT_ATTN_SM90", "1") == "0" or _INTERPRET:
+        return False
+    return _sm90.supports(q, k, v, key_padding_mask) and _tma_allowed(q, k, v)
+
+
 def _scratch(size: int, align: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -534,6 +544,9 @@ def flash_attention_forward(q, k, v, key_padding_mask=None, scale=None):
         raise ValueError("scale must be positive")
     o = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    if _sm90_allowed(q, k, v, key_padding_mask):
+        _sm90.forward(q, k, v, o, lse, scale * _LOG2E, tune=os.environ.get("STDIT_AUTOTUNE", "1") != "0")
+        return o, lse
     kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
     use_tma = _tma_allowed(k, v)
     prec, sq_key, sk_key = _prec(q.dtype), _bucket(sq), _bucket(sk)
