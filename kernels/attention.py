@@ -482,9 +482,10 @@ def _tma_allowed(*tensors: torch.Tensor) -> bool:
 
 def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
     """The Hopper forward (:mod:`.attention_sm90`) covers the call; ``STDIT_ATTN_SM90=0`` turns it off."""
-    if os.environ.get("STDIT_ATTN_SM90", "1") == "0" or _INTERPRET:
+    if os.environ.get("STDIT_ATTN_SM90", "1") == "0" or _INTERPRET or not q.is_cuda:
         return False
-    return _sm90.supports(q, k, v, key_padding_mask) and _tma_allowed(q, k, v)
+    return (_sm90.supports(q, key_padding_mask) and _capability(q.device.index) == (9, 0)
+            and _tma_allowed(q, k, v))
 
 
 def _scratch(size: int, align: int, stream):

@@ -196,13 +196,11 @@ _CONFIGS = {128: [(128, 3), (128, 2)]}
 _TUNED = {}
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> bool:
-    """Whether this kernel covers the call (the caller has checked shapes and, for TMA, strides/alignment)."""
-    if not HAVE_GLUON or key_padding_mask is not None or not q.is_cuda:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
-        return False
-    return torch.cuda.get_device_capability(q.device) == (9, 0)
+def supports(q: torch.Tensor, key_padding_mask) -> bool:
+    """Whether this kernel covers the call's dtype, head dim and masking; the caller checks the device (sm_90),
+    shapes and, for TMA, strides and alignment."""
+    return (HAVE_GLUON and key_padding_mask is None and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] in HEAD_DIMS)
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
