@@ -7,8 +7,8 @@ that owns a query block and sweeps the keys (dQ), so no atomics are needed and t
 
 Head dims that are not powers of two (72, 96) are padded to the next power of two inside the kernel with
 masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA), and the
-forward at head dim 128 runs the warp-specialized Gluon kernel of :mod:`.attention_sm90` (``STDIT_ATTN_SM90=0``
-turns it off). The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
+forward at head dims 64 and 128 (unmasked, ``[B, S, H, D]`` row layouts) runs the warp-specialized Gluon kernel of
+:mod:`.attention_sm90` (``STDIT_ATTN_SM90=0`` turns it off). The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
 """
 
 from __future__ import annotations
@@ -484,7 +484,7 @@ def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
     """The Hopper forward (:mod:`.attention_sm90`) covers the call; ``STDIT_ATTN_SM90=0`` turns it off."""
     if os.environ.get("STDIT_ATTN_SM90", "1") == "0" or _INTERPRET or not q.is_cuda:
         return False
-    return (_sm90.supports(q, key_padding_mask) and _capability(q.device.index) == (9, 0)
+    return (_sm90.supports(q, k, v, key_padding_mask) and _capability(q.device.index) == (9, 0)
             and _tma_allowed(q, k, v))
 
 

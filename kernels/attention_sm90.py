@@ -1,21 +1,25 @@
-"""Flash attention forward for Hopper (sm_90) in Gluon, warp-specialized: the tensor cores stay busy in the softmax.
+"""Flash attention forward for Hopper (sm_90) in Gluon: warp-specialized, ping-pong scheduled, persistent.
 
 Triton's ``tl.dot`` waits for every outstanding warpgroup MMA right after the score product, so a tile's softmax
-runs while the tensor cores idle, and a CTA barrier before each TMA refill keeps both warpgroups in lockstep
+runs while the tensor cores idle, and a CTA barrier before each TMA refill keeps the warpgroups in lockstep
 (``benchmarks/NOTES-attention.md``). Gluon exposes the asynchronous ``wgmma``, its wait, mbarriers and warp
 specialization, and this kernel uses them:
 
-* a one-warp load partition streams Q once and K, V through ``STAGES``-deep shared-memory rings (TMA completing on
-  "ready" mbarriers; a slot is refilled after both consumers arrive on its "empty" mbarrier);
-* two consumer warpgroups each own 64 query rows and synchronize only through those mbarriers, so one's softmax
-  runs under the other's matrix products; within each, ``S_{j+1} = Q K_{j+1}^T`` is issued before the softmax of
-  ``S_j``.
+* a one-warp load partition streams each tile's Q blocks and K, V through ``STAGES``-deep shared-memory rings
+  (TMA completing on "ready" mbarriers; a slot is refilled after every consumer arrived on its "empty" mbarrier);
+* ``NW`` consumer warpgroups (2 at d=128, 3 at d=64) each own 64 query rows. Per key block a consumer issues
+  ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` back to back, then runs the softmax of ``S_j`` under them;
+* ping-pong: the consumers take turns to issue (a ring of "turn" mbarriers), so one's softmax runs under the
+  others' matrix products instead of all softmaxes at once;
+* persistent: ``min(tiles, SMs)`` programs walk the output tiles, and the load warp fetches the next tile's
+  blocks during this tile's last products and epilogue (no tail wave, no cold start per tile).
 
-Scope: non-causal, no key padding mask, fp16/bf16, head dim 128 (d=64 measured slower than the general kernel),
-any Sq and Sk (TMA zero-fills rows past the end; the last key block is masked). The general kernel in
-:mod:`stdit.kernels.attention` covers everything else and computes the same function with the same logsumexp
-(base 2), so the backward is shared. Gluon has no interpreter path: the CPU tests exercise the general kernel, the
-``gpu`` tests this one.
+Q, K and V are read through descriptors on their ``[B * S, H * D]`` row views, so one descriptor per tensor serves
+every (batch, head). Scope: non-causal, no key padding mask, fp16/bf16, head dim 64 or 128, any Sq and Sk (rows past
+the end are the next sequence's or TMA zeros: the last key block is masked, extra query rows are not stored). The
+general kernel in :mod:`stdit.kernels.attention` covers everything else and computes the same function with the
+same logsumexp (base 2), so the backward is shared. Gluon has no interpreter path: the CPU tests exercise the
+general kernel, the ``gpu`` tests this one.
 """
 
 from __future__ import annotations
@@ -36,180 +40,260 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover - Triton without Gluon's Hopper API
     HAVE_GLUON = False
 
-# d=64 measured slower here than the general kernel (359 vs 426 TFLOP/s at B1 H24 S16384 on an H200): with
-# half the matrix work per key block the softmax dominates, so only d=128 takes this path.
-HEAD_DIMS = (128,)
+# d=64 needs the third consumer warpgroup and the ping-pong: with half the matrix work per key block the softmax
+# dominates (H200, B1 H24 S16384: 466 TFLOP/s with both, 392 without ping-pong, 412 for the general kernel).
+HEAD_DIMS = (64, 128)
 
 
 if HAVE_GLUON:
 
     @gluon.jit
-    def _load_kv(desc, smem, bars, tile, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        slot = tile % STAGES
-        bar = bars.index(slot)
-        mbarrier.expect(bar, desc.block_type.nbytes)
-        _tma_load(desc, [tile * BLOCK_N, 0], bar, smem.index(slot))
+    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                H, SQ, SK, n_m, n_tiles, NW: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr):
+        # One warp issues every TMA load: per output tile one Q block per consumer, then K and V through the rings.
+        # The rings' slot counter runs on across tiles, so the next tile's first blocks load under this tile's end.
+        HALF: gl.constexpr = q_smem.shape[1]
+        n_kv = gl.cdiv(SK, BLOCK_N)
+        t = 0
+        tc = 0
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            bh = tile // n_m
+            b = bh // H
+            col = (bh % H) * D
+            q_row = b * SQ + (tile % n_m) * (NW * HALF)
+            for w in gl.static_range(NW):
+                # A fresh barrier is in phase 0, so waiting on parity 1 passes: the first round needs no release.
+                mbarrier.wait(q_empty.index(w), (tc & 1) ^ 1)
+                mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                _tma_load(q_desc, [q_row + w * HALF, col], q_ready.index(w), q_smem.index(w))
+            for j in range(n_kv):
+                slot = t % STAGES
+                free = ((t // STAGES) & 1) ^ 1
+                row = b * SK + j * BLOCK_N
+                mbarrier.wait(k_empty.index(slot), free)
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                _tma_load(k_desc, [row, col], k_ready.index(slot), k_smem.index(slot))
+                mbarrier.wait(v_empty.index(slot), free)
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [row, col], v_ready.index(slot), v_smem.index(slot))
+                t += 1
+            tc += 1
 
     @gluon.jit
-    def _softmax_update(s, m_i, l_i, acc, qk_scale):
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
-        return p, m_new, l_i, acc
+    def _turn_wait(turn, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
+        # Ping-pong: consumer WG issues its matrix products only in its turn (WG 0 starts without waiting).
+        if PINGPONG:
+            if WG == 0:
+                mbarrier.wait(turn.index(0), (k & 1) ^ 1)
+            else:
+                mbarrier.wait(turn.index(WG), k & 1)
 
     @gluon.jit
-    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                q_row, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        # One warp streams Q once and K, V through the rings; a slot is refilled after both consumers released it.
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [q_row + q_desc.block_type.shape[0], 0], q_bar, q_smem.index(1))
-        for t in range(n_tiles):
-            slot = t % STAGES
-            # A fresh barrier is in phase 0, so waiting on parity 1 passes: the first round needs no release.
-            free = ((t // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(slot), free)
-            _load_kv(k_desc, k_smem, k_ready, t, BLOCK_N, STAGES)
-            mbarrier.wait(v_empty.index(slot), free)
-            _load_kv(v_desc, v_smem, v_ready, t, BLOCK_N, STAGES)
+    def _turn_pass(turn, WG: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(turn.index((WG + 1) % NW), count=1)
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE, sos, row0, lse_base,
-                  SQ, SK, n_tiles, qk_scale, WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr):
-        # One warpgroup, 64 query rows. S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j, and the other
-        # warpgroup runs independently, so its matrix products fill the tensor cores during this one's softmax.
+    def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE,
+                  sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr,
+                  D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        # One warpgroup, HALF query rows of each tile. Per key block j it issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}
+        # back to back (in its ping-pong turn), then runs the softmax of S_j while O's product and the other
+        # consumers' products keep the tensor cores busy.
         dtype: gl.constexpr = q_smem.dtype
-        BM: gl.constexpr = q_smem.shape[1]
+        HALF: gl.constexpr = q_smem.shape[1]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
         q = q_smem.index(WG)
-        m_i = gl.full([BM], float("-inf"), gl.float32, row_layout)
-        l_i = gl.full([BM], 0.0, gl.float32, row_layout)
-        # Loop-carried MMA results are accumulator handles until a wait turns them back into tensors.
-        acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))
-        s_zero = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
+        s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+        cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        n_kv = gl.cdiv(SK, BLOCK_N)
+        last_cols = (n_kv - 1) * BLOCK_N + cols0
+        t = 0
+        tc = 0
+        k = 0
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            mbarrier.wait(q_ready.index(WG), tc & 1)
+            slot = t % STAGES
+            mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+            _turn_wait(turn, WG, k, PINGPONG)
+            s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            _turn_pass(turn, WG, NW, PINGPONG)
+            k += 1
+            s = warpgroup_mma_wait(0, deps=[s])
+            mbarrier.arrive(k_empty.index(slot), count=1)
+            if n_kv == 1:
+                mbarrier.arrive(q_empty.index(WG), count=1)
+                s = gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
+            m_i = gl.max(s, 1) * qk_scale
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+            l_i = gl.sum(p, 1)
+            acc = gl.zeros([HALF, D], gl.float32, o_layout)
+            for j in range(1, n_kv):
+                tj = t + j
+                slot = tj % STAGES
+                pslot = (tj - 1) % STAGES
+                mbarrier.wait(k_ready.index(slot), (tj // STAGES) & 1)
+                mbarrier.wait(v_ready.index(pslot), ((tj - 1) // STAGES) & 1)
+                _turn_wait(turn, WG, k, PINGPONG)
+                s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(pslot), acc,
+                                    is_async=True)
+                _turn_pass(turn, WG, NW, PINGPONG)
+                k += 1
+                # Groups retire in order: one outstanding means S_j is done and P_{j-1} V_{j-1} may still run.
+                s = warpgroup_mma_wait(1, deps=[s])
+                mbarrier.arrive(k_empty.index(slot), count=1)
+                if j == n_kv - 1:
+                    # The last key block: Q is free for the next tile, and only this block reaches past SK
+                    # (those K, V rows are zeros or the next sequence's; their probabilities are set to 0).
+                    mbarrier.arrive(q_empty.index(WG), count=1)
+                    s = gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
+                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+                alpha = gl.exp2(m_i - m_new)
+                l_i = l_i * alpha + gl.sum(p, 1)
+                m_i = m_new
+                acc = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(v_empty.index(pslot), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
 
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        for j in range(0, n_tiles - 1):
-            nxt = j + 1
-            mbarrier.wait(k_ready.index(nxt % STAGES), (nxt // STAGES) & 1)
-            s_next = warpgroup_mma(q, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)
-            # All but the newest group are done: S_j and P_{j-1} V_{j-1}; K_j and V_{j-1} can be refilled.
-            s, acc = warpgroup_mma_wait(1, deps=[s, acc])
-            mbarrier.arrive(k_empty.index(j % STAGES), count=1)
-            if j > 0:
-                mbarrier.arrive(v_empty.index((j - 1) % STAGES), count=1)
-            p, m_i, l_i, acc = _softmax_update(s, m_i, l_i, acc, qk_scale)
-            mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(j % STAGES), acc,
-                                is_async=True)
-            s = s_next
+            lslot = (t + n_kv - 1) % STAGES
+            mbarrier.wait(v_ready.index(lslot), ((t + n_kv - 1) // STAGES) & 1)
+            _turn_wait(turn, WG, k, PINGPONG)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(lslot), acc, is_async=True)
+            _turn_pass(turn, WG, NW, PINGPONG)
+            k += 1
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(v_empty.index(lslot), count=1)
 
-        # The last key block: the only one that can reach past SK (TMA zero-filled those rows of K and V).
-        last = n_tiles - 1
-        s, acc = warpgroup_mma_wait(0, deps=[s, acc])
-        cols = last * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s = gl.where(gl.expand_dims(cols < SK, 0), s, -1.0e30)
-        p, m_i, l_i, acc = _softmax_update(s, m_i, l_i, acc, qk_scale)
-        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
-                            is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-
-        acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        offs_m = row0 + WG * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        gl.store(O + gl.expand_dims(offs_m, 1) * sos + gl.expand_dims(offs_d, 0), acc.to(dtype),
-                 mask=gl.expand_dims(offs_m < SQ, 1))
-        rows = row0 + WG * BM + gl.arange(0, BM, layout=row_layout)
-        gl.store(LSE + lse_base + rows, m_i + gl.log2(l_i), mask=rows < SQ)
+            # Epilogue, under the loads of the next tile's first blocks.
+            bh = tile // n_m
+            row0 = (tile % n_m) * (NW * HALF) + WG * HALF
+            base = (bh // H).to(gl.int64) * sob + (bh % H) * soh
+            acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
+            offs_m = row0 + gl.arange(0, HALF, layout=orow_layout)
+            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+            gl.store(O + base + gl.expand_dims(offs_m, 1) * sos + gl.expand_dims(offs_d, 0), acc.to(dtype),
+                     mask=gl.expand_dims(offs_m < SQ, 1))
+            rows = row0 + gl.arange(0, HALF, layout=row_layout)
+            gl.store(LSE + bh.to(gl.int64) * SQ + rows, m_i + gl.log2(l_i), mask=rows < SQ)
+            t += n_kv
+            tc += 1
 
     @gluon.jit
-    def _attn_fwd_sm90(Q, K, V, O, LSE, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
-                       H, SQ, SK, qk_scale,
-                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        # Warp-specialized: this (default) partition and one worker are the two consumer warpgroups, each owning
-        # BLOCK_M / 2 query rows; a one-warp worker issues every TMA load.
+    def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
+                       D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
+                       PINGPONG: gl.constexpr):
+        # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
+        # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
+        # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
+        # Partitions: this default one and NW - 1 workers are the consumer warpgroups (64 query rows each);
+        # a one-warp worker loads.
         dtype: gl.constexpr = Q.dtype.element_ty
-        HALF: gl.constexpr = BLOCK_M // 2
-        pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        b = (pid_bh // H).to(gl.int64)
-        h = pid_bh % H
-        Q += b * sqb + h * sqh
-        K += b * skb + h * skh
-        V += b * svb + h * svh
-        O += b * sob + h * soh
-
+        HALF: gl.constexpr = 64
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, D], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-        q_desc = tma.make_tensor_descriptor(Q, shape=[SQ, D], strides=[sqs, 1], block_shape=[HALF, D],
+        q_desc = tma.make_tensor_descriptor(Q, shape=[B * SQ, H * D], strides=[sqs, 1], block_shape=[HALF, D],
                                             layout=q_layout)
-        k_desc = tma.make_tensor_descriptor(K, shape=[SK, D], strides=[sks, 1], block_shape=[BLOCK_N, D],
+        k_desc = tma.make_tensor_descriptor(K, shape=[B * SK, H * D], strides=[sks, 1], block_shape=[BLOCK_N, D],
                                             layout=kv_layout)
-        v_desc = tma.make_tensor_descriptor(V, shape=[SK, D], strides=[svs, 1], block_shape=[BLOCK_N, D],
+        v_desc = tma.make_tensor_descriptor(V, shape=[B * SK, H * D], strides=[svs, 1], block_shape=[BLOCK_N, D],
                                             layout=kv_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], q_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NW, HALF, D], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_ready = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
+        q_empty = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
+        turn = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        for i in gl.static_range(NW):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=1)
+            mbarrier.init(turn.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=NW)
+            mbarrier.init(v_empty.index(i), count=NW)
         fence_async_shared()
 
-        n_tiles = gl.cdiv(SK, BLOCK_N)
-        row0 = pid_m * BLOCK_M
-        lse_base = pid_bh.to(gl.int64) * SQ
+        n_m = gl.cdiv(SQ, NW * HALF)
+        n_tiles = n_m * B * H
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
-        gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE, sos, row0,
-                         lse_base, SQ, SK, n_tiles, qk_scale, WG0, D, BLOCK_N, STAGES)),
-            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE, sos, row0,
-                         lse_base, SQ, SK, n_tiles, qk_scale, WG1, D, BLOCK_N, STAGES)),
-            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                       row0, n_tiles, BLOCK_N, STAGES)),
-        ], [4, 1], [232, 24])
+        WG2: gl.constexpr = 2
+        if NW == 2:
+            gl.warp_specialize([
+                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
+                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, BLOCK_N, STAGES,
+                             PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
+                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, BLOCK_N, STAGES,
+                             PINGPONG)),
+                (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                           k_empty, v_empty, H, SQ, SK, n_m, n_tiles, NW, D, BLOCK_N, STAGES)),
+            ], [4, 1], [232, 24])
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
+                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, BLOCK_N, STAGES,
+                             PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
+                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, BLOCK_N, STAGES,
+                             PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
+                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG2, NW, D, BLOCK_N, STAGES,
+                             PINGPONG)),
+                (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                           k_empty, v_empty, H, SQ, SK, n_m, n_tiles, NW, D, BLOCK_N, STAGES)),
+            ], [4, 4, 1], [160, 160, 24])
 
 
-# (BLOCK_N, STAGES) per head dim; BLOCK_M = 128: two consumer warpgroups of 64 query rows, plus the load warp.
-# BLOCK_N = 64 measured 17% slower at d=128.
-_CONFIGS = {128: [(128, 3), (128, 2)]}
+# Config: (BLOCK_N, STAGES, consumer warpgroups NW, ping-pong, persistent grid); BLOCK_M = 64 * NW. On an H200
+# (TFLOP/s, B1 H12 S32760 / S4096 d128): 2 stages 600 / 598, 3 stages 590 / 589, no ping-pong 598 / 594, one
+# program per tile 602 / 563 (its best case is the long 40-head shape); BLOCK_N = 64 measured 17% slower.
+_CONFIGS = {
+    128: [(128, 2, 2, True, True), (128, 2, 2, True, False), (128, 3, 2, True, True)],
+    64: [(128, 3, 3, True, True)],
+}
 _TUNED = {}
+_SMS = {}
 
 
-def supports(q: torch.Tensor, key_padding_mask) -> bool:
-    """Whether this kernel covers the call's dtype, head dim and masking; the caller checks the device (sm_90),
-    shapes and, for TMA, strides and alignment."""
-    return (HAVE_GLUON and key_padding_mask is None and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in HEAD_DIMS)
+def supports(q, k, v, key_padding_mask) -> bool:
+    """Whether this kernel covers the call: dtype, head dim, no mask, and Q, K, V readable as [B * S, H * D] row
+    views (batch stride = S x sequence stride, heads D apart, unit inner stride); the caller checks the device
+    (sm_90) and TMA alignment."""
+    if not HAVE_GLUON or key_padding_mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    d = q.shape[-1]
+    return d in HEAD_DIMS and all(t.stride(2) == d and t.stride(3) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
+                                  for t in (q, k, v))
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
     b, sq, h, d = q.shape
-    block_n, stages = cfg
-    _attn_fwd_sm90[(triton.cdiv(sq, 128), b * h)](
-        q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        h, sq, k.shape[1], qk_scale, D=d, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages, num_warps=4,
+    block_n, stages, nw, pingpong, persistent = cfg
+    n_tiles = triton.cdiv(sq, 64 * nw) * b * h
+    if persistent:
+        idx = q.device.index
+        if idx not in _SMS:
+            _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        n_tiles = min(n_tiles, _SMS[idx])
+    _attn_fwd_sm90[(n_tiles,)](
+        q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
+        b, h, sq, k.shape[1], qk_scale, D=d, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, num_warps=4,
     )
 
 

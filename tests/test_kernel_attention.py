@@ -174,7 +174,27 @@ SM90_CASES = [
     (1, 1000, 1000, 2, 128, torch.bfloat16, "fused"),
     (1, 128, 256, 1, 128, torch.bfloat16, "plain"),
     (1, 4097, 1000, 1, 128, torch.float16, "fused"),
+    (2, 1000, 77, 3, 64, torch.bfloat16, "plain"),
+    (1, 4097, 1000, 2, 64, torch.float16, "fused"),
 ]
+
+
+@pytest.mark.skipif(not kernels.attention_sm90.HAVE_GLUON, reason="needs a Triton with Gluon")
+def test_sm90_scope():
+    """The Hopper kernel reads Q, K, V as [B * S, H * D] row views: it takes the model's layouts (separate tensors,
+    fused q/k/v projection) and leaves head-major views, masks, fp32 and other head dims to the general kernel."""
+    sm90 = kernels.attention_sm90
+    for d in (64, 128):
+        for layout in ("plain", "fused"):
+            q, k, v, _, _ = make_inputs(2, 9, 9, 3, d, torch.bfloat16, False, seed=0, layout=layout)
+            assert sm90.supports(q, k, v, None)
+            assert not sm90.supports(q, k, v, torch.ones(2, 9, dtype=torch.bool))
+            assert not sm90.supports(q.float(), k.float(), v.float(), None)
+        # [B, H, S, D] storage seen as [B, S, H, D]: heads are not D apart, so the row view does not exist.
+        q_hm = torch.randn(2, 3, 9, d, dtype=torch.float16).transpose(1, 2)
+        assert not sm90.supports(q_hm, q_hm, q_hm, None)
+    q, k, v, _, _ = make_inputs(1, 9, 9, 2, 72, torch.bfloat16, False, seed=0)
+    assert not sm90.supports(q, k, v, None)
 
 
 def _sm90_or_skip(q, k, v):
@@ -182,7 +202,7 @@ def _sm90_or_skip(q, k, v):
 
     if torch.cuda.get_device_capability() != (9, 0) or not ka._sm90.HAVE_GLUON:
         pytest.skip("the Gluon forward needs an sm_90 GPU and a Triton with Gluon")
-    assert ka._sm90_allowed(q, k, v, None)
+    assert ka._sm90_allowed(q, k, v, None) == (q.shape[-1] in ka._sm90.HEAD_DIMS)
     return ka
 
 
