@@ -480,12 +480,17 @@ def _tma_allowed(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
-    """The Hopper forward (:mod:`.attention_sm90`) covers the call; ``STDIT_ATTN_SM90=0`` turns it off."""
+def sm90_forward_covers(q, k, v, key_padding_mask=None) -> bool:
+    """Whether the Hopper forward (:mod:`.attention_sm90`) takes a call with these shapes, dtypes, strides and
+    device (``STDIT_ATTN_SM90=0`` turns it off); pointer alignment is checked at launch. Reads no data pointer, so
+    it can run while ``torch.compile`` traces."""
     if os.environ.get("STDIT_ATTN_SM90", "1") == "0" or _INTERPRET or not q.is_cuda:
         return False
-    return (_sm90.supports(q, k, v, key_padding_mask) and _capability(q.device.index) == (9, 0)
-            and _tma_allowed(q, k, v))
+    return _sm90.supports(q, k, v, key_padding_mask) and _capability(q.device.index) == (9, 0)
+
+
+def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
+    return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v)
 
 
 def _scratch(size: int, align: int, stream):

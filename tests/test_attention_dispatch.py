@@ -98,3 +98,33 @@ def test_triton_backend_inductor_bf16():
     out.float().sum().backward()
     assert max_err(out, A.eager_attention(q, k, v)) < 2e-2
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_auto_is_the_default_and_takes_sdpa_off_hopper(monkeypatch):
+    monkeypatch.delenv(A.ENV_VAR, raising=False)
+    assert A.resolve_backend() == "auto"
+    q, k, v = qkv()
+    if not q.is_cuda:
+        assert A.auto_backend(q, k, v) == "sdpa"
+    # whatever auto picks, the result is attention
+    assert max_err(A.attention(q, k, v), A.eager_attention(q, k, v)) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_auto_takes_our_hopper_forward_for_inference_only():
+    """On sm_90, ``auto`` runs our forward where it covers the call and nothing will ask for a backward (it beats
+    cuDNN there); training calls, masks and other head dims go to sdpa."""
+    from stdit.kernels import attention as ka
+
+    q, k, v = qkv(b=1, sq=300, sk=300, h=4, d=128, dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability() == (9, 0) and ka._sm90.HAVE_GLUON
+    assert A.auto_backend(q, k, v) == ("triton" if hopper else "sdpa")
+    with torch.no_grad():
+        assert A.auto_backend(*(x.requires_grad_() for x in (q, k, v))) == ("triton" if hopper else "sdpa")
+    assert A.auto_backend(q, k, v) == "sdpa"  # they require grad now
+    q, k, v = (x.detach() for x in (q, k, v))
+    assert A.auto_backend(q, k, v, torch.ones(1, 300, dtype=torch.bool, device="cuda")) == "sdpa"
+    assert A.auto_backend(*qkv(b=1, sq=300, sk=300, h=4, d=72, dtype=torch.bfloat16)) == "sdpa"
+    out = A.attention(q, k, v)
+    assert max_err(out, A.eager_attention(q, k, v)) < 2e-2

@@ -3,9 +3,12 @@
 Every attention in the model goes through :func:`attention`, with q, k, v laid out ``[B, S, H, D]`` as the
 projections produce them (no transposes on our side). The backend is a run-time choice, never stored in a
 config. Resolution order: the :func:`attention_backend` context manager, then the model's
-``set_attention_backend`` choice, then ``STDIT_ATTENTION``, then the default (``sdpa``, the fastest we measure).
+``set_attention_backend`` choice, then ``STDIT_ATTENTION``, then the default, ``auto``.
 
 Backends:
+    ``auto``      per call, the fastest we measure: ``triton`` where our Hopper forward covers the call and no
+                  gradient is needed (sampling; B1 H12 S32760 d128 on an H200: 614 vs cuDNN's 565 TFLOP/s),
+                  ``sdpa`` otherwise (training: cuDNN's backward is faster than ours today)
     ``triton``    our fused flash-attention kernels (``stdit.kernels``), CUDA or ``TRITON_INTERPRET=1``
     ``sdpa``      ``torch.nn.functional.scaled_dot_product_attention`` (torch picks flash/cuDNN/efficient)
     ``xformers``  ``xformers.ops.memory_efficient_attention`` (optional extra: ``pip install stdit[xformers]``)
@@ -24,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("triton", "sdpa", "xformers", "eager")
+BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager")
 ENV_VAR = "STDIT_ATTENTION"
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("stdit_attention", default=None)
@@ -52,9 +55,24 @@ def default_backend() -> str:
     env = os.environ.get(ENV_VAR)
     if env:
         return check_backend(env.strip().lower())
-    # sdpa (cuDNN on Hopper) measures faster than our triton kernel today (benchmarks/results/attention-*.md):
-    # users get the fastest attention by default and choose triton explicitly.
-    return "sdpa"
+    return "auto"
+
+
+def auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 key_padding_mask: torch.Tensor | None = None) -> str:
+    """What ``auto`` runs for this call: ``triton`` where our Hopper forward covers it and autograd will not ask
+    for a backward, else ``sdpa`` (benchmarks/results/attention-*.md: our forward beats cuDNN on sm_90 at head
+    dims 64 and 128, our backward does not yet). Depends only on shapes, strides, dtypes, the device and the grad
+    mode, so the same call picks the same backend again (activation-checkpoint recompute, torch.compile)."""
+    if not q.is_cuda:
+        return "sdpa"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "sdpa"
+    try:
+        from stdit.kernels.attention import sm90_forward_covers
+    except ImportError:  # pragma: no cover - triton missing on a CUDA machine
+        return "sdpa"
+    return "triton" if sm90_forward_covers(q, k, v, key_padding_mask) else "sdpa"
 
 
 def resolve_backend(preferred: str | None = None) -> str:
@@ -209,6 +227,8 @@ def attention(
     ``backend`` is the caller's preference; the context manager overrides it (see :func:`resolve_backend`).
     """
     name = resolve_backend(backend)
+    if name == "auto":
+        name = auto_backend(q, k, v, key_padding_mask)
     if name == "triton":
         reason = triton_supports(q, k)
         if reason is not None:

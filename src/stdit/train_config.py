@@ -72,7 +72,7 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
     compile: bool = _f(False, "torch.compile each block")
     attention_backend: str | None = _f(None, "attention backend (None: default for the device)",
-                                       choices=(None, "triton", "sdpa", "xformers", "eager"))
+                                       choices=(None, "auto", "triton", "sdpa", "xformers", "eager"))
     log_every: int = _f(1, "steps between log lines", min=1)
     ckpt_every: int = _f(0, "steps between checkpoints (0: only at the end)", min=0)
     keep_ckpts: int = _f(2, "checkpoints kept on disk", min=1)
