@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from stdit.attention import attention, check_backend, qk_norm_rope
-from stdit.ops import add_norm_modulate, norm_modulate
+from stdit.ops import add_norm_modulate, feed_forward, norm_modulate
 from stdit.rope import RotaryEmbedding3D, apply_rope, axis_split
 
 ATTENTION_MODES = ("full", "factorized")
@@ -134,7 +134,7 @@ class StDiTBlock(nn.Module):
             n = x if self.norm2 is None else n
             y, g = self.attn2(n, context=context, context_mask=context_mask), None
         x, n = add_norm_modulate(x, y, g, c_shift, c_scale, eps=self.eps)
-        x, _ = add_norm_modulate(x, self.ffn(n), c_gate, norm=False)
+        x, _ = add_norm_modulate(x, feed_forward(self.ffn, n), c_gate, norm=False)
         return x
 
 
