@@ -233,6 +233,8 @@ if HAVE_GLUON:
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         WG2: gl.constexpr = 2
+        # One list per consumer count: the partitions' argument tuples must be spelled out here (a tuple built
+        # in the kernel body passes its constexpr members on as runtime values).
         if NW == 2:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,

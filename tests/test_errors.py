@@ -83,7 +83,7 @@ def test_bad_config_values():
 
 
 def test_unknown_attention_backend(model):
-    with pytest.raises(ValueError, match="Unknown attention backend 'flash3'; choose one of triton, sdpa, xformers, eager"):
+    with pytest.raises(ValueError, match="Unknown attention backend 'flash3'; choose one of auto, triton, sdpa, xformers, eager"):
         model.set_attention_backend("flash3")
     with pytest.raises(ValueError, match="Unknown attention backend"):
         with attention_backend("nope"):
