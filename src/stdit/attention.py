@@ -31,6 +31,9 @@ BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager")
 ENV_VAR = "STDIT_ATTENTION"
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("stdit_attention", default=None)
+# Open attention_backend() blocks in any thread. torch.compile cannot trace ContextVar.get (a graph break in every
+# attention call); with no block open the resolution never reads the ContextVar, and compiled code guards on this.
+_open_contexts = 0
 _warned: set[str] = set()
 
 
@@ -44,10 +47,13 @@ def check_backend(name: str) -> str:
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
     """Use backend ``name`` for every attention call inside the ``with`` block (overrides the model's choice)."""
+    global _open_contexts
     token = _context_backend.set(check_backend(name))
+    _open_contexts += 1
     try:
         yield
     finally:
+        _open_contexts -= 1
         _context_backend.reset(token)
 
 
@@ -77,9 +83,10 @@ def auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def resolve_backend(preferred: str | None = None) -> str:
     """The backend an attention call uses now: context manager > ``preferred`` (the model's) > env > default."""
-    ctx = _context_backend.get()
-    if ctx is not None:
-        return ctx
+    if _open_contexts:
+        ctx = _context_backend.get()
+        if ctx is not None:
+            return ctx
     if preferred is not None:
         return check_backend(preferred)
     return default_backend()
