@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import math
 import os
+import threading
 import warnings
 from typing import Callable, Iterator
 
@@ -34,6 +35,7 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("s
 # Open attention_backend() blocks in any thread. torch.compile cannot trace ContextVar.get (a graph break in every
 # attention call); with no block open the resolution never reads the ContextVar, and compiled code guards on this.
 _open_contexts = 0
+_open_lock = threading.Lock()
 _warned: set[str] = set()
 
 
@@ -49,11 +51,13 @@ def attention_backend(name: str) -> Iterator[None]:
     """Use backend ``name`` for every attention call inside the ``with`` block (overrides the model's choice)."""
     global _open_contexts
     token = _context_backend.set(check_backend(name))
-    _open_contexts += 1
+    with _open_lock:
+        _open_contexts += 1
     try:
         yield
     finally:
-        _open_contexts -= 1
+        with _open_lock:
+            _open_contexts -= 1
         _context_backend.reset(token)
 
 
