@@ -2,6 +2,8 @@
 WanTransformer3DModel holding the same weights: tokens/s, model FLOP utilization (MFU) and peak memory.
 
     python benchmarks/bench_train.py                      # Wan2.1-T2V-1.3B, 480p x 81 frames (32,760 tokens)
+
+Rows per backend: full recompute, and selective checkpointing that keeps each self-attention's output.
 """
 
 from __future__ import annotations
@@ -58,9 +60,13 @@ def main(argv=None) -> int:
         return fn
 
     rows, base = [], None
-    candidates = [("diffusers Wan", wan, None)] + [(f"stdit ({b})", ours, b) for b in args.backends]
-    for name, model, backend in candidates:
+    candidates = [("diffusers Wan", wan, None, False)] + [(f"stdit ({b})", ours, b, False) for b in args.backends]
+    # Selective checkpointing: the recompute skips each self-attention forward (its output is kept instead).
+    candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, True) for b in args.backends]
+    for name, model, backend, keep in candidates:
         ours.set_attention_backend(backend)
+        if model is ours:
+            ours.enable_gradient_checkpointing(keep_attention=keep)
         fn = step(model)
         try:
             fn()

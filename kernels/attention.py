@@ -456,6 +456,7 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
 
 
+@torch.compiler.assume_constant_result  # fixed per process: torch.compile bakes it in instead of breaking the graph
 @functools.lru_cache(maxsize=None)
 def _capability(index):
     return torch.cuda.get_device_capability(index)

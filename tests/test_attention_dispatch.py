@@ -106,8 +106,11 @@ def test_auto_is_the_default_and_takes_sdpa_off_hopper(monkeypatch):
     q, k, v = qkv()
     if not q.is_cuda:
         assert A.auto_backend(q, k, v) == "sdpa"
-    # whatever auto picks, the result is attention
-    assert max_err(A.attention(q, k, v), A.eager_attention(q, k, v)) < 1e-4
+    # whatever auto picks, the result is attention, eager and traced by torch.compile in one graph
+    ref = A.eager_attention(q, k, v)
+    assert max_err(A.attention(q, k, v), ref) < 1e-4
+    compiled = torch.compile(lambda q, k, v: A.attention(q, k, v), backend="aot_eager", fullgraph=True)
+    assert max_err(compiled(q, k, v), ref) < 1e-4
 
 
 @pytest.mark.gpu

@@ -140,3 +140,23 @@ def test_bf16_forward_close_to_fp32():
     ref = m(x, 100.0, text).sample
     out = m.to(torch.bfloat16)(x.bfloat16(), 100.0, text.bfloat16()).sample
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
+
+
+def test_blocks_compile_without_graph_breaks():
+    """Each block compiles as one graph (``fullgraph=True``: the attention dispatch, QK norm and RoPE trace) and
+    gives the eager output, in sampling and in a training step."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(2, 4, 3, 8, 8, generator=g)
+    text = torch.randn(2, 7, 24, generator=g)
+    t = torch.tensor([100.0, 700.0])
+    with torch.no_grad():
+        ref = model(lat, t, text, return_dict=False)[0]
+    for blk in model.blocks:
+        blk.compile(fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = model(lat, t, text, return_dict=False)[0]
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    model.train()
+    model(lat, t, text, return_dict=False)[0].square().mean().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters() if p.requires_grad)

@@ -54,3 +54,42 @@ def test_triton_backend_matches_eager_bf16_gpu(mode):
     assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-3
     for n in ref_g:
         assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, n
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.name()] = self.calls.get(func.name(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_checkpointing_that_keeps_attention(backend):
+    """``enable_gradient_checkpointing(keep_attention=True)``: the same gradients as no checkpointing and as full
+    checkpointing, and the backward's recompute runs no self-attention forward (cross-attention is recomputed)."""
+    if HAS_CUDA and backend == "sdpa":
+        pytest.skip("op names differ per GPU backend; the CPU run checks the policy")
+    device = "cuda" if HAS_CUDA else "cpu"
+    inputs = _inputs(2, (2, 4, 6), 5, device, torch.float32)
+    op = "stdit::flash_attention_fwd" if backend == "triton" else "aten::_scaled_dot_product_flash_attention_for_cpu"
+    grads, counts = {}, {}
+    for mode in ("none", "full", "keep"):
+        m = tiny_model(attention_head_dim=32, num_layers=2).to(device).train()
+        if mode != "none":
+            m.enable_gradient_checkpointing(keep_attention=mode == "keep")
+        with _CountOps() as c:
+            _, grads[mode] = _forward_backward(m, inputs, backend)
+        counts[mode] = c.calls.get(op, 0)
+    layers = 2  # one self- and one cross-attention each
+    assert counts["none"] == 2 * layers
+    assert counts["full"] == 4 * layers
+    assert counts["keep"] == 3 * layers
+    for mode in ("full", "keep"):
+        assert grads[mode].keys() == grads["none"].keys()
+        for n in grads["none"]:
+            assert rel_err(grads[mode][n], grads["none"][n]) < 1e-6, (mode, n)
+    with pytest.raises(ValueError, match="not both"):
+        m.enable_gradient_checkpointing(lambda *a: None, keep_attention=True)

@@ -152,6 +152,24 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
+def test_activation_checkpointing_trains_the_same(tmp_path):
+    """Checkpointing (full recompute, and keeping the self-attention outputs) changes memory and time, not the
+    training: the same losses and weights as without it."""
+    base = ["train.steps=2", "train.ckpt_every=0", "train.ema_decay=0"]
+    runs = {name: train(tiny(tmp_path / name, base + extra)) for name, extra in (
+        ("plain", []),
+        ("full", ["train.activation_checkpointing=true", "train.checkpoint_keep_attention=false"]),
+        ("keep", ["train.activation_checkpointing=true"]))}
+    ref = load_file(str(Path(runs["plain"]["model_dir"]) / "diffusion_pytorch_model.safetensors"))
+    ref_log = read_log(Path(runs["plain"]["output_dir"]) / "log.jsonl")
+    for name in ("full", "keep"):
+        log = read_log(Path(runs[name]["output_dir"]) / "log.jsonl")
+        assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref_log], rel=1e-5), name
+        w = load_file(str(Path(runs[name]["model_dir"]) / "diffusion_pytorch_model.safetensors"))
+        for k in ref:
+            torch.testing.assert_close(w[k], ref[k], rtol=1e-4, atol=1e-6)
+
+
 def test_mismatched_data_and_model_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="the data has 3 channels but model.in_channels=4"):
         train(tiny(tmp_path, ["model.in_channels=4", "model.out_channels=4"]))

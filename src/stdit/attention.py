@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import math
 import os
+import threading
 import warnings
 from typing import Callable, Iterator
 
@@ -31,6 +32,10 @@ BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager")
 ENV_VAR = "STDIT_ATTENTION"
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("stdit_attention", default=None)
+# Open attention_backend() blocks in any thread. torch.compile cannot trace ContextVar.get (a graph break in every
+# attention call); with no block open the resolution never reads the ContextVar, and compiled code guards on this.
+_open_contexts = 0
+_open_lock = threading.Lock()
 _warned: set[str] = set()
 
 
@@ -44,10 +49,15 @@ def check_backend(name: str) -> str:
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
     """Use backend ``name`` for every attention call inside the ``with`` block (overrides the model's choice)."""
+    global _open_contexts
     token = _context_backend.set(check_backend(name))
+    with _open_lock:
+        _open_contexts += 1
     try:
         yield
     finally:
+        with _open_lock:
+            _open_contexts -= 1
         _context_backend.reset(token)
 
 
@@ -75,9 +85,14 @@ def auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return "triton" if sm90_forward_covers(q, k, v, key_padding_mask) else "sdpa"
 
 
+def context_backend() -> str | None:
+    """The backend of the innermost open :func:`attention_backend` block in this context, or None."""
+    return _context_backend.get() if _open_contexts else None
+
+
 def resolve_backend(preferred: str | None = None) -> str:
     """The backend an attention call uses now: context manager > ``preferred`` (the model's) > env > default."""
-    ctx = _context_backend.get()
+    ctx = context_backend()
     if ctx is not None:
         return ctx
     if preferred is not None:
@@ -237,6 +252,30 @@ def attention(
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     return _IMPLS[name](q, k, v, key_padding_mask=key_padding_mask, scale=scale)
+
+
+# The ops that run an attention core, as a checkpoint policy sees them (below autograd), and where each keeps its
+# sequence dim: torch's SDPA kernels take [B, H, S, D], ours [B, S, H, D].
+_ATTENTION_OPS = {
+    "aten::_scaled_dot_product_cudnn_attention": -2,
+    "aten::_scaled_dot_product_flash_attention": -2,
+    "aten::_scaled_dot_product_efficient_attention": -2,
+    "aten::_scaled_dot_product_flash_attention_for_cpu": -2,
+    "stdit::flash_attention_fwd": 1,
+}
+
+
+def keep_self_attention_policy(ctx, func, *args, **kwargs):
+    """Selective activation checkpointing policy: keep the outputs of every self-attention core (query length =
+    key length) and recompute everything else. With it, the backward's recompute of a block skips the attention
+    forward, the costliest op of a video DiT, for one more saved [B, S, H*D] tensor (and its logsumexp) per block.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    dim = _ATTENTION_OPS.get(getattr(func, "name", lambda: "")())
+    if dim is not None and len(args) >= 2 and args[0].shape[dim] == args[1].shape[dim]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

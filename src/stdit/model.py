@@ -10,6 +10,7 @@ image-to-video (condition channels concatenated to the input), and factorized sp
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -22,7 +23,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
 
-from stdit.attention import attention, check_backend, qk_norm_rope
+from stdit.attention import (attention, attention_backend, check_backend, context_backend,
+                             keep_self_attention_policy, qk_norm_rope)
 from stdit.ops import add_norm_modulate, feed_forward, norm_modulate
 from stdit.rope import RotaryEmbedding3D, apply_rope, axis_split
 
@@ -34,6 +36,23 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size) -> 
     """``[B, t*h*w, pt*ph*pw*C]`` tokens (feature order pt, ph, pw, C as in Wan) -> ``[B, C, T, H, W]``."""
     (t, h, w), (pt, ph, pw) = grid, patch_size
     return rearrange(tokens, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+
+def _checkpoint_block(module, *args, keep_attention: bool = False):
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    backend = context_backend()
+
+    def run(*inputs):
+        if backend is None:
+            return module(*inputs)
+        with attention_backend(backend):
+            return module(*inputs)
+
+    kwargs = {}
+    if keep_attention:
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_self_attention_policy)
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class StDiTAttention(nn.Module):
@@ -223,6 +242,21 @@ class StDiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
     # ---- runtime choices (never stored in the config) -------------------------------------------------
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None, keep_attention: bool = False) -> None:
+        """Recompute each block's activations in the backward (activation checkpointing, non-reentrant).
+
+        The recompute runs under the attention backend the forward ran with, also when that came from an
+        :func:`~stdit.attention.attention_backend` block that the backward is outside of. With ``keep_attention=True``
+        the self-attention outputs are kept instead of recomputed (torch's selective checkpointing with
+        :func:`stdit.attention.keep_self_attention_policy`): the recompute skips the attention forward, at the cost
+        of one more saved [B, S, dim] activation per block.
+        """
+        if gradient_checkpointing_func is None:
+            gradient_checkpointing_func = functools.partial(_checkpoint_block, keep_attention=keep_attention)
+        elif keep_attention:
+            raise ValueError("pass either gradient_checkpointing_func or keep_attention=True, not both")
+        super().enable_gradient_checkpointing(gradient_checkpointing_func)
+
     def set_attention_backend(self, backend: str | None) -> None:
         """Pick the attention backend for every attention of this model (None: ``STDIT_ATTENTION`` / default)."""
         if backend is not None:

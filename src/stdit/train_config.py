@@ -70,6 +70,9 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay (0 disables EMA)", min=0.0, max=1.0)
     ema_warmup: bool = _f(True, "ramp the EMA decay up as (1 + step) / (10 + step) early in training")
     activation_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
+    checkpoint_keep_attention: bool = _f(True, "with activation_checkpointing: keep each self-attention's output "
+                                         "instead of recomputing it (one more [S, dim] activation per block; the "
+                                         "recompute skips the attention forward)")
     compile: bool = _f(False, "torch.compile each block")
     attention_backend: str | None = _f(None, "attention backend (None: default for the device)",
                                        choices=(None, "auto", "triton", "sdpa", "xformers", "eager"))
