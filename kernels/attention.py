@@ -592,6 +592,12 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     keys = (h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk))
     tune_key = (d, has_mask, common["PREC"], _bucket(sq), _bucket(sk), q.dtype)
+    if os.environ.get("STDIT_ATTN_SM90_BWD") == "1" and sm90_forward_covers(q, k, v, key_padding_mask) and d == 128 \
+            and _sm90.supports(do, do, do, None) and _tma_allowed(q, k, v, do):
+        # Work in progress: the one-pass Gluon backward (kernels/attention_sm90_bwd.py), opt-in until measured.
+        from . import attention_sm90_bwd
+
+        return attention_sm90_bwd.backward(do, q, k, v, o, lse, delta, scale)
     if _atomic_backward():
         dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
         use_tma = _tma_allowed(q, do)

@@ -242,3 +242,21 @@ def test_sm90_forward_then_backward_gpu():
     low = run(lambda *a: attention_ref(*a, dtype=torch.bfloat16), q, k, v, None, do)
     for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
         check_rule(name, x, r, lo)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("b,sq,sk,h,dtype,layout", [
+    (1, 1000, 1000, 2, torch.bfloat16, "plain"), (2, 1000, 77, 3, torch.bfloat16, "plain"),
+    (2, 77, 1000, 2, torch.float16, "plain"), (1, 4097, 4097, 2, torch.bfloat16, "fused"),
+    (1, 1, 300, 2, torch.float16, "plain")])
+def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout, monkeypatch):
+    """Work in progress (opt-in STDIT_ATTN_SM90_BWD=1): the one-pass Gluon backward, all gradients right."""
+    q, k, v, _, do = make_inputs(b, sq, sk, h, 128, dtype, False, seed=sq + sk, layout=layout)
+    _sm90_or_skip(q, k, v)
+    monkeypatch.setenv("STDIT_ATTN_SM90_BWD", "1")
+    out = run(kernels.flash_attention, q, k, v, None, do)
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, None, do)
+    low = run(lambda *a: attention_ref(*a, dtype=dtype), q, k, v, None, do)
+    for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
+        check_rule(name, x, r, lo)

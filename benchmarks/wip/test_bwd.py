@@ -1,4 +1,4 @@
-"""GPU check + timing of the Gluon one-pass backward (benchmarks/wip/attention_sm90_bwd.py). Run from the repo root with
+"""GPU check + timing of the Gluon one-pass backward (kernels/attention_sm90_bwd.py). Run from the repo root with
 stdit importable; writes $OUT/bwd.json."""
 import importlib.util, json, os, sys, traceback
 import torch, triton
@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from stdit.kernels import attention as ka
 from stdit.kernels.attention_ref import attention_ref
-spec = importlib.util.spec_from_file_location("kb", "benchmarks/wip/attention_sm90_bwd.py")
-kb = importlib.util.module_from_spec(spec); spec.loader.exec_module(kb)
+from stdit.kernels import attention_sm90_bwd as kb
 ka._ensure_allocator()
 out = {"check": [], "bench": []}
 

@@ -22,7 +22,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
-from stdit.kernels.attention_sm90 import _tma_load
+from .attention_sm90 import _tma_load
 
 # Renamed between Triton releases (3.6: thread_barrier; later: barrier).
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
