@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import num_sms
+
 
 @triton.jit
 def _add(a, b):
@@ -241,11 +243,6 @@ MAX_D = 16384
 SPLIT_BLOCK_D = 4096
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -265,7 +262,7 @@ def _config(B, S, block_d, device, tile, num_warps=None, d_blocks=1, per_thread=
         num_warps = max(1, min(32, block_m * block_d // (32 * per_thread)))
     if device.type == "cuda":
         # A few programs per SM hide latency; more would only grow the partial-sum buffers.
-        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target = 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 3  # interpreter: several programs per sample, so the partial sums are exercised
     per_sample = max(1, target // (B * d_blocks))

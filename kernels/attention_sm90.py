@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.testing
 
+from ._device import num_sms
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -53,7 +55,7 @@ if HAVE_GLUON:
                 STAGES: gl.constexpr):
         # One warp issues every TMA load: per output tile one Q block per consumer, then K and V through the rings.
         # The rings' slot counter runs on across tiles, so the next tile's first blocks load under this tile's end.
-        HALF: gl.constexpr = q_smem.shape[1]
+        WG_ROWS: gl.constexpr = q_smem.shape[1]
         n_kv = gl.cdiv(SK, BLOCK_N)
         t = 0
         tc = 0
@@ -61,12 +63,12 @@ if HAVE_GLUON:
             bh = tile // n_m
             b = bh // H
             col = (bh % H) * D
-            q_row = b * SQ + (tile % n_m) * (NW * HALF)
+            q_row = b * SQ + (tile % n_m) * (NW * WG_ROWS)
             for w in gl.static_range(NW):
                 # A fresh barrier is in phase 0, so waiting on parity 1 passes: the first round needs no release.
                 mbarrier.wait(q_empty.index(w), (tc & 1) ^ 1)
                 mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-                _tma_load(q_desc, [q_row + w * HALF, col], q_ready.index(w), q_smem.index(w))
+                _tma_load(q_desc, [q_row + w * WG_ROWS, col], q_ready.index(w), q_smem.index(w))
             for j in range(n_kv):
                 slot = t % STAGES
                 free = ((t // STAGES) & 1) ^ 1
@@ -95,14 +97,21 @@ if HAVE_GLUON:
             mbarrier.arrive(turn.index((WG + 1) % NW), count=1)
 
     @gluon.jit
+    def _last_key_block(s, q_empty, WG: gl.constexpr, last_cols, SK):
+        # Q is free for the next tile, and only this block reaches past SK (those K, V rows are zeros or the next
+        # sequence's; their probabilities are set to 0).
+        mbarrier.arrive(q_empty.index(WG), count=1)
+        return gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
+
+    @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE,
                   sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr,
                   D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-        # One warpgroup, HALF query rows of each tile. Per key block j it issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}
-        # back to back (in its ping-pong turn), then runs the softmax of S_j while O's product and the other
-        # consumers' products keep the tensor cores busy.
+        # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
+        # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
+        # and the other consumers' products keep the tensor cores busy.
         dtype: gl.constexpr = q_smem.dtype
-        HALF: gl.constexpr = q_smem.shape[1]
+        WG_ROWS: gl.constexpr = q_smem.shape[1]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -111,7 +120,7 @@ if HAVE_GLUON:
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
         q = q_smem.index(WG)
-        s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+        s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         n_kv = gl.cdiv(SK, BLOCK_N)
         last_cols = (n_kv - 1) * BLOCK_N + cols0
@@ -129,12 +138,11 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(0, deps=[s])
             mbarrier.arrive(k_empty.index(slot), count=1)
             if n_kv == 1:
-                mbarrier.arrive(q_empty.index(WG), count=1)
-                s = gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
+                s = _last_key_block(s, q_empty, WG, last_cols, SK)
             m_i = gl.max(s, 1) * qk_scale
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
             l_i = gl.sum(p, 1)
-            acc = gl.zeros([HALF, D], gl.float32, o_layout)
+            acc = gl.zeros([WG_ROWS, D], gl.float32, o_layout)
             for j in range(1, n_kv):
                 tj = t + j
                 slot = tj % STAGES
@@ -151,10 +159,7 @@ if HAVE_GLUON:
                 s = warpgroup_mma_wait(1, deps=[s])
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 if j == n_kv - 1:
-                    # The last key block: Q is free for the next tile, and only this block reaches past SK
-                    # (those K, V rows are zeros or the next sequence's; their probabilities are set to 0).
-                    mbarrier.arrive(q_empty.index(WG), count=1)
-                    s = gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
+                    s = _last_key_block(s, q_empty, WG, last_cols, SK)
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
                 alpha = gl.exp2(m_i - m_new)
@@ -175,14 +180,14 @@ if HAVE_GLUON:
 
             # Epilogue, under the loads of the next tile's first blocks.
             bh = tile // n_m
-            row0 = (tile % n_m) * (NW * HALF) + WG * HALF
+            row0 = (tile % n_m) * (NW * WG_ROWS) + WG * WG_ROWS
             base = (bh // H).to(gl.int64) * sob + (bh % H) * soh
             acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
-            offs_m = row0 + gl.arange(0, HALF, layout=orow_layout)
+            offs_m = row0 + gl.arange(0, WG_ROWS, layout=orow_layout)
             offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
             gl.store(O + base + gl.expand_dims(offs_m, 1) * sos + gl.expand_dims(offs_d, 0), acc.to(dtype),
                      mask=gl.expand_dims(offs_m < SQ, 1))
-            rows = row0 + gl.arange(0, HALF, layout=row_layout)
+            rows = row0 + gl.arange(0, WG_ROWS, layout=row_layout)
             gl.store(LSE + bh.to(gl.int64) * SQ + rows, m_i + gl.log2(l_i), mask=rows < SQ)
             t += n_kv
             tc += 1
@@ -197,16 +202,16 @@ if HAVE_GLUON:
         # Partitions: this default one and NW - 1 workers are the consumer warpgroups (64 query rows each);
         # a one-warp worker loads.
         dtype: gl.constexpr = Q.dtype.element_ty
-        HALF: gl.constexpr = 64
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, D], dtype)
+        WG_ROWS: gl.constexpr = 64
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_ROWS, D], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-        q_desc = tma.make_tensor_descriptor(Q, shape=[B * SQ, H * D], strides=[sqs, 1], block_shape=[HALF, D],
+        q_desc = tma.make_tensor_descriptor(Q, shape=[B * SQ, H * D], strides=[sqs, 1], block_shape=[WG_ROWS, D],
                                             layout=q_layout)
         k_desc = tma.make_tensor_descriptor(K, shape=[B * SK, H * D], strides=[sks, 1], block_shape=[BLOCK_N, D],
                                             layout=kv_layout)
         v_desc = tma.make_tensor_descriptor(V, shape=[B * SK, H * D], strides=[svs, 1], block_shape=[BLOCK_N, D],
                                             layout=kv_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [NW, HALF, D], q_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NW, WG_ROWS, D], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -228,7 +233,7 @@ if HAVE_GLUON:
             mbarrier.init(v_empty.index(i), count=NW)
         fence_async_shared()
 
-        n_m = gl.cdiv(SQ, NW * HALF)
+        n_m = gl.cdiv(SQ, NW * WG_ROWS)
         n_tiles = n_m * B * H
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
@@ -270,7 +275,6 @@ _CONFIGS = {
     64: [(128, 3, 3, True, True)],
 }
 _TUNED = {}
-_SMS = {}
 
 
 def supports(q, k, v, key_padding_mask) -> bool:
@@ -289,10 +293,7 @@ def _launch(cfg, q, k, v, o, lse, qk_scale):
     block_n, stages, nw, pingpong, persistent = cfg
     n_tiles = triton.cdiv(sq, 64 * nw) * b * h
     if persistent:
-        idx = q.device.index
-        if idx not in _SMS:
-            _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        n_tiles = min(n_tiles, _SMS[idx])
+        n_tiles = min(n_tiles, num_sms(q.device.index))
     _attn_fwd_sm90[(n_tiles,)](
         q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
         b, h, sq, k.shape[1], qk_scale, D=d, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, num_warps=4,

@@ -212,7 +212,7 @@ def _sm90_or_skip(q, k, v):
 def test_sm90_forward_every_config_gpu(b, sq, sk, h, d, dtype, layout, monkeypatch):
     """The Hopper forward, each of its configs, against the fp32 reference (poisoned outputs, so every element
     must be written), and its logsumexp against the general kernel's on the same inputs."""
-    q, k, v, _, do = make_inputs(b, sq, sk, h, d, dtype, False, seed=sq * 7 + sk + d, layout=layout)
+    q, k, v, _, _ = make_inputs(b, sq, sk, h, d, dtype, False, seed=sq * 7 + sk + d, layout=layout)
     ka = _sm90_or_skip(q, k, v)
     ref = attention_ref(q, k, v, None, dtype=torch.float32)
     low = attention_ref(q, k, v, None, dtype=dtype)
