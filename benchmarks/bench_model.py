@@ -31,6 +31,7 @@ FAMILIES = [
     ("rope", r"rope|rotary"),
     ("gelu", r"gelu"),
     ("copy/layout", r"copy|cat|transpose|contiguous|permute|index"),
+    ("reduce", r"reduce"),
     ("elementwise", r"elementwise|vectorized|add|mul|fill"),
 ]
 
@@ -42,7 +43,7 @@ def family(name: str) -> str:
     return "other"
 
 
-def profile(fn, path: Path) -> list[dict]:
+def profile(fn, path: Path, what: str = "one forward") -> list[dict]:
     """One profiled call: GPU time per op family and the top kernels, written to ``path``."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -57,7 +58,7 @@ def profile(fn, path: Path) -> list[dict]:
     total = sum(per_family.values())
     rows = [{"family": k, "ms": v, "share": v / total} for k, v in sorted(per_family.items(), key=lambda kv: -kv[1])]
     top = sorted(kernels, key=lambda e: -getattr(e, attr))[:25]
-    text = "GPU time per op family (one forward)\n" + "\n".join(
+    text = f"GPU time per op family ({what})\n" + "\n".join(
         f"{r['family']:>14}  {r['ms']:9.2f} ms  {100 * r['share']:5.1f}%" for r in rows)
     text += "\n\nTop kernels\n" + "\n".join(f"{getattr(e, attr) / 1e3:9.2f} ms  x{e.count:<4} {e.key[:110]}" for e in top)
     path.write_text(text + "\n")

@@ -3,7 +3,9 @@ WanTransformer3DModel holding the same weights: tokens/s, model FLOP utilization
 
     python benchmarks/bench_train.py                      # Wan2.1-T2V-1.3B, 480p x 81 frames (32,760 tokens)
 
-Rows per backend: full recompute, and selective checkpointing that keeps each self-attention's output.
+Rows per backend: full recompute; selective checkpointing that keeps each self-attention's output; and one that also
+keeps every matmul output (only elementwise ops recomputed). The fastest stdit row is profiled per op family
+(``train-profile-<gpu>.txt``; ``--no-profile`` skips it).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import SHAPES, TEXT_LEN  # noqa: E402
-from common import bar_plot, bench_ms, machine, peak_memory_gib, write_results  # noqa: E402
+from bench_model import SHAPES, TEXT_LEN, profile  # noqa: E402
+from common import RESULTS, bar_plot, bench_ms, gpu_slug, machine, peak_memory_gib, write_results  # noqa: E402
 from wan_models import model_flops, random_wan_pair  # noqa: E402
 
 # dense bf16 tensor-core peak (no sparsity) by GPU, for MFU
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="wan2.1-t2v-1.3b")
     p.add_argument("--shape", default="480p", choices=list(SHAPES))
     p.add_argument("--backends", nargs="+", default=["triton", "sdpa"])
+    p.add_argument("--no-profile", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_train needs a CUDA GPU.", file=sys.stderr)
@@ -60,13 +63,21 @@ def main(argv=None) -> int:
         return fn
 
     rows, base = [], None
-    candidates = [("diffusers Wan", wan, None, False)] + [(f"stdit ({b})", ours, b, False) for b in args.backends]
-    # Selective checkpointing: the recompute skips each self-attention forward (its output is kept instead).
-    candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, True) for b in args.backends]
-    for name, model, backend, keep in candidates:
-        ours.set_attention_backend(backend)
+    candidates = [("diffusers Wan", wan, None, "none")]
+    candidates += [(f"stdit ({b})", ours, b, "none") for b in args.backends]
+    # Selective checkpointing: the recompute skips each self-attention forward (its output is kept instead), and
+    # with matmuls kept too, it runs only the elementwise ops.
+    candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, "attention") for b in args.backends]
+    candidates += [(f"stdit ({b}, checkpoint keeps attention + matmuls)", ours, b, "matmuls") for b in args.backends]
+
+    def setup(model, backend, keep):
         if model is ours:
-            ours.enable_gradient_checkpointing(keep_attention=keep)
+            ours.set_attention_backend(backend)
+            ours.enable_gradient_checkpointing(keep_attention=keep == "attention", keep_matmuls=keep == "matmuls")
+
+    best = None
+    for name, model, backend, keep in candidates:
+        setup(model, backend, keep)
         fn = step(model)
         try:
             fn()
@@ -85,7 +96,16 @@ def main(argv=None) -> int:
                      "TFLOP/s": flops / ms / 1e9, "MFU": (flops / ms / 1e9 / peak) if peak else None,
                      "peak GiB": mem})
         print(rows[-1])
+        if model is ours and (best is None or tps > best[0]):
+            best = (tps, name, model, backend, keep)
     name = "train" if args.config == "wan2.1-t2v-1.3b" else f"train-{args.config}"
+    if best is not None and not args.no_profile:
+        _, best_name, model, backend, keep = best
+        setup(model, backend, keep)
+        slug = gpu_slug(machine()["gpu"])
+        profile(step(model), RESULTS / f"{name}-profile-{slug}.txt", what=f"one training step, {best_name}")
+        for p_ in params:
+            p_.grad = None
     md = write_results(
         name, f"Training step (fwd+bwd, activation checkpointing), {args.config}, {args.shape}, bf16", rows,
         ["impl", "tokens", "step ms", "tokens/s", "vs diffusers", "TFLOP/s", "MFU", "peak GiB", "error"],

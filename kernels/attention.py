@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import attention_sm90 as _sm90
+from . import attention_sm90_bwd as _sm90_bwd
 
 SUPPORTED_HEAD_DIMS = frozenset({32, 48, 64, 72, 80, 96, 128})
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -494,6 +495,16 @@ def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
     return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v)
 
 
+def _sm90_backward_allowed(do, q, k, v, key_padding_mask) -> bool:
+    """The one-pass Hopper backward (:mod:`.attention_sm90_bwd`): d=128 within the forward's scope, dO in the same
+    row-view layout, not in deterministic mode (dQ is summed with bulk reduce-adds). ``STDIT_ATTN_SM90_BWD=0``
+    turns it off."""
+    if os.environ.get("STDIT_ATTN_SM90_BWD", "1") == "0" or torch.are_deterministic_algorithms_enabled():
+        return False
+    return (q.shape[-1] in _sm90_bwd.HEAD_DIMS and sm90_forward_covers(q, k, v, key_padding_mask)
+            and _sm90.supports(do, do, do, None) and _tma_allowed(q, k, v, do))
+
+
 def _scratch(size: int, align: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -573,8 +584,11 @@ def _atomic_backward() -> bool:
 def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
     """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype.
 
-    Two passes, dK/dV then dQ, with no atomics (deterministic). ``STDIT_ATTN_ATOMIC_BWD=1`` selects one pass with an
-    fp32 atomic dQ instead (run-to-run bits may differ); on H100 it measured slower (see NOTES-attention.md).
+    On Hopper, within its scope (d=128, no key mask, row-view layouts), one pass in Gluon that sums dQ in fp32 with
+    bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and whenever
+    ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics (deterministic).
+    ``STDIT_ATTN_ATOMIC_BWD=1`` selects a one-pass Triton kernel with an fp32 atomic dQ instead; on H100 it measured
+    slower (see NOTES-attention.md).
     """
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -592,6 +606,8 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     keys = (h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk))
     tune_key = (d, has_mask, common["PREC"], _bucket(sq), _bucket(sk), q.dtype)
+    if not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask):
+        return _sm90_bwd.backward(do, q, k, v, o, lse, delta, scale)
     if _atomic_backward():
         dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
         use_tma = _tma_allowed(q, do)

@@ -128,10 +128,16 @@ def test_flash_attention_gpu_fp32():
 @pytest.mark.gpu
 @gpu
 def test_flash_attention_gpu_deterministic_and_fully_written(monkeypatch):
+    """With torch's deterministic mode on, the backward takes the two-pass kernels (no atomics): same bits twice."""
     monkeypatch.setenv("STDIT_ATTN_ATOMIC_BWD", "0")
     q, k, v, kpm, do = make_inputs(1, 4097, 4097, 2, 128, torch.bfloat16, False, seed=11)
-    a = run(kernels.flash_attention, q, k, v, kpm, do)
-    b = run(kernels.flash_attention, q, k, v, kpm, do)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        a = run(kernels.flash_attention, q, k, v, kpm, do)
+        b = run(kernels.flash_attention, q, k, v, kpm, do)
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -233,12 +239,33 @@ def test_sm90_forward_every_config_gpu(b, sq, sk, h, d, dtype, layout, monkeypat
 
 @pytest.mark.gpu
 @gpu
-def test_sm90_forward_then_backward_gpu():
-    """Forward on the Hopper kernel, backward on the shared kernels from its logsumexp: all gradients right."""
+def test_sm90_forward_then_backward_gpu(monkeypatch):
+    """Forward on the Hopper kernel, backward on the two-pass kernels from its logsumexp: all gradients right."""
     q, k, v, _, do = make_inputs(2, 1000, 777, 2, 128, torch.bfloat16, False, seed=21)
-    _sm90_or_skip(q, k, v)
+    ka = _sm90_or_skip(q, k, v)
+    monkeypatch.setenv("STDIT_ATTN_SM90_BWD", "0")
+    assert not ka._sm90_backward_allowed(do, q, k, v, None)
     out = run(kernels.flash_attention, q, k, v, None, do)
     ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, None, do)
     low = run(lambda *a: attention_ref(*a, dtype=torch.bfloat16), q, k, v, None, do)
+    for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
+        check_rule(name, x, r, lo)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("b,sq,sk,h,dtype,layout", [
+    (1, 1000, 1000, 2, torch.bfloat16, "plain"), (2, 1000, 77, 3, torch.bfloat16, "plain"),
+    (2, 77, 1000, 2, torch.float16, "plain"), (1, 4097, 4097, 2, torch.bfloat16, "fused"),
+    (1, 1, 300, 2, torch.float16, "plain")])
+def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout):
+    """The one-pass Gluon backward (the default on Hopper at d=128): all gradients right, with tails on both
+    lengths, cross-attention lengths, batches sharing one row view, a fused q/k/v layout and a single query."""
+    q, k, v, _, do = make_inputs(b, sq, sk, h, 128, dtype, False, seed=sq + sk, layout=layout)
+    ka = _sm90_or_skip(q, k, v)
+    assert ka._sm90_backward_allowed(do, q, k, v, None)
+    out = run(kernels.flash_attention, q, k, v, None, do)
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, None, do)
+    low = run(lambda *a: attention_ref(*a, dtype=dtype), q, k, v, None, do)
     for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
         check_rule(name, x, r, lo)

@@ -69,25 +69,30 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_checkpointing_that_keeps_attention(backend):
     """``enable_gradient_checkpointing(keep_attention=True)``: the same gradients as no checkpointing and as full
-    checkpointing, and the backward's recompute runs no self-attention forward (cross-attention is recomputed)."""
+    checkpointing, and the backward's recompute runs no self-attention forward (cross-attention is recomputed);
+    with ``keep_matmuls=True`` it runs no matrix product either (the same matmul count as no checkpointing)."""
     if HAS_CUDA and backend == "sdpa":
         pytest.skip("op names differ per GPU backend; the CPU run checks the policy")
     device = "cuda" if HAS_CUDA else "cpu"
     inputs = _inputs(2, (2, 4, 6), 5, device, torch.float32)
     op = "stdit::flash_attention_fwd" if backend == "triton" else "aten::_scaled_dot_product_flash_attention_for_cpu"
-    grads, counts = {}, {}
-    for mode in ("none", "full", "keep"):
+    grads, counts, matmuls = {}, {}, {}
+    for mode in ("none", "full", "keep", "keep_mm"):
         m = tiny_model(attention_head_dim=32, num_layers=2).to(device).train()
         if mode != "none":
-            m.enable_gradient_checkpointing(keep_attention=mode == "keep")
+            m.enable_gradient_checkpointing(keep_attention=mode == "keep", keep_matmuls=mode == "keep_mm")
         with _CountOps() as c:
             _, grads[mode] = _forward_backward(m, inputs, backend)
         counts[mode] = c.calls.get(op, 0)
+        matmuls[mode] = sum(c.calls.get(name, 0) for name in ("aten::mm", "aten::addmm", "aten::bmm"))
     layers = 2  # one self- and one cross-attention each
     assert counts["none"] == 2 * layers
     assert counts["full"] == 4 * layers
     assert counts["keep"] == 3 * layers
-    for mode in ("full", "keep"):
+    assert counts["keep_mm"] == 3 * layers
+    assert matmuls["full"] == matmuls["keep"] > matmuls["none"] > 0
+    assert matmuls["keep_mm"] == matmuls["none"]
+    for mode in ("full", "keep", "keep_mm"):
         assert grads[mode].keys() == grads["none"].keys()
         for n in grads["none"]:
             assert rel_err(grads[mode][n], grads["none"][n]) < 1e-6, (mode, n)

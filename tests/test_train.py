@@ -153,16 +153,17 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path):
 
 
 def test_activation_checkpointing_trains_the_same(tmp_path):
-    """Checkpointing (full recompute, and keeping the self-attention outputs) changes memory and time, not the
-    training: the same losses and weights as without it."""
+    """Checkpointing (full recompute, keeping the self-attention outputs, keeping those and the matmul outputs)
+    changes memory and time, not the training: the same losses and weights as without it."""
     base = ["train.steps=2", "train.ckpt_every=0", "train.ema_decay=0"]
     runs = {name: train(tiny(tmp_path / name, base + extra)) for name, extra in (
         ("plain", []),
         ("full", ["train.activation_checkpointing=true", "train.checkpoint_keep_attention=false"]),
-        ("keep", ["train.activation_checkpointing=true"]))}
+        ("keep", ["train.activation_checkpointing=true"]),
+        ("keep_mm", ["train.activation_checkpointing=true", "train.checkpoint_keep_matmuls=true"]))}
     ref = load_file(str(Path(runs["plain"]["model_dir"]) / "diffusion_pytorch_model.safetensors"))
     ref_log = read_log(Path(runs["plain"]["output_dir"]) / "log.jsonl")
-    for name in ("full", "keep"):
+    for name in ("full", "keep", "keep_mm"):
         log = read_log(Path(runs[name]["output_dir"]) / "log.jsonl")
         assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref_log], rel=1e-5), name
         w = load_file(str(Path(runs[name]["model_dir"]) / "diffusion_pytorch_model.safetensors"))

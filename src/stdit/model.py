@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from stdit.attention import (attention, attention_backend, check_backend, context_backend,
-                             keep_self_attention_policy, qk_norm_rope)
+                             keep_attention_and_matmuls_policy, keep_self_attention_policy, qk_norm_rope)
 from stdit.ops import add_norm_modulate, feed_forward, norm_modulate
 from stdit.rope import RotaryEmbedding3D, apply_rope, axis_split
 
@@ -38,7 +38,7 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size) -> 
     return rearrange(tokens, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
 
-def _checkpoint_block(module, *args, keep_attention: bool = False):
+def _checkpoint_block(module, *args, keep: str = "none"):
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     backend = context_backend()
@@ -50,8 +50,9 @@ def _checkpoint_block(module, *args, keep_attention: bool = False):
             return module(*inputs)
 
     kwargs = {}
-    if keep_attention:
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_self_attention_policy)
+    if keep != "none":
+        policy = keep_attention_and_matmuls_policy if keep == "attention+matmuls" else keep_self_attention_policy
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
@@ -242,19 +243,23 @@ class StDiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
     # ---- runtime choices (never stored in the config) -------------------------------------------------
-    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None, keep_attention: bool = False) -> None:
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None, keep_attention: bool = False,
+                                      keep_matmuls: bool = False) -> None:
         """Recompute each block's activations in the backward (activation checkpointing, non-reentrant).
 
         The recompute runs under the attention backend the forward ran with, also when that came from an
         :func:`~stdit.attention.attention_backend` block that the backward is outside of. With ``keep_attention=True``
         the self-attention outputs are kept instead of recomputed (torch's selective checkpointing with
         :func:`stdit.attention.keep_self_attention_policy`): the recompute skips the attention forward, at the cost
-        of one more saved [B, S, dim] activation per block.
+        of one more saved [B, S, dim] activation per block. ``keep_matmuls=True`` (implies ``keep_attention``) also
+        keeps every matrix product's output (:func:`stdit.attention.keep_attention_and_matmuls_policy`): only the
+        elementwise ops are recomputed, for about 13 more [B, S, dim] activations per block.
         """
+        keep = "attention+matmuls" if keep_matmuls else "attention" if keep_attention else "none"
         if gradient_checkpointing_func is None:
-            gradient_checkpointing_func = functools.partial(_checkpoint_block, keep_attention=keep_attention)
-        elif keep_attention:
-            raise ValueError("pass either gradient_checkpointing_func or keep_attention=True, not both")
+            gradient_checkpointing_func = functools.partial(_checkpoint_block, keep=keep)
+        elif keep != "none":
+            raise ValueError("pass either gradient_checkpointing_func or keep_attention/keep_matmuls, not both")
         super().enable_gradient_checkpointing(gradient_checkpointing_func)
 
     def set_attention_backend(self, backend: str | None) -> None:

@@ -171,7 +171,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
     if tc.attention_backend:
         model.set_attention_backend(tc.attention_backend)
     if tc.activation_checkpointing:
-        model.enable_gradient_checkpointing(keep_attention=tc.checkpoint_keep_attention)
+        model.enable_gradient_checkpointing(keep_attention=tc.checkpoint_keep_attention,
+                                             keep_matmuls=tc.checkpoint_keep_matmuls)
     if sp > 1:
         from stdit.parallel.ulysses import new_sp_group
 

@@ -1,0 +1,252 @@
+"""One-pass flash attention backward for Hopper (sm_90), in Gluon.
+
+A program owns a block of 128 keys; two consumer warpgroups own 64 keys each and hold dK, dV for them in
+registers (as 64-column halves: four [64, 64] fp32 accumulators). A one-warp load partition brings K, V once and
+streams Q and dO in 64-row blocks (each as two 64-column halves, [64, 64] bf16 = 128-byte swizzled rows) through
+a ring. Per query block each consumer computes S^T = K Q^T and dP^T = V dO^T for its keys, P^T and dS^T in
+registers (the A operands of dV += P^T dO and dK += dS^T Q), and writes dS (transposed) to shared memory; after
+both consumers wrote theirs (an mbarrier), consumer w computes dQ[:, 64w:64w+64] = dS K[:, 64w:64w+64] over all
+128 keys and leaves it in shared memory, where a one-warp writer partition adds it into an fp32 dQ buffer with a
+TMA bulk reduce. Five matrix products per tile pair (the two-pass backward does seven).
+
+Measured on an H200 (bf16, B1 H12 S32760 d128): 34.1 ms, 483 TFLOP/s, against 40.7 ms for the two-pass Triton
+backward and 30.9 ms for cuDNN's (see benchmarks/NOTES-attention.md).
+
+Scope (as the forward): d=128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do; the caller
+(:func:`.attention.flash_attention_backward`) checks it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .attention_sm90 import HAVE_GLUON
+
+HEAD_DIMS = (128,)
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+
+    from .attention_sm90 import _tma_load
+
+    # Renamed between Triton releases (3.6: thread_barrier; later: barrier).
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+    if hasattr(tma, "async_atomic_add"):
+        _tma_reduce_add = tma.async_atomic_add
+    else:  # triton 3.6: the builder has the op; the Python wrapper came in a later release
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
+
+    @gluon.jit
+    def _bwd_loader(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, q_ready, q_empty,
+                    do_ready, do_empty, q_row0, k_row, col, n_m, STAGES: gl.constexpr):
+        # K and V of this program's 128 keys once (per consumer w and column half c: slot 2w + c), then Q and dO.
+        HB: gl.constexpr = 64
+        mbarrier.expect(kv_bar, 8 * k_desc.block_type.nbytes)
+        for w in gl.static_range(2):
+            for c in gl.static_range(2):
+                _tma_load(k_desc, [k_row + w * HB, col + c * HB], kv_bar, k_smem.index(2 * w + c))
+                _tma_load(v_desc, [k_row + w * HB, col + c * HB], kv_bar, v_smem.index(2 * w + c))
+        for i in range(n_m):
+            slot = i % STAGES
+            free = ((i // STAGES) & 1) ^ 1
+            row = q_row0 + i * HB
+            mbarrier.wait(q_empty.index(slot), free)
+            mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
+            _tma_load(q_desc, [row, col], q_ready.index(slot), q_smem.index(2 * slot))
+            _tma_load(q_desc, [row, col + HB], q_ready.index(slot), q_smem.index(2 * slot + 1))
+            mbarrier.wait(do_empty.index(slot), free)
+            mbarrier.expect(do_ready.index(slot), 2 * do_desc.block_type.nbytes)
+            _tma_load(do_desc, [row, col], do_ready.index(slot), do_smem.index(2 * slot))
+            _tma_load(do_desc, [row, col + HB], do_ready.index(slot), do_smem.index(2 * slot + 1))
+
+
+    @gluon.jit
+    def _bwd_dq_writer(dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m):
+        # One warp: each consumer's dQ tile (fp32, shared memory) is added to the dQ buffer with a TMA bulk reduce.
+        HB: gl.constexpr = 64
+        for i in range(n_m):
+            for w in gl.static_range(2):
+                mbarrier.wait(dq_ready.index(w), i & 1)
+                _tma_reduce_add(dq_desc, [q_row0 + i * HB, col + w * HB], dq_smem.index(w))
+            tma.store_wait(0)
+            mbarrier.arrive(dq_empty.index(0), count=1)
+            mbarrier.arrive(dq_empty.index(1), count=1)
+
+
+    @gluon.jit
+    def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty,
+                      ds_ready, dq_ready, dq_empty, DK, DV, LSE, DELTA, col, key0, lse_base, sgs, SQ, SK, n_m, qk_scale,
+                      sm_scale, WG: gl.constexpr, STAGES: gl.constexpr):
+        dtype: gl.constexpr = q_smem.dtype
+        HB: gl.constexpr = 64
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HB, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        key_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        qry_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        dk_lo = gl.zeros([HB, HB], gl.float32, acc_layout)
+        dk_hi = gl.zeros([HB, HB], gl.float32, acc_layout)
+        dv_lo = gl.zeros([HB, HB], gl.float32, acc_layout)
+        dv_hi = gl.zeros([HB, HB], gl.float32, acc_layout)
+        keys = key0 + WG * HB + gl.arange(0, HB, layout=key_layout)
+        keep = gl.expand_dims(keys < SK, 1)
+        k_lo = k_smem.index(2 * WG)
+        k_hi = k_smem.index(2 * WG + 1)
+        v_lo = v_smem.index(2 * WG)
+        v_hi = v_smem.index(2 * WG + 1)
+        mbarrier.wait(kv_bar, 0)
+        for i in range(n_m):
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            qs = i * HB + gl.arange(0, HB, layout=qry_layout)
+            lse = gl.load(LSE + lse_base + qs, mask=qs < SQ, other=float("inf"))
+            delta = gl.load(DELTA + lse_base + qs, mask=qs < SQ, other=0.0)
+            q_lo = q_smem.index(2 * slot)
+            q_hi = q_smem.index(2 * slot + 1)
+            do_lo = do_smem.index(2 * slot)
+            do_hi = do_smem.index(2 * slot + 1)
+            mbarrier.wait(q_ready.index(slot), phase)
+            zero = gl.zeros([HB, HB], gl.float32, acc_layout)
+            st = warpgroup_mma(k_lo, q_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
+            st = warpgroup_mma(k_hi, q_hi.permute((1, 0)), st, is_async=True)
+            mbarrier.wait(do_ready.index(slot), phase)
+            dpt = warpgroup_mma(v_lo, do_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dpt = warpgroup_mma(v_hi, do_hi.permute((1, 0)), dpt, is_async=True)
+            # Groups retire in order: two outstanding = the dP^T products; S^T is done.
+            st = warpgroup_mma_wait(2, deps=[st])
+            # Keys past SK (zeros or the next sequence's rows) and queries past SQ (lse = +inf) get P = 0.
+            pt = gl.where(keep, gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), 0.0)
+            dpt = warpgroup_mma_wait(0, deps=[dpt])
+            dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+            # P^T and dS^T are the register A operands of the dV and dK products (live until those complete).
+            pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+            dst_a = gl.convert_layout(dst, a_layout)
+            dv_lo = warpgroup_mma(pt_a, do_lo, dv_lo, is_async=True)
+            dv_hi = warpgroup_mma(pt_a, do_hi, dv_hi, is_async=True)
+            dk_lo = warpgroup_mma(dst_a, q_lo, dk_lo, is_async=True)
+            dk_hi = warpgroup_mma(dst_a, q_hi, dk_hi, is_async=True)
+            # dS for dQ: [queries, keys] in shared memory, both consumers' keys before either reads them.
+            buf = i % 2
+            ds_smem.index(2 * buf + WG).store(gl.permute(dst, [1, 0]))
+            fence_async_shared()
+            _cta_barrier()  # every thread's part of dS is written before the one arrive
+            mbarrier.arrive(ds_ready.index(buf), count=1)
+            mbarrier.wait(ds_ready.index(buf), (i // 2) & 1)
+            dq = warpgroup_mma(ds_smem.index(2 * buf), k_smem.index(WG), zero, use_acc=False, is_async=True)
+            dq = warpgroup_mma(ds_smem.index(2 * buf + 1), k_smem.index(2 + WG), dq, is_async=True)
+            dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a = warpgroup_mma_wait(
+                0, deps=[dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a])
+            mbarrier.arrive(q_empty.index(slot), count=1)
+            mbarrier.arrive(do_empty.index(slot), count=1)
+            # dQ to shared memory once the writer warp's previous bulk reduce has read it; the writer adds it to
+            # the fp32 dQ buffer while this warpgroup goes on.
+            mbarrier.wait(dq_empty.index(WG), (i & 1) ^ 1)
+            dq_smem.index(WG).store(dq * sm_scale)
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(dq_ready.index(WG), count=1)
+
+        rows = gl.expand_dims(keys, 1)
+        cols = gl.expand_dims(gl.arange(0, HB, layout=qry_layout), 0)
+        ptrs = rows * sgs + cols
+        gl.store(DK + ptrs, (dk_lo * sm_scale).to(dtype), mask=keep)
+        gl.store(DK + ptrs + HB, (dk_hi * sm_scale).to(dtype), mask=keep)
+        gl.store(DV + ptrs, dv_lo.to(dtype), mask=keep)
+        gl.store(DV + ptrs + HB, dv_hi.to(dtype), mask=keep)
+
+
+    @gluon.jit
+    def _attn_bwd_sm90(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqs, sks, svs, sds, sgb, sgs, sgh, B, H, SQ, SK,
+                       qk_scale, sm_scale, D: gl.constexpr, STAGES: gl.constexpr):
+        dtype: gl.constexpr = Q.dtype.element_ty
+        HB: gl.constexpr = 64
+        pid_n = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HB, HB], dtype)
+        dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HB, HB], gl.float32)
+        q_desc = tma.make_tensor_descriptor(Q, shape=[B * SQ, H * D], strides=[sqs, 1], block_shape=[HB, HB],
+                                            layout=tile_layout)
+        k_desc = tma.make_tensor_descriptor(K, shape=[B * SK, H * D], strides=[sks, 1], block_shape=[HB, HB],
+                                            layout=tile_layout)
+        v_desc = tma.make_tensor_descriptor(V, shape=[B * SK, H * D], strides=[svs, 1], block_shape=[HB, HB],
+                                            layout=tile_layout)
+        do_desc = tma.make_tensor_descriptor(DO, shape=[B * SQ, H * D], strides=[sds, 1], block_shape=[HB, HB],
+                                             layout=tile_layout)
+        dq_desc = tma.make_tensor_descriptor(DQA, shape=[B * SQ, H * D], strides=[H * D, 1], block_shape=[HB, HB],
+                                             layout=dq_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HB, HB], tile_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HB, HB], tile_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, HB, HB], dq_layout)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        dq_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)
+            mbarrier.init(do_empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)
+            mbarrier.init(dq_ready.index(i), count=1)
+            mbarrier.init(dq_empty.index(i), count=1)
+        fence_async_shared()
+
+        n_m = gl.cdiv(SQ, HB)
+        q_row0 = b * SQ
+        key0 = pid_n * 128
+        k_row = b * SK + key0
+        col = h * D
+        lse_base = pid_bh.to(gl.int64) * SQ
+        DK += b.to(gl.int64) * sgb + h * sgh
+        DV += b.to(gl.int64) * sgb + h * sgh
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        gl.warp_specialize([
+            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready,
+                             do_empty, ds_ready, dq_ready, dq_empty, DK, DV, LSE, DELTA, col, key0, lse_base, sgs, SQ,
+                             SK, n_m, qk_scale, sm_scale, WG0, STAGES)),
+            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready,
+                             do_empty, ds_ready, dq_ready, dq_empty, DK, DV, LSE, DELTA, col, key0, lse_base, sgs, SQ,
+                             SK, n_m, qk_scale, sm_scale, WG1, STAGES)),
+            (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, q_ready, q_empty,
+                           do_ready, do_empty, q_row0, k_row, col, n_m, STAGES)),
+            (_bwd_dq_writer, (dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m)),
+        ], [4, 1, 1], [240, 24, 24])
+
+
+def backward(do, q, k, v, o, lse, delta, scale, stages=3):
+    """dq, dk, dv for the forward's ``o`` and base-2 ``lse``; ``delta = rowsum(do * o)`` ([B, H, Sq] fp32)."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
+    dk = torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
+    dv = torch.empty_like(dk)
+    _attn_bwd_sm90[(triton.cdiv(sk, 128), b * h)](
+        q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
+        dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale,
+        D=d, STAGES=stages, num_warps=4)
+    return dqa.to(q.dtype), dk, dv
