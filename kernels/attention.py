@@ -599,6 +599,8 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     _attn_bwd_preprocess[(triton.cdiv(sq, pre_block), b * h)](
         o, do, delta, *o.stride(), *do.stride(), h, sq, D=d, D_PAD=d_pad, ALIGN=_align(o, do), BLOCK_M=pre_block,
     )
+    if not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask):
+        return _sm90_bwd.backward(do, q, k, v, o, lse, delta, scale)
     dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
     kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
@@ -606,8 +608,6 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     keys = (h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk))
     tune_key = (d, has_mask, common["PREC"], _bucket(sq), _bucket(sk), q.dtype)
-    if not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask):
-        return _sm90_bwd.backward(do, q, k, v, o, lse, delta, scale)
     if _atomic_backward():
         dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
         use_tma = _tma_allowed(q, do)
