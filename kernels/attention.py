@@ -3,7 +3,9 @@
 Forward: online softmax in base 2 (log2(e) folded into the scale), fp32 accumulators, an unmasked main loop
 over whole key blocks plus one masked tail block, logsumexp (base 2) saved for the backward. Backward: a
 ``delta = rowsum(dO * O)`` preprocess, one pass that owns a key block and sweeps the queries (dK, dV), and one
-that owns a query block and sweeps the keys (dQ), so no atomics are needed and the result is deterministic.
+that owns a query block and sweeps the keys (dQ), so no atomics are needed and the result is deterministic. On
+Hopper at head dim 128 the backward is instead the one-pass Gluon kernel of :mod:`.attention_sm90_bwd` (dQ summed
+with bulk reduce-adds), except in torch's deterministic mode or with ``STDIT_ATTN_SM90_BWD=0``.
 
 Head dims that are not powers of two (72, 96) are padded to the next power of two inside the kernel with
 masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA), and the

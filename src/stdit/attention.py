@@ -269,8 +269,12 @@ _ATTENTION_OPS = {
 _MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"})
 
 
+def _op_name(func) -> str:
+    return getattr(func, "name", lambda: "")()
+
+
 def _keeps_self_attention(func, args) -> bool:
-    dim = _ATTENTION_OPS.get(getattr(func, "name", lambda: "")())
+    dim = _ATTENTION_OPS.get(_op_name(func))
     return dim is not None and len(args) >= 2 and args[0].shape[dim] == args[1].shape[dim]
 
 
@@ -294,7 +298,7 @@ def keep_attention_and_matmuls_policy(ctx, func, *args, **kwargs):
     """
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if getattr(func, "name", lambda: "")() in _MATMUL_OPS or _keeps_self_attention(func, args):
+    if _op_name(func) in _MATMUL_OPS or _keeps_self_attention(func, args):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -38,7 +38,7 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size) -> 
     return rearrange(tokens, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
 
-def _checkpoint_block(module, *args, keep: str = "none"):
+def _checkpoint_block(module, *args, policy=None):
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     backend = context_backend()
@@ -50,8 +50,7 @@ def _checkpoint_block(module, *args, keep: str = "none"):
             return module(*inputs)
 
     kwargs = {}
-    if keep != "none":
-        policy = keep_attention_and_matmuls_policy if keep == "attention+matmuls" else keep_self_attention_policy
+    if policy is not None:  # selective checkpointing: the ops the policy keeps are not recomputed
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
@@ -255,10 +254,11 @@ class StDiT(ModelMixin, ConfigMixin):
         keeps every matrix product's output (:func:`stdit.attention.keep_attention_and_matmuls_policy`): only the
         elementwise ops are recomputed, for about 13 more [B, S, dim] activations per block.
         """
-        keep = "attention+matmuls" if keep_matmuls else "attention" if keep_attention else "none"
+        policy = (keep_attention_and_matmuls_policy if keep_matmuls
+                  else keep_self_attention_policy if keep_attention else None)
         if gradient_checkpointing_func is None:
-            gradient_checkpointing_func = functools.partial(_checkpoint_block, keep=keep)
-        elif keep != "none":
+            gradient_checkpointing_func = functools.partial(_checkpoint_block, policy=policy)
+        elif policy is not None:
             raise ValueError("pass either gradient_checkpointing_func or keep_attention/keep_matmuls, not both")
         super().enable_gradient_checkpointing(gradient_checkpointing_func)
 
