@@ -9,8 +9,10 @@ both consumers wrote theirs (an mbarrier), consumer w computes dQ[:, 64w:64w+64]
 128 keys and leaves it in shared memory, where a one-warp writer partition adds it into an fp32 dQ buffer with a
 TMA bulk reduce. Five matrix products per tile pair (the two-pass backward does seven).
 
-Measured on an H200 (bf16, B1 H12 S32760 d128): 34.1 ms, 483 TFLOP/s, against 40.7 ms for the two-pass Triton
-backward and 30.9 ms for cuDNN's (see benchmarks/NOTES-attention.md).
+The load warp also brings each query block's logsumexp and delta into shared memory (published by dO's barrier),
+so the consumers never wait on global loads: with them loaded by the consumers, an H200 took 31.9 ms (bf16, B1
+H12 S32760 d128), with the loader 30.1 ms, 547 TFLOP/s, against 30.8 ms for cuDNN's backward and 40.7 ms for the
+two-pass Triton kernels (see benchmarks/NOTES-attention.md).
 
 Scope (as the forward): d=128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do; the caller
 (:func:`.attention.flash_attention_backward`) checks it.
@@ -49,10 +51,12 @@ if HAVE_GLUON:
                                                       src.handle)
 
     @gluon.jit
-    def _bwd_loader(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, q_ready, q_empty,
-                    do_ready, do_empty, q_row0, k_row, col, n_m, STAGES: gl.constexpr):
+    def _bwd_loader(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
+                    delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, SQ, n_m,
+                    STAGES: gl.constexpr):
         # K and V of this program's 128 keys once (per consumer w and column half c: slot 2w + c), then Q and dO.
         HB: gl.constexpr = 64
+        vec_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
         mbarrier.expect(kv_bar, 8 * k_desc.block_type.nbytes)
         for w in gl.static_range(2):
             for c in gl.static_range(2):
@@ -66,7 +70,15 @@ if HAVE_GLUON:
             mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
             _tma_load(q_desc, [row, col], q_ready.index(slot), q_smem.index(2 * slot))
             _tma_load(q_desc, [row, col + HB], q_ready.index(slot), q_smem.index(2 * slot + 1))
+            # This block's logsumexp and delta go to shared memory with dO (published by its barrier's arrive), so
+            # the consumers read them there instead of waiting on global loads; rows past SQ get lse = +inf (P = 0).
+            rows = i * HB + gl.arange(0, HB, layout=vec_layout)
+            lse = gl.load(LSE + lse_base + rows, mask=rows < SQ, other=float("inf"))
+            delta = gl.load(DELTA + lse_base + rows, mask=rows < SQ, other=0.0)
             mbarrier.wait(do_empty.index(slot), free)
+            lse_smem.index(slot).store(lse)
+            delta_smem.index(slot).store(delta)
+            _cta_barrier()
             mbarrier.expect(do_ready.index(slot), 2 * do_desc.block_type.nbytes)
             _tma_load(do_desc, [row, col], do_ready.index(slot), do_smem.index(2 * slot))
             _tma_load(do_desc, [row, col + HB], do_ready.index(slot), do_smem.index(2 * slot + 1))
@@ -86,8 +98,8 @@ if HAVE_GLUON:
 
 
     @gluon.jit
-    def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty,
-                      ds_ready, dq_ready, dq_empty, DK, DV, LSE, DELTA, col, key0, lse_base, sgs, SQ, SK, n_m, qk_scale,
+    def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty,
+                      do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SQ, SK, n_m, qk_scale,
                       sm_scale, WG: gl.constexpr, STAGES: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HB: gl.constexpr = 64
@@ -107,9 +119,6 @@ if HAVE_GLUON:
         v_lo = v_smem.index(2 * WG)
         v_hi = v_smem.index(2 * WG + 1)
         mbarrier.wait(kv_bar, 0)
-        qs = gl.arange(0, HB, layout=qry_layout)
-        lse = gl.load(LSE + lse_base + qs, mask=qs < SQ, other=float("inf"))
-        delta = gl.load(DELTA + lse_base + qs, mask=qs < SQ, other=0.0)
         for i in range(n_m):
             slot = i % STAGES
             phase = (i // STAGES) & 1
@@ -122,19 +131,16 @@ if HAVE_GLUON:
             st = warpgroup_mma(k_lo, q_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
             st = warpgroup_mma(k_hi, q_hi.permute((1, 0)), st, is_async=True)
             mbarrier.wait(do_ready.index(slot), phase)
+            lse = lse_smem.index(slot).load(qry_layout)
             dpt = warpgroup_mma(v_lo, do_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
             dpt = warpgroup_mma(v_hi, do_hi.permute((1, 0)), dpt, is_async=True)
             # Groups retire in order: two outstanding = the dP^T products; S^T is done.
             st = warpgroup_mma_wait(2, deps=[st])
             # Keys past SK (zeros or the next sequence's rows) and queries past SQ (lse = +inf) get P = 0.
             pt = gl.where(keep, gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), 0.0)
+            delta = delta_smem.index(slot).load(qry_layout)
             dpt = warpgroup_mma_wait(0, deps=[dpt])
             dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
-            # The next block's logsumexp and delta, loaded here so that their latency hides under this block's
-            # remaining products instead of sitting in front of the next softmax (H200: 34.6 -> 32.6 ms at S32760).
-            qs = (i + 1) * HB + gl.arange(0, HB, layout=qry_layout)
-            lse = gl.load(LSE + lse_base + qs, mask=qs < SQ, other=float("inf"))
-            delta = gl.load(DELTA + lse_base + qs, mask=qs < SQ, other=0.0)
             # P^T and dS^T are the register A operands of the dV and dK products (live until those complete).
             pt_a = gl.convert_layout(pt.to(dtype), a_layout)
             dst_a = gl.convert_layout(dst, a_layout)
@@ -191,12 +197,15 @@ if HAVE_GLUON:
                                             layout=tile_layout)
         do_desc = tma.make_tensor_descriptor(DO, shape=[B * SQ, H * D], strides=[sds, 1], block_shape=[HB, HB],
                                              layout=tile_layout)
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         dq_desc = tma.make_tensor_descriptor(DQA, shape=[B * SQ, H * D], strides=[H * D, 1], block_shape=[HB, HB],
                                              layout=dq_layout)
         k_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
         v_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
         q_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HB, HB], tile_layout)
         do_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HB, HB], tile_layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
         ds_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, HB, HB], dq_layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -231,14 +240,15 @@ if HAVE_GLUON:
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
-            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready,
-                             do_empty, ds_ready, dq_ready, dq_empty, DK, DV, LSE, DELTA, col, key0, lse_base, sgs, SQ,
-                             SK, n_m, qk_scale, sm_scale, WG0, STAGES)),
-            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready,
-                             do_empty, ds_ready, dq_ready, dq_empty, DK, DV, LSE, DELTA, col, key0, lse_base, sgs, SQ,
-                             SK, n_m, qk_scale, sm_scale, WG1, STAGES)),
-            (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, q_ready, q_empty,
-                           do_ready, do_empty, q_row0, k_row, col, n_m, STAGES)),
+            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
+                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SQ, SK, n_m,
+                             qk_scale, sm_scale, WG0, STAGES)),
+            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
+                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SQ, SK, n_m,
+                             qk_scale, sm_scale, WG1, STAGES)),
+            (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
+                           delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, SQ,
+                           n_m, STAGES)),
             (_bwd_dq_writer, (dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m)),
         ], [4, 1, 1], [240, 24, 24])
 

@@ -38,7 +38,8 @@ def make_inputs(b, sq, sk, h, d, dtype, mask, seed, layout="plain"):
 
 
 def run(fn, q, k, v, kpm, do, **kw):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    # detach(), not clone(): clone() would make the fused layout's strided views contiguous.
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     o = fn(q, k, v, kpm, **kw)
     o.backward(do.to(o.dtype))
     return o.detach(), q.grad, k.grad, v.grad
