@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ._device import num_sms
 from .attention_sm90 import HAVE_GLUON
 
 HEAD_DIMS = (128,)
@@ -99,8 +100,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SQ, SK, n_m, qk_scale,
-                      sm_scale, WG: gl.constexpr, STAGES: gl.constexpr):
+                      do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale,
+                      sm_scale, WG: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HB: gl.constexpr = 64
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -172,15 +173,21 @@ if HAVE_GLUON:
         rows = gl.expand_dims(keys, 1)
         cols = gl.expand_dims(gl.arange(0, HB, layout=qry_layout), 0)
         ptrs = rows * sgs + cols
-        gl.store(DK + ptrs, (dk_lo * sm_scale).to(dtype), mask=keep)
-        gl.store(DK + ptrs + HB, (dk_hi * sm_scale).to(dtype), mask=keep)
-        gl.store(DV + ptrs, dv_lo.to(dtype), mask=keep)
-        gl.store(DV + ptrs + HB, dv_hi.to(dtype), mask=keep)
+        if SPLIT:  # other programs hold the other query blocks' parts: sum into the fp32 dK, dV buffers
+            gl.atomic_add(DK + ptrs, dk_lo * sm_scale, mask=keep)
+            gl.atomic_add(DK + ptrs + HB, dk_hi * sm_scale, mask=keep)
+            gl.atomic_add(DV + ptrs, dv_lo, mask=keep)
+            gl.atomic_add(DV + ptrs + HB, dv_hi, mask=keep)
+        else:
+            gl.store(DK + ptrs, (dk_lo * sm_scale).to(dtype), mask=keep)
+            gl.store(DK + ptrs + HB, (dk_hi * sm_scale).to(dtype), mask=keep)
+            gl.store(DV + ptrs, dv_lo.to(dtype), mask=keep)
+            gl.store(DV + ptrs + HB, dv_hi.to(dtype), mask=keep)
 
 
     @gluon.jit
     def _attn_bwd_sm90(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqs, sks, svs, sds, sgb, sgs, sgh, B, H, SQ, SK,
-                       qk_scale, sm_scale, D: gl.constexpr, STAGES: gl.constexpr):
+                       qk_scale, sm_scale, m_per, D: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
         dtype: gl.constexpr = Q.dtype.element_ty
         HB: gl.constexpr = 64
         pid_n = gl.program_id(0)
@@ -229,39 +236,70 @@ if HAVE_GLUON:
             mbarrier.init(dq_empty.index(i), count=1)
         fence_async_shared()
 
-        n_m = gl.cdiv(SQ, HB)
-        q_row0 = b * SQ
+        # With SPLIT, program (key block, b * H + h, s) takes query blocks [s * m_per, (s + 1) * m_per) only.
+        m0 = gl.program_id(2) * m_per
+        n_m = gl.minimum(gl.cdiv(SQ, HB) - m0, m_per)
+        q_row0 = b * SQ + m0 * HB
         key0 = pid_n * 128
         k_row = b * SK + key0
         col = h * D
-        lse_base = pid_bh.to(gl.int64) * SQ
+        lse_base = pid_bh.to(gl.int64) * SQ + m0 * HB
+        sq_left = SQ - m0 * HB
         DK += b.to(gl.int64) * sgb + h * sgh
         DV += b.to(gl.int64) * sgb + h * sgh
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
             (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
-                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SQ, SK, n_m,
-                             qk_scale, sm_scale, WG0, STAGES)),
+                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m,
+                             qk_scale, sm_scale, WG0, STAGES, SPLIT)),
             (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
-                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SQ, SK, n_m,
-                             qk_scale, sm_scale, WG1, STAGES)),
+                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m,
+                             qk_scale, sm_scale, WG1, STAGES, SPLIT)),
             (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
-                           delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, SQ,
-                           n_m, STAGES)),
+                           delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base,
+                           sq_left, n_m, STAGES)),
             (_bwd_dq_writer, (dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m)),
         ], [4, 1, 1], [240, 24, 24])
 
 
-def backward(do, q, k, v, o, lse, delta, scale, stages=3):
-    """dq, dk, dv for the forward's ``o`` and base-2 ``lse``; ``delta = rowsum(do * o)`` ([B, H, Sq] fp32)."""
+def query_splits(key_programs: int, query_blocks: int, sms: int) -> int:
+    """How many parts to split each key block's query range into. A program owns 128 keys, so a short key range
+    (text cross-attention: 512 keys x 12 heads = 48 programs) leaves most SMs idle; then the query blocks are spread
+    over more programs, picking the count that minimizes waves x (query blocks per program + 2, for the program's
+    K/V load and its dK/dV atomics). One wave or more of key programs: no split."""
+    if key_programs >= sms or query_blocks < 2:
+        return 1
+    best, best_cost = 1, None
+    for n in range(1, min(query_blocks, 64) + 1):
+        per = -(-query_blocks // n)
+        cost = -(-key_programs * -(-query_blocks // per) // sms) * (per + 2)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = n, cost
+    return best
+
+
+def backward(do, q, k, v, o, lse, delta, scale, stages=3, splits=None):
+    """dq, dk, dv for the forward's ``o`` and base-2 ``lse``; ``delta = rowsum(do * o)`` ([B, H, Sq] fp32).
+    ``splits``: query-range parts per key block (default: :func:`query_splits`)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
+    n_kb, n_m = triton.cdiv(sk, 128), triton.cdiv(sq, 64)
+    if splits is None:
+        splits = query_splits(n_kb * b * h, n_m, num_sms(q.device.index))
+    per = triton.cdiv(n_m, splits)
+    splits = triton.cdiv(n_m, per)
     dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
-    dk = torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
-    dv = torch.empty_like(dk)
-    _attn_bwd_sm90[(triton.cdiv(sk, 128), b * h)](
+    if splits > 1:
+        dk = torch.zeros(b, sk, h, d, device=q.device, dtype=torch.float32)
+        dv = torch.zeros_like(dk)
+    else:
+        dk = torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
+        dv = torch.empty_like(dk)
+    _attn_bwd_sm90[(n_kb, b * h, splits)](
         q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
-        dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale,
-        D=d, STAGES=stages, num_warps=4)
+        dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale, per,
+        D=d, STAGES=stages, SPLIT=splits > 1, num_warps=4)
+    if splits > 1:
+        return dqa.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
     return dqa.to(q.dtype), dk, dv

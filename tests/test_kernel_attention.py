@@ -6,6 +6,8 @@ On the CPU the kernels run under the Triton interpreter (tiny shapes, fp32/fp16,
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from _kernel_env import HAS_CUDA, check_rule, device, load_kernels, max_err
@@ -253,18 +255,36 @@ def test_sm90_forward_then_backward_gpu(monkeypatch):
         check_rule(name, x, r, lo)
 
 
+def test_sm90_backward_query_splits():
+    """Short key ranges (text cross-attention) spread each key block's queries over more programs so that every SM
+    gets work; a wave or more of key programs keeps one program per key block."""
+    from stdit.kernels.attention_sm90_bwd import query_splits
+
+    assert query_splits(3072, 512, 132) == 1 and query_splits(200, 512, 132) == 1
+    assert query_splits(48, 1, 132) == 1
+    for programs, blocks in [(48, 512), (6, 1000)]:
+        n = query_splits(programs, blocks, 132)
+        assert 1 < n <= blocks and programs * n >= 120, (programs, blocks, n)
+    assert query_splits(1, 300, 132) <= 64
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("b,sq,sk,h,dtype,layout", [
     (1, 1000, 1000, 2, torch.bfloat16, "plain"), (2, 1000, 77, 3, torch.bfloat16, "plain"),
     (2, 77, 1000, 2, torch.float16, "plain"), (1, 4097, 4097, 2, torch.bfloat16, "fused"),
     (1, 1, 300, 2, torch.float16, "plain")])
-def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout):
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout, splits, monkeypatch):
     """The one-pass Gluon backward (the default on Hopper at d=128): all gradients right, with tails on both
-    lengths, cross-attention lengths, batches sharing one row view, a fused q/k/v layout and a single query."""
+    lengths, cross-attention lengths, batches sharing one row view, a fused q/k/v layout and a single query; with
+    each key block's query range in one program (``splits=1``, what long sequences take) or split over several
+    (dK, dV summed with atomics: short key ranges), and with the automatic choice."""
     q, k, v, _, do = make_inputs(b, sq, sk, h, 128, dtype, False, seed=sq + sk, layout=layout)
     ka = _sm90_or_skip(q, k, v)
     assert ka._sm90_backward_allowed(do, q, k, v, None)
+    if splits is not None:
+        monkeypatch.setattr(ka._sm90_bwd, "backward", functools.partial(ka._sm90_bwd.backward, splits=splits))
     out = run(kernels.flash_attention, q, k, v, None, do)
     ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, None, do)
     low = run(lambda *a: attention_ref(*a, dtype=dtype), q, k, v, None, do)

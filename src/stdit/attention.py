@@ -291,14 +291,15 @@ def keep_self_attention_policy(ctx, func, *args, **kwargs):
 
 
 def keep_attention_and_matmuls_policy(ctx, func, *args, **kwargs):
-    """Selective activation checkpointing policy: keep the self-attention outputs and every matrix product's output
-    (projections, FFN), recompute only the elementwise ops (norms, modulation, RoPE, activations). The recompute then
-    costs almost no time; the saved activations grow by the linear layers' outputs (about 13 x [B, S, dim] per
-    block at Wan's FFN ratio), still far below keeping everything.
+    """Selective activation checkpointing policy: keep every attention output (self and text cross-attention) and
+    every matrix product's output (projections, FFN), recompute only the elementwise ops (norms, modulation, RoPE,
+    activations). The recompute then costs almost no time; the saved activations grow by the linear layers' outputs
+    (about 13 x [B, S, dim] per block at Wan's FFN ratio), still far below keeping everything.
     """
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if _op_name(func) in _MATMUL_OPS or _keeps_self_attention(func, args):
+    name = _op_name(func)
+    if name in _MATMUL_OPS or name in _ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
