@@ -498,7 +498,7 @@ def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
 
 
 def _sm90_backward_allowed(do, q, k, v, key_padding_mask) -> bool:
-    """The one-pass Hopper backward (:mod:`.attention_sm90_bwd`): d=128 within the forward's scope, dO in the same
+    """The one-pass Hopper backward (:mod:`.attention_sm90_bwd`): d=64/128 within the forward's scope, dO in the same
     row-view layout, not in deterministic mode (dQ is summed with bulk reduce-adds). ``STDIT_ATTN_SM90_BWD=0``
     turns it off."""
     if os.environ.get("STDIT_ATTN_SM90_BWD", "1") == "0" or torch.are_deterministic_algorithms_enabled():
@@ -586,8 +586,8 @@ def _atomic_backward() -> bool:
 def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
     """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype.
 
-    On Hopper, within its scope (d=128, no key mask, row-view layouts), one pass in Gluon that sums dQ in fp32 with
-    bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and whenever
+    On Hopper, within its scope (d=64/128, no key mask, row-view layouts), one pass in Gluon that sums dQ in fp32
+    with bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and whenever
     ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics (deterministic).
     ``STDIT_ATTN_ATOMIC_BWD=1`` selects a one-pass Triton kernel with an fp32 atomic dQ instead; on H100 it measured
     slower (see NOTES-attention.md).

@@ -1,20 +1,23 @@
 """One-pass flash attention backward for Hopper (sm_90), in Gluon.
 
 A program owns a block of 128 keys; two consumer warpgroups own 64 keys each and hold dK, dV for them in
-registers (as 64-column halves: four [64, 64] fp32 accumulators). A one-warp load partition brings K, V once and
-streams Q and dO in 64-row blocks (each as two 64-column halves, [64, 64] bf16 = 128-byte swizzled rows) through
-a ring. Per query block each consumer computes S^T = K Q^T and dP^T = V dO^T for its keys, P^T and dS^T in
-registers (the A operands of dV += P^T dO and dK += dS^T Q), and writes dS (transposed) to shared memory; after
-both consumers wrote theirs (an mbarrier), consumer w computes dQ[:, 64w:64w+64] = dS K[:, 64w:64w+64] over all
-128 keys and leaves it in shared memory, where a one-warp writer partition adds it into an fp32 dQ buffer with a
-TMA bulk reduce. Five matrix products per tile pair (the two-pass backward does seven).
+registers (as 64-column chunks of the head dim: at d=128 four [64, 64] fp32 accumulators, at d=64 two). A one-warp
+load partition brings K, V once and streams Q and dO in 64-row blocks (each as 64-column chunks, [64, 64] bf16 =
+128-byte swizzled rows) through a ring. Per query block each consumer computes S^T = K Q^T and dP^T = V dO^T for
+its keys, P^T and dS^T in registers (the A operands of dV += P^T dO and dK += dS^T Q), and writes dS (transposed)
+to shared memory. dQ = dS K needs both consumers' dS (an mbarrier): at d=128 consumer w computes dQ[:, 64w:64w+64]
+over all 128 keys; at d=64 the consumers take turns computing the whole tile (block i: consumer i % 2), so only
+one of them waits. dQ goes to shared memory, where a one-warp writer partition adds it into an fp32 dQ buffer with
+a TMA bulk reduce. Five matrix products per tile pair (the two-pass backward does seven).
 
 The load warp also brings each query block's logsumexp and delta into shared memory (published by dO's barrier),
 so the consumers never wait on global loads: with them loaded by the consumers, an H200 took 31.9 ms (bf16, B1
 H12 S32760 d128), with the loader 30.1 ms, 547 TFLOP/s, against 30.8 ms for cuDNN's backward and 40.7 ms for the
-two-pass Triton kernels (see benchmarks/NOTES-attention.md).
+two-pass Triton kernels (see benchmarks/NOTES-attention.md). When there are fewer key blocks than SMs (text
+cross-attention: 512 keys), each key block's query range is split over several programs (:func:`query_splits`)
+and dK, dV are summed with fp32 atomics.
 
-Scope (as the forward): d=128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do; the caller
+Scope (as the forward): d=64 and 128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do; the caller
 (:func:`.attention.flash_attention_backward`) checks it.
 """
 
@@ -26,7 +29,7 @@ import triton
 from ._device import num_sms
 from .attention_sm90 import HAVE_GLUON
 
-HEAD_DIMS = (128,)
+HEAD_DIMS = (64, 128)
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -54,23 +57,24 @@ if HAVE_GLUON:
     @gluon.jit
     def _bwd_loader(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
                     delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, SQ, n_m,
-                    STAGES: gl.constexpr):
-        # K and V of this program's 128 keys once (per consumer w and column half c: slot 2w + c), then Q and dO.
+                    STAGES: gl.constexpr, NC: gl.constexpr):
+        # K and V of this program's 128 keys once (per consumer w and 64-column chunk c: slot NC * w + c), then Q
+        # and dO.
         HB: gl.constexpr = 64
         vec_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
-        mbarrier.expect(kv_bar, 8 * k_desc.block_type.nbytes)
+        mbarrier.expect(kv_bar, 4 * NC * k_desc.block_type.nbytes)
         for w in gl.static_range(2):
-            for c in gl.static_range(2):
-                _tma_load(k_desc, [k_row + w * HB, col + c * HB], kv_bar, k_smem.index(2 * w + c))
-                _tma_load(v_desc, [k_row + w * HB, col + c * HB], kv_bar, v_smem.index(2 * w + c))
+            for c in gl.static_range(NC):
+                _tma_load(k_desc, [k_row + w * HB, col + c * HB], kv_bar, k_smem.index(NC * w + c))
+                _tma_load(v_desc, [k_row + w * HB, col + c * HB], kv_bar, v_smem.index(NC * w + c))
         for i in range(n_m):
             slot = i % STAGES
             free = ((i // STAGES) & 1) ^ 1
             row = q_row0 + i * HB
             mbarrier.wait(q_empty.index(slot), free)
-            mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
-            _tma_load(q_desc, [row, col], q_ready.index(slot), q_smem.index(2 * slot))
-            _tma_load(q_desc, [row, col + HB], q_ready.index(slot), q_smem.index(2 * slot + 1))
+            mbarrier.expect(q_ready.index(slot), NC * q_desc.block_type.nbytes)
+            for c in gl.static_range(NC):
+                _tma_load(q_desc, [row, col + c * HB], q_ready.index(slot), q_smem.index(NC * slot + c))
             # This block's logsumexp and delta go to shared memory with dO (published by its barrier's arrive), so
             # the consumers read them there instead of waiting on global loads; rows past SQ get lse = +inf (P = 0).
             rows = i * HB + gl.arange(0, HB, layout=vec_layout)
@@ -80,33 +84,126 @@ if HAVE_GLUON:
             lse_smem.index(slot).store(lse)
             delta_smem.index(slot).store(delta)
             _cta_barrier()
-            mbarrier.expect(do_ready.index(slot), 2 * do_desc.block_type.nbytes)
-            _tma_load(do_desc, [row, col], do_ready.index(slot), do_smem.index(2 * slot))
-            _tma_load(do_desc, [row, col + HB], do_ready.index(slot), do_smem.index(2 * slot + 1))
+            mbarrier.expect(do_ready.index(slot), NC * do_desc.block_type.nbytes)
+            for c in gl.static_range(NC):
+                _tma_load(do_desc, [row, col + c * HB], do_ready.index(slot), do_smem.index(NC * slot + c))
 
 
     @gluon.jit
-    def _bwd_dq_writer(dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m):
-        # One warp: each consumer's dQ tile (fp32, shared memory) is added to the dQ buffer with a TMA bulk reduce.
+    def _bwd_dq_writer(dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m, NC: gl.constexpr):
+        # One warp: each dQ tile (fp32, shared memory) is added to the dQ buffer with a TMA bulk reduce. d=128: per
+        # query block one 64-column half from each consumer; d=64: the whole tile, from consumer (block % 2).
         HB: gl.constexpr = 64
         for i in range(n_m):
-            for w in gl.static_range(2):
-                mbarrier.wait(dq_ready.index(w), i & 1)
-                _tma_reduce_add(dq_desc, [q_row0 + i * HB, col + w * HB], dq_smem.index(w))
-            tma.store_wait(0)
-            mbarrier.arrive(dq_empty.index(0), count=1)
-            mbarrier.arrive(dq_empty.index(1), count=1)
+            if NC == 2:
+                for w in gl.static_range(2):
+                    mbarrier.wait(dq_ready.index(w), i & 1)
+                    _tma_reduce_add(dq_desc, [q_row0 + i * HB, col + w * HB], dq_smem.index(w))
+                tma.store_wait(0)
+                mbarrier.arrive(dq_empty.index(0), count=1)
+                mbarrier.arrive(dq_empty.index(1), count=1)
+            else:
+                w = i % 2
+                mbarrier.wait(dq_ready.index(w), (i // 2) & 1)
+                _tma_reduce_add(dq_desc, [q_row0 + i * HB, col], dq_smem.index(w))
+                tma.store_wait(0)
+                mbarrier.arrive(dq_empty.index(w), count=1)
 
 
     @gluon.jit
-    def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale,
-                      sm_scale, WG: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
+    def _bwd_block(i, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem,
+                   dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep, qk_scale,
+                   sm_scale, WG: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, DQ: gl.constexpr):
+        # Query block i for one consumer's 64 keys: S^T = K Q^T and dP^T = V dO^T for its keys, P^T and dS^T in
+        # registers (the A operands of dV += P^T dO and dK += dS^T Q), dS (transposed) to shared memory for dQ.
+        # NC 64-column chunks of the head dim (d=128: lo and hi halves; d=64: lo only, the hi arguments unused).
+        # DQ: this consumer computes a dQ tile for this block (d=128: always, its 64-column half; d=64: every
+        # other block, the whole tile).
         dtype: gl.constexpr = q_smem.dtype
         HB: gl.constexpr = 64
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, HB, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        qry_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+        slot = i % STAGES
+        phase = (i // STAGES) & 1
+        q_lo = q_smem.index(NC * slot)
+        do_lo = do_smem.index(NC * slot)
+        k_lo = k_smem.index(NC * WG)
+        v_lo = v_smem.index(NC * WG)
+        if NC == 2:
+            q_hi = q_smem.index(2 * slot + 1)
+            do_hi = do_smem.index(2 * slot + 1)
+            k_hi = k_smem.index(2 * WG + 1)
+            v_hi = v_smem.index(2 * WG + 1)
+        mbarrier.wait(q_ready.index(slot), phase)
+        zero = gl.zeros([HB, HB], gl.float32, acc_layout)
+        st = warpgroup_mma(k_lo, q_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
+        if NC == 2:
+            st = warpgroup_mma(k_hi, q_hi.permute((1, 0)), st, is_async=True)
+        mbarrier.wait(do_ready.index(slot), phase)
+        lse = lse_smem.index(slot).load(qry_layout)
+        dpt = warpgroup_mma(v_lo, do_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
+        if NC == 2:
+            dpt = warpgroup_mma(v_hi, do_hi.permute((1, 0)), dpt, is_async=True)
+        # Groups retire in order: NC outstanding = the dP^T products; S^T is done.
+        st = warpgroup_mma_wait(NC, deps=[st])
+        # Keys past SK (zeros or the next sequence's rows) and queries past SQ (lse = +inf) get P = 0.
+        pt = gl.where(keep, gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), 0.0)
+        delta = delta_smem.index(slot).load(qry_layout)
+        dpt = warpgroup_mma_wait(0, deps=[dpt])
+        dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+        # P^T and dS^T are the register A operands of the dV and dK products (live until those complete).
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        dst_a = gl.convert_layout(dst, a_layout)
+        dv_lo = warpgroup_mma(pt_a, do_lo, dv_lo, is_async=True)
+        if NC == 2:
+            dv_hi = warpgroup_mma(pt_a, do_hi, dv_hi, is_async=True)
+        dk_lo = warpgroup_mma(dst_a, q_lo, dk_lo, is_async=True)
+        if NC == 2:
+            dk_hi = warpgroup_mma(dst_a, q_hi, dk_hi, is_async=True)
+        # dS for dQ: [queries, keys] in shared memory, both consumers' keys before dQ reads them.
+        buf = i % 2
+        ds_smem.index(2 * buf + WG).store(gl.permute(dst, [1, 0]))
+        fence_async_shared()
+        _cta_barrier()  # every thread's part of dS is written before the one arrive
+        mbarrier.arrive(ds_ready.index(buf), count=1)
+        if DQ:
+            mbarrier.wait(ds_ready.index(buf), (i // 2) & 1)
+            if NC == 2:  # dQ[:, 64 WG : 64 WG + 64] over all 128 keys
+                dq = warpgroup_mma(ds_smem.index(2 * buf), k_smem.index(WG), zero, use_acc=False, is_async=True)
+                dq = warpgroup_mma(ds_smem.index(2 * buf + 1), k_smem.index(2 + WG), dq, is_async=True)
+                dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a = warpgroup_mma_wait(
+                    0, deps=[dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a])
+                dq_phase = (i & 1) ^ 1
+            else:  # the whole dQ tile over all 128 keys
+                dq = warpgroup_mma(ds_smem.index(2 * buf), k_smem.index(0), zero, use_acc=False, is_async=True)
+                dq = warpgroup_mma(ds_smem.index(2 * buf + 1), k_smem.index(1), dq, is_async=True)
+                dv_lo, dk_lo, dq, pt_a, dst_a = warpgroup_mma_wait(0, deps=[dv_lo, dk_lo, dq, pt_a, dst_a])
+                dq_phase = ((i // 2) & 1) ^ 1
+            mbarrier.arrive(q_empty.index(slot), count=1)
+            mbarrier.arrive(do_empty.index(slot), count=1)
+            # dQ to shared memory once the writer warp's previous bulk reduce has read it; the writer adds it to
+            # the fp32 dQ buffer while this warpgroup goes on.
+            mbarrier.wait(dq_empty.index(WG), dq_phase)
+            dq_smem.index(WG).store(dq * sm_scale)
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(dq_ready.index(WG), count=1)
+        else:
+            dv_lo, dk_lo, pt_a, dst_a = warpgroup_mma_wait(0, deps=[dv_lo, dk_lo, pt_a, dst_a])
+            mbarrier.arrive(q_empty.index(slot), count=1)
+            mbarrier.arrive(do_empty.index(slot), count=1)
+        return dk_lo, dk_hi, dv_lo, dv_hi
+
+    @gluon.jit
+    def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty,
+                      do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale,
+                      sm_scale, WG: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, NC: gl.constexpr):
+        dtype: gl.constexpr = q_smem.dtype
+        HB: gl.constexpr = 64
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HB, 16])
         key_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         qry_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
         dk_lo = gl.zeros([HB, HB], gl.float32, acc_layout)
@@ -115,74 +212,48 @@ if HAVE_GLUON:
         dv_hi = gl.zeros([HB, HB], gl.float32, acc_layout)
         keys = key0 + WG * HB + gl.arange(0, HB, layout=key_layout)
         keep = gl.expand_dims(keys < SK, 1)
-        k_lo = k_smem.index(2 * WG)
-        k_hi = k_smem.index(2 * WG + 1)
-        v_lo = v_smem.index(2 * WG)
-        v_hi = v_smem.index(2 * WG + 1)
         mbarrier.wait(kv_bar, 0)
-        for i in range(n_m):
-            slot = i % STAGES
-            phase = (i // STAGES) & 1
-            q_lo = q_smem.index(2 * slot)
-            q_hi = q_smem.index(2 * slot + 1)
-            do_lo = do_smem.index(2 * slot)
-            do_hi = do_smem.index(2 * slot + 1)
-            mbarrier.wait(q_ready.index(slot), phase)
-            zero = gl.zeros([HB, HB], gl.float32, acc_layout)
-            st = warpgroup_mma(k_lo, q_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
-            st = warpgroup_mma(k_hi, q_hi.permute((1, 0)), st, is_async=True)
-            mbarrier.wait(do_ready.index(slot), phase)
-            lse = lse_smem.index(slot).load(qry_layout)
-            dpt = warpgroup_mma(v_lo, do_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dpt = warpgroup_mma(v_hi, do_hi.permute((1, 0)), dpt, is_async=True)
-            # Groups retire in order: two outstanding = the dP^T products; S^T is done.
-            st = warpgroup_mma_wait(2, deps=[st])
-            # Keys past SK (zeros or the next sequence's rows) and queries past SQ (lse = +inf) get P = 0.
-            pt = gl.where(keep, gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), 0.0)
-            delta = delta_smem.index(slot).load(qry_layout)
-            dpt = warpgroup_mma_wait(0, deps=[dpt])
-            dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
-            # P^T and dS^T are the register A operands of the dV and dK products (live until those complete).
-            pt_a = gl.convert_layout(pt.to(dtype), a_layout)
-            dst_a = gl.convert_layout(dst, a_layout)
-            dv_lo = warpgroup_mma(pt_a, do_lo, dv_lo, is_async=True)
-            dv_hi = warpgroup_mma(pt_a, do_hi, dv_hi, is_async=True)
-            dk_lo = warpgroup_mma(dst_a, q_lo, dk_lo, is_async=True)
-            dk_hi = warpgroup_mma(dst_a, q_hi, dk_hi, is_async=True)
-            # dS for dQ: [queries, keys] in shared memory, both consumers' keys before either reads them.
-            buf = i % 2
-            ds_smem.index(2 * buf + WG).store(gl.permute(dst, [1, 0]))
-            fence_async_shared()
-            _cta_barrier()  # every thread's part of dS is written before the one arrive
-            mbarrier.arrive(ds_ready.index(buf), count=1)
-            mbarrier.wait(ds_ready.index(buf), (i // 2) & 1)
-            dq = warpgroup_mma(ds_smem.index(2 * buf), k_smem.index(WG), zero, use_acc=False, is_async=True)
-            dq = warpgroup_mma(ds_smem.index(2 * buf + 1), k_smem.index(2 + WG), dq, is_async=True)
-            dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a = warpgroup_mma_wait(
-                0, deps=[dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a])
-            mbarrier.arrive(q_empty.index(slot), count=1)
-            mbarrier.arrive(do_empty.index(slot), count=1)
-            # dQ to shared memory once the writer warp's previous bulk reduce has read it; the writer adds it to
-            # the fp32 dQ buffer while this warpgroup goes on.
-            mbarrier.wait(dq_empty.index(WG), (i & 1) ^ 1)
-            dq_smem.index(WG).store(dq * sm_scale)
-            fence_async_shared()
-            _cta_barrier()
-            mbarrier.arrive(dq_ready.index(WG), count=1)
+        if NC == 2:
+            for i in range(n_m):
+                dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
+                    i, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem,
+                    dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep, qk_scale,
+                    sm_scale, WG, STAGES, NC, True)
+        else:
+            # d=64: dQ has one 64-column chunk; the consumers take turns computing it (block i: consumer i % 2),
+            # so only that one waits for the other's dS. The other cannot overwrite its dS buffer too early: it
+            # writes it again two blocks on, after this consumer's dQ completed (it first waits for this
+            # consumer's dS of the block in between). Two blocks per iteration keep the turn static.
+            for i2 in range(n_m // 2):
+                dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
+                    2 * i2, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem,
+                    ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep,
+                    qk_scale, sm_scale, WG, STAGES, NC, WG == 0)
+                dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
+                    2 * i2 + 1, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem,
+                    ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep,
+                    qk_scale, sm_scale, WG, STAGES, NC, WG == 1)
+            if n_m % 2 == 1:
+                dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
+                    n_m - 1, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem,
+                    ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep,
+                    qk_scale, sm_scale, WG, STAGES, NC, WG == 0)
 
         rows = gl.expand_dims(keys, 1)
         cols = gl.expand_dims(gl.arange(0, HB, layout=qry_layout), 0)
         ptrs = rows * sgs + cols
         if SPLIT:  # other programs hold the other query blocks' parts: sum into the fp32 dK, dV buffers
             gl.atomic_add(DK + ptrs, dk_lo * sm_scale, mask=keep)
-            gl.atomic_add(DK + ptrs + HB, dk_hi * sm_scale, mask=keep)
             gl.atomic_add(DV + ptrs, dv_lo, mask=keep)
-            gl.atomic_add(DV + ptrs + HB, dv_hi, mask=keep)
+            if NC == 2:
+                gl.atomic_add(DK + ptrs + HB, dk_hi * sm_scale, mask=keep)
+                gl.atomic_add(DV + ptrs + HB, dv_hi, mask=keep)
         else:
             gl.store(DK + ptrs, (dk_lo * sm_scale).to(dtype), mask=keep)
-            gl.store(DK + ptrs + HB, (dk_hi * sm_scale).to(dtype), mask=keep)
             gl.store(DV + ptrs, dv_lo.to(dtype), mask=keep)
-            gl.store(DV + ptrs + HB, dv_hi.to(dtype), mask=keep)
+            if NC == 2:
+                gl.store(DK + ptrs + HB, (dk_hi * sm_scale).to(dtype), mask=keep)
+                gl.store(DV + ptrs + HB, dv_hi.to(dtype), mask=keep)
 
 
     @gluon.jit
@@ -207,10 +278,11 @@ if HAVE_GLUON:
         vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         dq_desc = tma.make_tensor_descriptor(DQA, shape=[B * SQ, H * D], strides=[H * D, 1], block_shape=[HB, HB],
                                              layout=dq_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HB, HB], tile_layout)
-        do_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, HB, HB], tile_layout)
+        NC: gl.constexpr = D // HB
+        k_smem = gl.allocate_shared_memory(dtype, [2 * NC, HB, HB], tile_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2 * NC, HB, HB], tile_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NC * STAGES, HB, HB], tile_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NC * STAGES, HB, HB], tile_layout)
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
         ds_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
@@ -252,14 +324,14 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
                              q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m,
-                             qk_scale, sm_scale, WG0, STAGES, SPLIT)),
+                             qk_scale, sm_scale, WG0, STAGES, SPLIT, NC)),
             (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
                              q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m,
-                             qk_scale, sm_scale, WG1, STAGES, SPLIT)),
+                             qk_scale, sm_scale, WG1, STAGES, SPLIT, NC)),
             (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
                            delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base,
-                           sq_left, n_m, STAGES)),
-            (_bwd_dq_writer, (dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m)),
+                           sq_left, n_m, STAGES, NC)),
+            (_bwd_dq_writer, (dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m, NC)),
         ], [4, 1, 1], [240, 24, 24])
 
 

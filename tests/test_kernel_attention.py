@@ -274,13 +274,14 @@ def test_sm90_backward_query_splits():
     (1, 1000, 1000, 2, torch.bfloat16, "plain"), (2, 1000, 77, 3, torch.bfloat16, "plain"),
     (2, 77, 1000, 2, torch.float16, "plain"), (1, 4097, 4097, 2, torch.bfloat16, "fused"),
     (1, 1, 300, 2, torch.float16, "plain")])
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout, splits, monkeypatch):
-    """The one-pass Gluon backward (the default on Hopper at d=128): all gradients right, with tails on both
+@pytest.mark.parametrize("d,splits", [(128, None), (128, 1), (128, 3), (64, 1), (64, 3)])
+def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout, d, splits, monkeypatch):
+    """The one-pass Gluon backward (the default on Hopper at d=64 and 128): all gradients right, with tails on both
     lengths, cross-attention lengths, batches sharing one row view, a fused q/k/v layout and a single query; with
     each key block's query range in one program (``splits=1``, what long sequences take) or split over several
-    (dK, dV summed with atomics: short key ranges), and with the automatic choice."""
-    q, k, v, _, do = make_inputs(b, sq, sk, h, 128, dtype, False, seed=sq + sk, layout=layout)
+    (dK, dV summed with atomics: short key ranges; odd and even query-block counts per program, which matters at
+    d=64 where the two consumers take turns computing dQ), and with the automatic choice."""
+    q, k, v, _, do = make_inputs(b, sq, sk, h, d, dtype, False, seed=sq + sk, layout=layout)
     ka = _sm90_or_skip(q, k, v)
     assert ka._sm90_backward_allowed(do, q, k, v, None)
     if splits is not None:
