@@ -263,6 +263,9 @@ def write_results(rows, fused, info, out_dir: Path, host=None):
              f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}; bf16, "
              "non-causal; TFLOP/s with forward = 4·B·H·S²·D flops and forward+backward = 3.5× that; "
              "`triton.testing.do_bench` medians.", ""]
+    if info.get("merged_from_earlier_run"):
+        lines += ["Rows from an earlier run on this GPU (`--merge`): " + ", ".join(info["merged_from_earlier_run"])
+                  + "; the other rows and the peers beside them come from this run.", ""]
     for key, title in (("fwd_tflops", "Forward TFLOP/s"), ("fwdbwd_tflops", "Forward + backward TFLOP/s"),
                        ("graph_fwd_tflops", "Forward TFLOP/s replayed from a CUDA graph (GPU time only, no host "
                                             "launch cost)")):
