@@ -497,14 +497,19 @@ def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
     return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v)
 
 
-def _sm90_backward_allowed(do, q, k, v, key_padding_mask) -> bool:
-    """The one-pass Hopper backward (:mod:`.attention_sm90_bwd`): d=64/128 within the forward's scope, dO in the same
-    row-view layout, not in deterministic mode (dQ is summed with bulk reduce-adds). ``STDIT_ATTN_SM90_BWD=0``
-    turns it off."""
+def sm90_backward_covers(q, k, v, key_padding_mask=None) -> bool:
+    """Whether the one-pass Hopper backward (:mod:`.attention_sm90_bwd`) takes the backward of a call with these
+    q, k, v: d=64/128 within the forward's scope, not in deterministic mode (dQ is summed with bulk reduce-adds);
+    ``STDIT_ATTN_SM90_BWD=0`` turns it off. dO must then share the row-view layout (checked at the backward, which
+    otherwise runs the two-pass kernels). Reads no data pointer, like :func:`sm90_forward_covers`."""
     if os.environ.get("STDIT_ATTN_SM90_BWD", "1") == "0" or torch.are_deterministic_algorithms_enabled():
         return False
-    return (q.shape[-1] in _sm90_bwd.HEAD_DIMS and sm90_forward_covers(q, k, v, key_padding_mask)
-            and _sm90.supports(do, do, do, None) and _tma_allowed(q, k, v, do))
+    return q.shape[-1] in _sm90_bwd.HEAD_DIMS and sm90_forward_covers(q, k, v, key_padding_mask)
+
+
+def _sm90_backward_allowed(do, q, k, v, key_padding_mask) -> bool:
+    return (sm90_backward_covers(q, k, v, key_padding_mask) and _sm90.supports(do, do, do, None)
+            and _tma_allowed(q, k, v, do))
 
 
 def _scratch(size: int, align: int, stream):

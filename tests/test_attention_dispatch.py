@@ -115,9 +115,11 @@ def test_auto_is_the_default_and_takes_sdpa_off_hopper(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_auto_takes_our_hopper_forward_for_inference_only():
+def test_auto_takes_our_hopper_kernels_where_they_are_faster():
     """On sm_90, ``auto`` runs our forward where it covers the call and nothing will ask for a backward (it beats
-    cuDNN there); training calls, masks and other head dims go to sdpa."""
+    cuDNN there), and for training calls too from ``AUTO_TRAIN_MIN_QUERIES`` queries on, where our one-pass
+    backward beats cuDNN's (not in deterministic mode); short training calls, masks and other head dims go to
+    sdpa."""
     from stdit.kernels import attention as ka
 
     q, k, v = qkv(b=1, sq=300, sk=300, h=4, d=128, dtype=torch.bfloat16)
@@ -125,7 +127,15 @@ def test_auto_takes_our_hopper_forward_for_inference_only():
     assert A.auto_backend(q, k, v) == ("triton" if hopper else "sdpa")
     with torch.no_grad():
         assert A.auto_backend(*(x.requires_grad_() for x in (q, k, v))) == ("triton" if hopper else "sdpa")
-    assert A.auto_backend(q, k, v) == "sdpa"  # they require grad now
+    assert A.auto_backend(q, k, v) == "sdpa"  # they require grad now, and 300 queries are few
+    long_q = qkv(b=1, sq=A.AUTO_TRAIN_MIN_QUERIES, sk=512, h=1, d=64, dtype=torch.bfloat16)
+    long_q = [x.requires_grad_() for x in long_q]
+    assert A.auto_backend(*long_q) == ("triton" if hopper else "sdpa")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert A.auto_backend(*long_q) == "sdpa"
+    finally:
+        torch.use_deterministic_algorithms(False)
     q, k, v = (x.detach() for x in (q, k, v))
     assert A.auto_backend(q, k, v, torch.ones(1, 300, dtype=torch.bool, device="cuda")) == "sdpa"
     assert A.auto_backend(*qkv(b=1, sq=300, sk=300, h=4, d=72, dtype=torch.bfloat16)) == "sdpa"

@@ -6,9 +6,9 @@ config. Resolution order: the :func:`attention_backend` context manager, then th
 ``set_attention_backend`` choice, then ``STDIT_ATTENTION``, then the default, ``auto``.
 
 Backends:
-    ``auto``      per call, the fastest we measure: ``triton`` where our Hopper forward covers the call and no
-                  gradient is needed (sampling; B1 H12 S32760 d128 on an H200: 614 vs cuDNN's 565 TFLOP/s),
-                  ``sdpa`` otherwise (training: cuDNN's backward is faster than ours today)
+    ``auto``      per call, the fastest we measure: ``triton`` where our Hopper kernels cover the call (sampling:
+                  the forward; B1 H12 S32760 d128 on an H200: 601 vs cuDNN's 568 TFLOP/s; training: the
+                  one-pass backward too, from 8,192 queries on), ``sdpa`` otherwise
     ``triton``    our fused flash-attention kernels (``stdit.kernels``), CUDA or ``TRITON_INTERPRET=1``
     ``sdpa``      ``torch.nn.functional.scaled_dot_product_attention`` (torch picks flash/cuDNN/efficient)
     ``xformers``  ``xformers.ops.memory_efficient_attention`` (optional extra: ``pip install stdit[xformers]``)
@@ -68,20 +68,30 @@ def default_backend() -> str:
     return "auto"
 
 
+# With a backward to come, ``auto`` takes our kernels from this many queries on (see :func:`auto_backend`).
+AUTO_TRAIN_MIN_QUERIES = 8192
+
+
 def auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  key_padding_mask: torch.Tensor | None = None) -> str:
-    """What ``auto`` runs for this call: ``triton`` where our Hopper forward covers it and autograd will not ask
-    for a backward, else ``sdpa`` (benchmarks/results/attention-*.md: our forward beats cuDNN on sm_90 at head
-    dims 64 and 128, our backward does not yet). Depends only on shapes, strides, dtypes, the device and the grad
-    mode, so the same call picks the same backend again (activation-checkpoint recompute, torch.compile)."""
+    """What ``auto`` runs for this call: ``triton`` where our Hopper kernels cover it, else ``sdpa``.
+
+    Without a backward to come, where our Hopper forward covers the call (it beats cuDNN on sm_90 at head dims 64
+    and 128: benchmarks/results/attention-*.md). When autograd will ask for a backward, also the one-pass backward
+    must cover it, with at least ``AUTO_TRAIN_MIN_QUERIES`` queries: on an H200 it beats cuDNN's on self-attention
+    at 16k-76k tokens and on text cross-attention with 32k queries (and the Wan-1.3B training step), while at 4k
+    tokens cuDNN's backward is ~3% faster. Depends only on shapes, strides, dtypes, the device, the grad mode and
+    the deterministic-algorithms switch, so the same call picks the same backend again (activation-checkpoint
+    recompute, torch.compile)."""
     if not q.is_cuda:
         return "sdpa"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return "sdpa"
     try:
-        from stdit.kernels.attention import sm90_forward_covers
+        from stdit.kernels.attention import sm90_backward_covers, sm90_forward_covers
     except ImportError:  # pragma: no cover - triton missing on a CUDA machine
         return "sdpa"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if q.shape[1] < AUTO_TRAIN_MIN_QUERIES or not sm90_backward_covers(q, k, v, key_padding_mask):
+            return "sdpa"
     return "triton" if sm90_forward_covers(q, k, v, key_padding_mask) else "sdpa"
 
 
