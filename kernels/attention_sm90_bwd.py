@@ -56,10 +56,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_loader(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
-                    delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, SQ, n_m,
-                    STAGES: gl.constexpr, NC: gl.constexpr):
+                    delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, sq_left,
+                    n_m, STAGES: gl.constexpr, NC: gl.constexpr):
         # K and V of this program's 128 keys once (per consumer w and 64-column chunk c: slot NC * w + c), then Q
-        # and dO.
+        # and dO. Rows and lse_base start at this program's first query block; sq_left queries remain from there.
         HB: gl.constexpr = 64
         vec_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
         mbarrier.expect(kv_bar, 4 * NC * k_desc.block_type.nbytes)
@@ -78,8 +78,8 @@ if HAVE_GLUON:
             # This block's logsumexp and delta go to shared memory with dO (published by its barrier's arrive), so
             # the consumers read them there instead of waiting on global loads; rows past SQ get lse = +inf (P = 0).
             rows = i * HB + gl.arange(0, HB, layout=vec_layout)
-            lse = gl.load(LSE + lse_base + rows, mask=rows < SQ, other=float("inf"))
-            delta = gl.load(DELTA + lse_base + rows, mask=rows < SQ, other=0.0)
+            lse = gl.load(LSE + lse_base + rows, mask=rows < sq_left, other=float("inf"))
+            delta = gl.load(DELTA + lse_base + rows, mask=rows < sq_left, other=0.0)
             mbarrier.wait(do_empty.index(slot), free)
             lse_smem.index(slot).store(lse)
             delta_smem.index(slot).store(delta)
