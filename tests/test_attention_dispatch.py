@@ -113,6 +113,33 @@ def test_auto_is_the_default_and_takes_sdpa_off_hopper(monkeypatch):
     assert max_err(compiled(q, k, v), ref) < 1e-4
 
 
+def test_auto_rule_for_training_calls(monkeypatch):
+    """The rule itself, with the kernels' coverage checks stubbed: without a backward to come, our forward where it
+    covers the call; with one, also the one-pass backward's coverage and at least ``AUTO_TRAIN_MIN_QUERIES``
+    queries."""
+    from types import SimpleNamespace
+
+    from stdit.kernels import attention as ka
+
+    covers = {"fwd": True, "bwd": True}
+    monkeypatch.setattr(ka, "sm90_forward_covers", lambda *a: covers["fwd"])
+    monkeypatch.setattr(ka, "sm90_backward_covers", lambda *a: covers["bwd"])
+
+    def call(sq, grad):
+        t = SimpleNamespace(is_cuda=True, requires_grad=grad, shape=(1, sq, 2, 64))
+        return A.auto_backend(t, t, t)
+
+    n = A.AUTO_TRAIN_MIN_QUERIES
+    assert [call(300, False), call(300, True), call(n, True), call(n - 1, True)] == [
+        "triton", "sdpa", "triton", "sdpa"]
+    with torch.no_grad():
+        assert call(300, True) == "triton"
+    covers["bwd"] = False
+    assert (call(n, False), call(n, True)) == ("triton", "sdpa")
+    covers["fwd"] = False
+    assert (call(n, False), call(300, False)) == ("sdpa", "sdpa")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_auto_takes_our_hopper_kernels_where_they_are_faster():
