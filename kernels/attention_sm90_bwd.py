@@ -225,14 +225,11 @@ if HAVE_GLUON:
             # writes it again two blocks on, after this consumer's dQ completed (it first waits for this
             # consumer's dS of the block in between). Two blocks per iteration keep the turn static.
             for i2 in range(n_m // 2):
-                dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
-                    2 * i2, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem,
-                    ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep,
-                    qk_scale, sm_scale, WG, STAGES, NC, WG == 0)
-                dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
-                    2 * i2 + 1, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem,
-                    ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep,
-                    qk_scale, sm_scale, WG, STAGES, NC, WG == 1)
+                for j in gl.static_range(2):
+                    dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
+                        2 * i2 + j, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem,
+                        delta_smem, ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready,
+                        dq_empty, keep, qk_scale, sm_scale, WG, STAGES, NC, WG == j)
             if n_m % 2 == 1:
                 dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
                     n_m - 1, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem,
