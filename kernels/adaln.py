@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
+from ._launch import launch
 
 
 @triton.jit
@@ -318,14 +319,12 @@ def adaln_fwd(x, y, gate32, shift32, scale32, w32, b32, eps, norm, num_warps=Non
     block_m, warps, rows, P = _config(B, S, block_d, x.device, tile or max(8192, 2 * block_d), num_warps,
                                       per_thread=16)
     d = x  # stands in for absent pointers; the constexpr flags keep it unread
-    _adaln_fwd_kernel[(P, B)](
-        x, _or(y, d), _or(gate32, d), _or(shift32, d), _or(scale32, d), _or(w32, d), _or(b32, d),
-        _or(h, d), _or(out, d), _or(mean, d), _or(rstd, d),
-        S, D, rows, eps,
-        HAS_Y=y is not None, HAS_GATE=gate32 is not None, NORM=norm, HAS_SHIFT=shift32 is not None,
-        HAS_SCALE=scale32 is not None, HAS_W=w32 is not None, HAS_BIAS=b32 is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )
+    launch(_adaln_fwd_kernel, (P, B),
+           (x, _or(y, d), _or(gate32, d), _or(shift32, d), _or(scale32, d), _or(w32, d), _or(b32, d),
+            _or(h, d), _or(out, d), _or(mean, d), _or(rstd, d), S, D, rows, eps),
+           dict(HAS_Y=y is not None, HAS_GATE=gate32 is not None, NORM=norm, HAS_SHIFT=shift32 is not None,
+                HAS_SCALE=scale32 is not None, HAS_W=w32 is not None, HAS_BIAS=b32 is not None,
+                BLOCK_M=block_m, BLOCK_D=block_d), num_warps=warps)
     return h, out, mean, rstd
 
 
@@ -355,11 +354,9 @@ def adaln_bwd(dout, dhx, h, y, gate32, scale32, w32, b32, mean, rstd, need, num_
         c2 = torch.empty_like(c1)
         block_d = _pow2(D)
         block_m, warps, rows, P = _config(B, S, block_d, h.device, 4096, per_thread=16)
-        _adaln_bwd_stats_kernel[(P, B)](
-            dout, h, _or(scale32, d), _or(w32, d), mean, rstd, c1, c2, S, D, rows,
-            HAS_SCALE=scale32 is not None, HAS_W=w32 is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=warps,
-        )
+        launch(_adaln_bwd_stats_kernel, (P, B), (dout, h, _or(scale32, d), _or(w32, d), mean, rstd, c1, c2, S, D, rows),
+               dict(HAS_SCALE=scale32 is not None, HAS_W=w32 is not None, BLOCK_M=block_m, BLOCK_D=block_d),
+               num_warps=warps)
     block_d = _d_block(D) if split else _pow2(D)
     d_blocks = _cdiv(D, block_d)
     # Measured on H100: whole rows best at 2048-element tiles, 8 elements a thread; the split form's narrow
@@ -368,16 +365,14 @@ def adaln_bwd(dout, dhx, h, y, gate32, scale32, w32, b32, mean, rstd, need, num_
                                       d_blocks, per_thread=16 if split else 8)
     buf = torch.empty(len(need), B, P, D, device=h.device, dtype=torch.float32)
     parts = dict(zip(need, buf))
-    _adaln_bwd_kernel[(P, B, d_blocks)](
-        _or(dout, d), _or(dhx, d), h, _or(y, d), _or(gate32, d), _or(scale32, d), _or(w32, d), _or(b32, d),
-        _or(mean, d), _or(rstd, d), _or(c1, d), _or(c2, d), dx, _or(dy, d),
-        *(parts.get(k, d) for k in ("gate", "shift", "scale", "weight", "bias")),
-        S, D, rows, P,
-        NORM=norm, STATS_IN=c1 is not None, HAS_DHX=dhx is not None, HAS_GATE=gate32 is not None,
-        HAS_SCALE=scale32 is not None, HAS_W=w32 is not None, HAS_BIAS=b32 is not None,
-        D_GATE="gate" in need, D_SHIFT="shift" in need, D_SCALE="scale" in need, D_W="weight" in need,
-        D_BIAS="bias" in need, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )
+    launch(_adaln_bwd_kernel, (P, B, d_blocks),
+           (_or(dout, d), _or(dhx, d), h, _or(y, d), _or(gate32, d), _or(scale32, d), _or(w32, d), _or(b32, d),
+            _or(mean, d), _or(rstd, d), _or(c1, d), _or(c2, d), dx, _or(dy, d),
+            *(parts.get(k, d) for k in ("gate", "shift", "scale", "weight", "bias")), S, D, rows, P),
+           dict(NORM=norm, STATS_IN=c1 is not None, HAS_DHX=dhx is not None, HAS_GATE=gate32 is not None,
+                HAS_SCALE=scale32 is not None, HAS_W=w32 is not None, HAS_BIAS=b32 is not None,
+                D_GATE="gate" in need, D_SHIFT="shift" in need, D_SCALE="scale" in need, D_W="weight" in need,
+                D_BIAS="bias" in need, BLOCK_M=block_m, BLOCK_D=block_d), num_warps=warps)
     grads = dict(zip(need, buf.sum(2)))
     for k in ("weight", "bias"):
         if k in grads:

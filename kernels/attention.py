@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import attention_sm90 as _sm90
 from . import attention_sm90_bwd as _sm90_bwd
+from ._launch import launch
 
 SUPPORTED_HEAD_DIMS = frozenset({32, 48, 64, 72, 80, 96, 128})
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,8 +160,9 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, DELTA, sob, sos, soh, sod, sdb, sds, sdh, sdd, H, SQ,
-                         D: tl.constexpr, D_PAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_preprocess(O, DO, DELTA, DQA, sob, sos, soh, sod, sdb, sds, sdh, sdd, H, SQ,
+                         D: tl.constexpr, D_PAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                         ZERO_DQ: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -171,6 +173,11 @@ def _attn_bwd_preprocess(O, DO, DELTA, sob, sos, soh, sod, sdb, sds, sdh, sdd, H
     do = _load_tile(DO + _off(b, sdb, h, sdh, ALIGN), offs_m, offs_d, sds, sdd, SQ, D, D_PAD, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * SQ + offs_m, delta, mask=offs_m < SQ)
+    if ZERO_DQ:
+        # The one-pass backward adds dQ into a contiguous fp32 [B, SQ, H, D] buffer: zero its rows here, which
+        # saves the host a fill launch per call.
+        zeros = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        _store_tile(DQA + ((b * SQ) * H + h) * D, zeros, offs_m, offs_d, H * D, 1, SQ, D, D_PAD)
 
 
 @triton.jit
@@ -450,9 +457,11 @@ def _launch(kernels, key: tuple, grid, args: tuple, kwargs: dict) -> None:
         tuned[grid](*args, **kwargs)
         tuned.nargs = None  # do not keep this call's tensors alive
         if getattr(tuned, "best_config", None) is not None:
-            picked[key] = tuned.best_config
+            best = tuned.best_config
+            picked[key] = (best, {k: v for k, v in best.all_kwargs().items() if k not in best.kwargs})
         return
-    tuned.fn[grid(cfg.kwargs)](*args, **kwargs, **cfg.all_kwargs())
+    cfg, options = cfg
+    launch(tuned.fn, grid(cfg.kwargs), args, {**kwargs, **cfg.kwargs}, **options)
 
 
 def _bucket(n: int) -> int:
@@ -465,20 +474,25 @@ def _capability(index):
     return torch.cuda.get_device_capability(index)
 
 
+_TMA_API = not _INTERPRET and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+# The eligibility checks below run on every call; at 4k tokens and below the host sets the pace, so they read each
+# tensor's strides once and build no device objects.
 def _tma_allowed(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need Hopper, 16-byte aligned bases and strides, a unit inner stride and D = D_PAD."""
-    env = os.environ.get("STDIT_ATTN_TMA", "1")
-    if env == "0" or _INTERPRET or not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+    if not _TMA_API or os.environ.get("STDIT_ATTN_TMA", "1") == "0":
         return False
     t0 = tensors[0]
-    if not t0.is_cuda or _capability(t0.device.index)[0] < 9:
+    if not t0.is_cuda or _capability(t0.get_device())[0] < 9:
         return False
     d = t0.shape[-1]
-    if d != triton.next_power_of_2(d):
+    if d & (d - 1):
         return False
     for t in tensors:
         es = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+        *outer, inner = t.stride()
+        if inner != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in outer):
             return False
     _ensure_allocator()
     return True
@@ -490,7 +504,7 @@ def sm90_forward_covers(q, k, v, key_padding_mask=None) -> bool:
     it can run while ``torch.compile`` traces."""
     if os.environ.get("STDIT_ATTN_SM90", "1") == "0" or _INTERPRET or not q.is_cuda:
         return False
-    return _sm90.supports(q, k, v, key_padding_mask) and _capability(q.device.index) == (9, 0)
+    return _sm90.supports(q, k, v, key_padding_mask) and _capability(q.get_device()) == (9, 0)
 
 
 def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
@@ -502,14 +516,22 @@ def sm90_backward_covers(q, k, v, key_padding_mask=None) -> bool:
     q, k, v: d=64/128 within the forward's scope, not in deterministic mode (dQ is summed with bulk reduce-adds);
     ``STDIT_ATTN_SM90_BWD=0`` turns it off. dO must then share the row-view layout (checked at the backward, which
     otherwise runs the two-pass kernels). Reads no data pointer, like :func:`sm90_forward_covers`."""
-    if os.environ.get("STDIT_ATTN_SM90_BWD", "1") == "0" or torch.are_deterministic_algorithms_enabled():
+    return _sm90_backward_on(q) and sm90_forward_covers(q, k, v, key_padding_mask)
+
+
+def _sm90_backward_on(q) -> bool:
+    return (q.shape[-1] in _sm90_bwd.HEAD_DIMS and os.environ.get("STDIT_ATTN_SM90_BWD", "1") != "0"
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90: bool = False) -> bool:
+    """``forward_sm90``: the forward ran the Hopper kernel on these q, k, v, so their layout and alignment are known
+    to suit (only dO and the backward's own switches are left to check)."""
+    if not _sm90_backward_on(q) or not _sm90.row_view(do, q.shape[-1]):
         return False
-    return q.shape[-1] in _sm90_bwd.HEAD_DIMS and sm90_forward_covers(q, k, v, key_padding_mask)
-
-
-def _sm90_backward_allowed(do, q, k, v, key_padding_mask) -> bool:
-    return (sm90_backward_covers(q, k, v, key_padding_mask) and _sm90.supports(do, do, do, None)
-            and _tma_allowed(q, k, v, do))
+    if forward_sm90:
+        return _tma_allowed(do)
+    return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v, do)
 
 
 def _scratch(size: int, align: int, stream):
@@ -561,6 +583,13 @@ def _prec(dtype: torch.dtype) -> str:
 
 def flash_attention_forward(q, k, v, key_padding_mask=None, scale=None):
     """Returns ``(o [B, Sq, H, D], lse [B, H, Sq] fp32, base 2)``."""
+    o, lse, _ = _forward(q, k, v, key_padding_mask, scale)
+    return o, lse
+
+
+def _forward(q, k, v, key_padding_mask, scale):
+    """:func:`flash_attention_forward`, and whether it ran the Hopper kernel (the backward then skips re-checking
+    q, k, v)."""
     _check(q, k, v, key_padding_mask)
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -571,7 +600,7 @@ def flash_attention_forward(q, k, v, key_padding_mask=None, scale=None):
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     if _sm90_allowed(q, k, v, key_padding_mask):
         _sm90.forward(q, k, v, o, lse, scale * _LOG2E, tune=os.environ.get("STDIT_AUTOTUNE", "1") != "0")
-        return o, lse
+        return o, lse, True
     kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
     use_tma = _tma_allowed(k, v)
     prec, sq_key, sk_key = _prec(q.dtype), _bucket(sq), _bucket(sk)
@@ -581,21 +610,21 @@ def flash_attention_forward(q, k, v, key_padding_mask=None, scale=None):
              h, sq, sk, scale * _LOG2E, sq_key, sk_key),
             dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), HAS_MASK=has_mask, PREC=prec, USE_TMA=use_tma,
                  ALIGN=_align(q, k, v, o)))
-    return o, lse
+    return o, lse, False
 
 
 def _atomic_backward() -> bool:
     return os.environ.get("STDIT_ATTN_ATOMIC_BWD", "0") == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
-def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None):
+def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None, forward_sm90=False):
     """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype.
 
     On Hopper, within its scope (d=64/128, no key mask, row-view layouts), one pass in Gluon that sums dQ in fp32
     with bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and whenever
     ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics (deterministic).
     ``STDIT_ATTN_ATOMIC_BWD=1`` selects a one-pass Triton kernel with an fp32 atomic dQ instead; on H100 it measured
-    slower (see NOTES-attention.md).
+    slower (see NOTES-attention.md). ``forward_sm90``: the forward ran the Hopper kernel on these q, k, v.
     """
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -603,11 +632,14 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     d_pad = max(16, triton.next_power_of_2(d))
     delta = torch.empty_like(lse)
     pre_block = 16 if _INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(sq, pre_block), b * h)](
-        o, do, delta, *o.stride(), *do.stride(), h, sq, D=d, D_PAD=d_pad, ALIGN=_align(o, do), BLOCK_M=pre_block,
-    )
-    if not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask):
-        return _sm90_bwd.backward(do, q, k, v, o, lse, delta, scale)
+    one_pass = not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90)
+    # The one-pass backward's fp32 dQ sums, zeroed by the preprocess.
+    dqa = torch.empty(b, sq, h, d, device=q.device, dtype=torch.float32) if one_pass else delta
+    launch(_attn_bwd_preprocess, (triton.cdiv(sq, pre_block), b * h),
+           (o, do, delta, dqa, *o.stride(), *do.stride(), h, sq),
+           dict(D=d, D_PAD=d_pad, ALIGN=_align(o, do), BLOCK_M=pre_block, ZERO_DQ=one_pass))
+    if one_pass:
+        return _sm90_bwd.backward(do, q, k, v, o, lse, delta, scale, dqa=dqa)
     dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
     kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
@@ -640,7 +672,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask=None, scale=None):
-        o, lse = flash_attention_forward(q, k, v, key_padding_mask, scale)
+        o, lse, ctx.sm90 = _forward(q, k, v, key_padding_mask, scale)
         ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
         ctx.scale = scale
         return o
@@ -648,7 +680,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, key_padding_mask, ctx.scale)
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, key_padding_mask, ctx.scale, ctx.sm90)
         return dq, dk, dv, None, None
 
 

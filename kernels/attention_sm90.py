@@ -29,6 +29,7 @@ import triton
 import triton.testing
 
 from ._device import num_sms
+from ._launch import launch
 
 try:
     from triton.experimental import gluon
@@ -281,11 +282,18 @@ def supports(q, k, v, key_padding_mask) -> bool:
     """Whether this kernel covers the call: dtype, head dim, no mask, and Q, K, V readable as [B * S, H * D] row
     views (batch stride = S x sequence stride, heads D apart, unit inner stride); the caller checks the device
     (sm_90) and TMA alignment."""
-    if not HAVE_GLUON or key_padding_mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
+    if (not HAVE_GLUON or key_padding_mask is not None or q.dtype not in (torch.float16, torch.bfloat16)
+            or k.dtype != q.dtype or v.dtype != q.dtype):
         return False
     d = q.shape[-1]
-    return d in HEAD_DIMS and all(t.stride(2) == d and t.stride(3) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
-                                  for t in (q, k, v))
+    return d in HEAD_DIMS and row_view(q, d) and row_view(k, d) and row_view(v, d)
+
+
+def row_view(t, d: int) -> bool:
+    """Whether ``t [B, S, H, d]`` reads as a ``[B * S, H * d]`` row view: batch stride = S x sequence stride, heads d
+    apart, unit inner stride."""
+    s0, s1, s2, s3 = t.stride()
+    return s3 == 1 and s2 == d and s0 == t.shape[1] * s1
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
@@ -294,10 +302,10 @@ def _launch(cfg, q, k, v, o, lse, qk_scale):
     n_tiles = triton.cdiv(sq, 64 * nw) * b * h
     if persistent:
         n_tiles = min(n_tiles, num_sms(q.device.index))
-    _attn_fwd_sm90[(n_tiles,)](
-        q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
-        b, h, sq, k.shape[1], qk_scale, D=d, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, num_warps=4,
-    )
+    launch(_attn_fwd_sm90, (n_tiles,),
+           (q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
+            b, h, sq, k.shape[1], qk_scale),
+           dict(D=d, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong), num_warps=4)
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:

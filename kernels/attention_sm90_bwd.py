@@ -23,10 +23,13 @@ Scope (as the forward): d=64 and 128, fp16/bf16, no key mask, [B*S, H*D] row vie
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from ._device import num_sms
+from ._launch import launch
 from .attention_sm90 import HAVE_GLUON
 
 HEAD_DIMS = (64, 128)
@@ -332,6 +335,7 @@ if HAVE_GLUON:
         ], [4, 1, 1], [240, 24, 24])
 
 
+@functools.lru_cache(maxsize=1024)
 def query_splits(key_programs: int, query_blocks: int, sms: int) -> int:
     """How many parts to split each key block's query range into. A program owns 128 keys, so a short key range
     (text cross-attention: 512 keys x 12 heads = 48 programs) leaves most SMs idle; then the query blocks are spread
@@ -348,8 +352,9 @@ def query_splits(key_programs: int, query_blocks: int, sms: int) -> int:
     return best
 
 
-def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None):
+def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=None):
     """dq, dk, dv for the forward's ``o`` and base-2 ``lse``; ``delta = rowsum(do * o)`` ([B, H, Sq] fp32).
+    ``dqa``: a zeroed, contiguous fp32 ``[B, Sq, H, D]`` buffer that dQ is summed into (allocated here if None).
     ``stages``: depth of the Q/dO ring (default: 3 at d=128, 4 at d=64; H200, B1 H12 S32760 d128: 2 / 3 stages
     30.06 / 30.11 ms, H40: 106.6 / 101.9; B1 H24 S16384 d64: 2 / 3 / 4 stages 9.16 / 9.11 / 8.86 ms).
     ``splits``: query-range parts per key block (default: :func:`query_splits`)."""
@@ -362,17 +367,18 @@ def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None):
         splits = query_splits(n_kb * b * h, n_m, num_sms(q.device.index))
     per = triton.cdiv(n_m, splits)
     splits = triton.cdiv(n_m, per)
-    dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
+    if dqa is None:
+        dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
     if splits > 1:
-        dk = torch.zeros(b, sk, h, d, device=q.device, dtype=torch.float32)
-        dv = torch.zeros_like(dk)
+        dk, dv = torch.zeros(2, b, sk, h, d, device=q.device, dtype=torch.float32).unbind(0)
     else:
         dk = torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
         dv = torch.empty_like(dk)
-    _attn_bwd_sm90[(n_kb, b * h, splits)](
-        q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
-        dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale, per,
-        D=d, STAGES=stages, SPLIT=splits > 1, num_warps=4)
+    launch(_attn_bwd_sm90, (n_kb, b * h, splits),
+           (q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
+            dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale, per),
+           dict(D=d, STAGES=stages, SPLIT=splits > 1), num_warps=4)
+    # Separate casts: the gradients must not share storage (custom ops may not return aliases of each other).
     if splits > 1:
         return dqa.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
     return dqa.to(q.dtype), dk, dv

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import num_sms
+from ._launch import launch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -138,8 +141,9 @@ def qk_norm_rope_forward(q, k, weight_q, weight_k, eps, cos, sin, num_heads):
     has_w = weight_q is not None
     wq = weight_q if has_w else q
     wk = weight_k if has_w else k
-    _qk_norm_rope_fwd[(b * s,)](q, k, wq.contiguous(), wk.contiguous(), cos, sin, qo, ko, *_rows(q), *_rows(k),
-                                cos.stride(0), sin.stride(0), s, eps, HAS_W=has_w, num_warps=warps, **meta)
+    launch(_qk_norm_rope_fwd, (b * s,), (q, k, wq.contiguous(), wk.contiguous(), cos, sin, qo, ko, *_rows(q),
+                                         *_rows(k), cos.stride(0), sin.stride(0), s, eps),
+           dict(HAS_W=has_w, **meta), num_warps=warps)
     d = hd // num_heads
     return qo.view(b, s, num_heads, d), ko.view(b, s, num_heads, d)
 
@@ -153,7 +157,7 @@ def qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_h
     dk = torch.empty(b, s, hd, device=k.device, dtype=k.dtype)
     n_rows = b * s
     if q.is_cuda:
-        programs = min(n_rows, 4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+        programs = min(n_rows, 4 * num_sms(q.device.index))
     else:
         programs = min(n_rows, 4)
     has_w = weight_q is not None
@@ -161,9 +165,9 @@ def qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_h
     dwk = torch.empty(programs, hd, device=q.device, dtype=torch.float32) if has_w else dk
     wq = weight_q.contiguous() if has_w else q
     wk = weight_k.contiguous() if has_w else k
-    _qk_norm_rope_bwd[(programs,)](q, k, gq, gk, wq, wk, cos, sin, dq, dk, dwq, dwk, *_rows(q), *_rows(k),
-                                   *_rows(gq), *_rows(gk), cos.stride(0), sin.stride(0), s, n_rows, eps,
-                                   HAS_W=has_w, num_warps=warps, **meta)
+    launch(_qk_norm_rope_bwd, (programs,), (q, k, gq, gk, wq, wk, cos, sin, dq, dk, dwq, dwk, *_rows(q), *_rows(k),
+                                            *_rows(gq), *_rows(gk), cos.stride(0), sin.stride(0), s, n_rows, eps),
+           dict(HAS_W=has_w, **meta), num_warps=warps)
     if not has_w:
         return dq, dk, None, None
     return dq, dk, dwq.sum(0).to(weight_q.dtype), dwk.sum(0).to(weight_k.dtype)

@@ -89,6 +89,35 @@ def test_triton_backend_gradients_and_compile():
         assert all(max_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("policy", [None, "keep"])
+def test_triton_backend_eager_and_checkpoint_policy(monkeypatch, policy):
+    """Eager calls take the autograd.Function; under selective checkpointing (a dispatch mode) the calls go through
+    the custom op, so the policy sees the attention, keeps its output and the recompute skips the kernel."""
+    import functools
+
+    import stdit.kernels.attention as K
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    calls = []
+    forward = K._forward
+    monkeypatch.setattr(K, "_forward", lambda *a: calls.append(1) or forward(*a))
+    q, k, v = (x.requires_grad_() for x in qkv(sq=20, sk=20, d=64))
+
+    def f(q, k, v):
+        return A.triton_attention(q, k, v).square().sum()
+
+    if policy is None:
+        loss = checkpoint(f, q, k, v, use_reentrant=False)
+    else:
+        ctx = functools.partial(create_selective_checkpoint_contexts, A.keep_self_attention_policy)
+        loss = checkpoint(f, q, k, v, use_reentrant=False, context_fn=ctx)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref = A.eager_attention(q, k, v).square().sum()
+    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    assert all(max_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
+    assert len(calls) == (2 if policy is None else 1)  # plain checkpointing recomputes the forward
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_triton_backend_inductor_bf16():

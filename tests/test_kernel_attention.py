@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+import triton
 from _kernel_env import HAS_CUDA, check_rule, device, load_kernels, max_err
 
 kernels = load_kernels()
@@ -88,6 +89,25 @@ def test_flash_attention_scale_and_errors():
     with pytest.raises(ValueError, match="key_padding_mask"):
         kernels.flash_attention(q, k, v, torch.ones(2, 18, dtype=torch.bool))
     assert {64, 72, 96, 128} <= kernels.SUPPORTED_HEAD_DIMS
+
+
+@pytest.mark.parametrize("sq,h,d", [(37, 2, 64), (1, 3, 128)])
+def test_backward_preprocess_delta_and_dq_zeroing(sq, h, d):
+    """The preprocess writes delta = rowsum(dO * O) and, for the one-pass backward, zeroes its fp32 dQ buffer (every
+    row, the tail block's included), so no separate fill is launched."""
+    from stdit.kernels import attention as ka
+    from stdit.kernels._launch import launch
+
+    g = torch.Generator().manual_seed(sq + d)
+    o, do = (torch.randn(2, sq, h, d, generator=g).to(device()) for _ in range(2))
+    delta = torch.full((2, h, sq), float("nan"), device=device())
+    dqa = torch.full((2, sq, h, d), float("nan"), device=device())
+    block = 16
+    launch(ka._attn_bwd_preprocess, (triton.cdiv(sq, block), 2 * h),
+           (o, do, delta, dqa, *o.stride(), *do.stride(), h, sq),
+           dict(D=d, D_PAD=d, ALIGN=ka._align(o, do), BLOCK_M=block, ZERO_DQ=True))
+    torch.testing.assert_close(delta, (o.double() * do.double()).sum(-1).transpose(1, 2).float())
+    assert torch.equal(dqa, torch.zeros_like(dqa))
 
 
 GPU_CASES = [

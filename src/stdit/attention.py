@@ -207,9 +207,17 @@ _flash_attention_fwd.register_autograd(_flash_backward, setup_context=_flash_set
 
 
 def triton_attention(q, k, v, key_padding_mask=None, scale=None):
-    # Registered as torch.library custom ops so torch.compile keeps the kernels opaque instead of breaking the graph.
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _flash_attention_fwd(q, k, v, key_padding_mask, scale)[0]
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        # torch.compile and dispatch modes (selective checkpointing's policy, fake tensors) see the kernels as the
+        # custom op above: one opaque, named op instead of a graph break or a stream of launches.
+        return _flash_attention_fwd(q, k, v, key_padding_mask, scale)[0]
+    # Plain eager calls skip the custom op's dispatch and its generated autograd wrapper: the same kernels through
+    # an autograd.Function, 629 instead of 847 us of host time per forward+backward of a tiny call on an H200's host
+    # (benchmarks/NOTES-attention.md, session 7).
+    from stdit.kernels.attention import FlashAttention
+
+    return FlashAttention.apply(q, k, v, key_padding_mask, scale)
 
 
 def triton_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -253,8 +261,8 @@ def attention(
     """
     name = resolve_backend(backend)
     if name == "auto":
-        name = auto_backend(q, k, v, key_padding_mask)
-    if name == "triton":
+        name = auto_backend(q, k, v, key_padding_mask)  # picks triton only where our kernels take the call
+    elif name == "triton":
         reason = triton_supports(q, k)
         if reason is not None:
             _warn_once(f"triton:{reason}", f"stdit: triton attention unavailable ({reason}); falling back to sdpa.")

@@ -1,0 +1,84 @@
+"""Kernel launches that skip Triton's per-call argument binding once a kernel is compiled.
+
+A ``kernel[grid](*args)`` launch binds and specializes every argument, builds a cache key from them and the
+options, and builds launch metadata for (empty) hook chains, every call. Where the GPU work is short (4k tokens and
+below) that host time sets the pace. :func:`launch` takes that path once per call signature, keeps the compiled
+kernel it returns, and from then on calls the compiled kernel's launcher directly, as torch inductor does.
+
+The signature key holds what Triton specializes on and more: every integer and bool argument's value, every
+tensor's dtype and 16-byte alignment, the constexprs, the launch options and the device, so a call that would
+compile differently never reuses a kernel. With launch hooks installed (a profiler such as proton), under
+``TRITON_INTERPRET=1``, or with ``STDIT_FAST_LAUNCH=0`` every call takes Triton's own path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.runtime import JITFunction
+
+# Triton releases before the ``knobs`` module (3.4) keep their launch hooks elsewhere: they take the plain path.
+_ENABLED = os.environ.get("STDIT_FAST_LAUNCH", "1") != "0" and hasattr(triton, "knobs")
+_MAX_ENTRIES = 4096  # distinct call signatures kept; one per (kernel, shape, stride, config) seen
+_compiled: dict = {}
+_current_stream = None  # Triton's own current-stream getter (torch's raw stream handle), bound at the first launch
+
+
+def _hooks_installed() -> bool:
+    rt = triton.knobs.runtime
+    # Triton 3.6 and later hold the hooks as (usually empty) chains; older releases as a callable or None.
+    return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def _signature(args: tuple) -> tuple:
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, float):
+            sig.append(float)  # floats are passed as fp32 whatever their value
+        else:
+            sig.append(a)  # ints, bools, None: by value
+    return tuple(sig)
+
+
+def _trailing(fn, n_args: int, constexprs: dict) -> tuple:
+    """The arguments after the ``n_args`` positional ones, in the kernel's parameter order (constexprs included:
+    the compiled launcher takes every parameter and skips the constant ones)."""
+    out = []
+    for p in fn.params[n_args:]:
+        if p.name in constexprs:
+            out.append(constexprs[p.name])
+        elif p.has_default:
+            out.append(p.default)
+        else:
+            raise TypeError(f"{fn.__name__}: no value for parameter {p.name!r}")
+    return tuple(out)
+
+
+def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+    """``fn[grid](*args, **constexprs, **options)`` for a ``@triton.jit`` / ``@gluon.jit`` kernel ``fn``, with the
+    positional ``args`` first in its parameter order and every later parameter in ``constexprs`` (or defaulted)."""
+    # Under TRITON_INTERPRET=1 kernels are interpreter functions, not JIT functions: nothing is compiled to keep.
+    if not _ENABLED or not isinstance(fn, JITFunction) or _hooks_installed():
+        fn[grid](*args, **constexprs, **options)
+        return
+    device = torch.cuda.current_device()
+    key = (fn, device, _signature(args), tuple(constexprs.items()), tuple(options.items()))
+    hit = _compiled.get(key)
+    if hit is None:
+        kernel = fn[grid](*args, **constexprs, **options)
+        if kernel is not None:
+            if len(_compiled) >= _MAX_ENTRIES:
+                _compiled.clear()
+            _compiled[key] = (kernel, _trailing(fn, len(args), constexprs))
+        return
+    global _current_stream
+    if _current_stream is None:
+        _current_stream = triton.runtime.driver.active.get_current_stream
+    kernel, trailing = hit
+    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+    stream = _current_stream(device)
+    kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *trailing)
