@@ -26,6 +26,18 @@ _compiled: dict = {}
 _current_stream = None  # Triton's own current-stream getter (torch's raw stream handle), bound at the first launch
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. Host code uses these two rather than ``triton.cdiv`` and
+    ``triton.next_power_of_2``, which are constexpr functions: a call from Python unwraps its arguments and costs a
+    few microseconds, several times per attention call."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n`` >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _hooks_installed() -> bool:
     rt = triton.knobs.runtime
     # Triton 3.6 and later hold the hooks as (usually empty) chains; older releases as a callable or None.
@@ -35,12 +47,15 @@ def _hooks_installed() -> bool:
 def _signature(args: tuple) -> tuple:
     sig = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        t = type(a)
+        if t is int or a is None:
+            sig.append(a)  # by value
+        elif t is bool:
+            sig.append((bool, a))  # True == 1 as a key, but Triton types it i1
+        elif t is float:
+            sig.append(float)  # passed as fp32 whatever the value
+        else:  # a tensor
             sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, float):
-            sig.append(float)  # floats are passed as fp32 whatever their value
-        else:
-            sig.append(a)  # ints, bools, None: by value
     return tuple(sig)
 
 

@@ -31,7 +31,9 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
+from ._launch import cdiv as _cdiv
 from ._launch import launch
+from ._launch import next_pow2 as _pow2
 
 
 @triton.jit
@@ -242,16 +244,6 @@ MAX_D = 16384
 # Rows wider than this take the split backward: the whole-row kernel spills registers at D = 5120 (8192
 # padded lanes, three accumulators), so the row sums come from a light stats kernel and D is blocked.
 SPLIT_BLOCK_D = 4096
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    # Plain ints, not triton.cdiv / next_power_of_2: those are constexpr functions whose call costs host time
-    # on every launch.
-    return 1 << (n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=1024)

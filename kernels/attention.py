@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import attention_sm90 as _sm90
 from . import attention_sm90_bwd as _sm90_bwd
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 SUPPORTED_HEAD_DIMS = frozenset({32, 48, 64, 72, 80, 96, 128})
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -465,7 +465,7 @@ def _launch(kernels, key: tuple, grid, args: tuple, kwargs: dict) -> None:
 
 
 def _bucket(n: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+    return min(next_pow2(max(n, 1)), 1 << 16)
 
 
 @torch.compiler.assume_constant_result  # fixed per process: torch.compile bakes it in instead of breaking the graph
@@ -605,10 +605,10 @@ def _forward(q, k, v, key_padding_mask, scale):
     use_tma = _tma_allowed(k, v)
     prec, sq_key, sk_key = _prec(q.dtype), _bucket(sq), _bucket(sk)
     _launch(_FWD, (d, has_mask, prec, use_tma, sq_key, sk_key, q.dtype),
-            lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h),
+            lambda meta: (cdiv(sq, meta["BLOCK_M"]), b * h),
             (q, k, v, o, lse, kpm, *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, sms,
              h, sq, sk, scale * _LOG2E, sq_key, sk_key),
-            dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), HAS_MASK=has_mask, PREC=prec, USE_TMA=use_tma,
+            dict(D=d, D_PAD=max(16, next_pow2(d)), HAS_MASK=has_mask, PREC=prec, USE_TMA=use_tma,
                  ALIGN=_align(q, k, v, o)))
     return o, lse, False
 
@@ -629,13 +629,13 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    d_pad = max(16, triton.next_power_of_2(d))
+    d_pad = max(16, next_pow2(d))
     delta = torch.empty_like(lse)
     pre_block = 16 if _INTERPRET else 64
     one_pass = not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90)
     # The one-pass backward's fp32 dQ sums, zeroed by the preprocess.
     dqa = torch.empty(b, sq, h, d, device=q.device, dtype=torch.float32) if one_pass else delta
-    launch(_attn_bwd_preprocess, (triton.cdiv(sq, pre_block), b * h),
+    launch(_attn_bwd_preprocess, (cdiv(sq, pre_block), b * h),
            (o, do, delta, dqa, *o.stride(), *do.stride(), h, sq),
            dict(D=d, D_PAD=d_pad, ALIGN=_align(o, do), BLOCK_M=pre_block, ZERO_DQ=one_pass))
     if one_pass:
@@ -652,18 +652,18 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
         use_tma = _tma_allowed(q, do)
         # A bulk tensor reduce of the dQ tile measured faster than per-element atomics (45.8 vs 52.1 ms).
         dq_tma = use_tma and hasattr(tl.tensor_descriptor, "atomic_add")
-        _pick(_FUSED)[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * h)](
+        _pick(_FUSED)[lambda meta: (cdiv(sk, meta["BLOCK_N"]), b * h)](
             q, k, v, do, lse, delta, dk, dv, dqa, kpm, *strides, *dk.stride(), dqa.stride(0), dqa.stride(1),
             dqa.stride(2), smb, sms, *keys, USE_TMA=use_tma, DQ_TMA=dq_tma, **common,
         )
         return dqa.mul_(scale).to(q.dtype), dk, dv
     dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     tma = _tma_allowed(q, do)
-    _launch(_DKDV, (*tune_key, tma), lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * h),
+    _launch(_DKDV, (*tune_key, tma), lambda meta: (cdiv(sk, meta["BLOCK_N"]), b * h),
             (q, k, v, do, lse, delta, dk, dv, kpm, *strides, *dk.stride(), smb, sms, *keys),
             dict(USE_TMA=tma, **common))
     tma = _tma_allowed(k, v)
-    _launch(_DQ, (*tune_key, tma), lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h),
+    _launch(_DQ, (*tune_key, tma), lambda meta: (cdiv(sq, meta["BLOCK_M"]), b * h),
             (q, k, v, do, lse, delta, dq, kpm, *strides, *dq.stride(), smb, sms, *keys),
             dict(USE_TMA=tma, **common))
     return dq, dk, dv

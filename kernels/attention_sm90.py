@@ -29,7 +29,7 @@ import triton
 import triton.testing
 
 from ._device import num_sms
-from ._launch import launch
+from ._launch import cdiv, launch, next_pow2
 
 try:
     from triton.experimental import gluon
@@ -299,7 +299,7 @@ def row_view(t, d: int) -> bool:
 def _launch(cfg, q, k, v, o, lse, qk_scale):
     b, sq, h, d = q.shape
     block_n, stages, nw, pingpong, persistent = cfg
-    n_tiles = triton.cdiv(sq, 64 * nw) * b * h
+    n_tiles = cdiv(sq, 64 * nw) * b * h
     if persistent:
         n_tiles = min(n_tiles, num_sms(q.device.index))
     launch(_attn_fwd_sm90, (n_tiles,),
@@ -312,7 +312,7 @@ def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:
     """Write ``o`` and ``lse`` (base 2) for ``q [B, Sq, H, D]``, ``k, v [B, Sk, H, D]``; picks its config once per
     (head dim, dtype, length bucket) by timing the candidates, or takes the first with ``tune=False``."""
     d = q.shape[-1]
-    key = (d, q.dtype, triton.next_power_of_2(q.shape[1]), triton.next_power_of_2(k.shape[1]))
+    key = (d, q.dtype, next_pow2(q.shape[1]), next_pow2(k.shape[1]))
     cfg = _TUNED.get(key)
     if cfg is None:
         cands = _CONFIGS[d]

@@ -26,10 +26,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from ._device import num_sms
-from ._launch import launch
+from ._launch import cdiv, launch
 from .attention_sm90 import HAVE_GLUON
 
 HEAD_DIMS = (64, 128)
@@ -362,11 +361,11 @@ def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=No
     if stages is None:
         stages = 4 if d == 64 else 3
     sk = k.shape[1]
-    n_kb, n_m = triton.cdiv(sk, 128), triton.cdiv(sq, 64)
+    n_kb, n_m = cdiv(sk, 128), cdiv(sq, 64)
     if splits is None:
         splits = query_splits(n_kb * b * h, n_m, num_sms(q.device.index))
-    per = triton.cdiv(n_m, splits)
-    splits = triton.cdiv(n_m, per)
+    per = cdiv(n_m, splits)
+    splits = cdiv(n_m, per)
     if dqa is None:
         dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
     if splits > 1:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from ._launch import launch
+from ._launch import launch, next_pow2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -119,7 +119,7 @@ def _meta(q: torch.Tensor, num_heads: int):
     hd = q.shape[-1]
     if hd % num_heads or (hd // num_heads) % 2:
         raise ValueError(f"q's last dim {hd} must be num_heads ({num_heads}) times an even head dim")
-    half_pad = triton.next_power_of_2(hd // 2)
+    half_pad = next_pow2(hd // 2)
     warps = 1 if _INTERPRET else (4 if half_pad <= 512 else (8 if half_pad <= 2048 else 16))
     return dict(HD=hd, HALF=hd // 2, HALF_PAD=half_pad, HALF_D=hd // num_heads // 2), warps
 

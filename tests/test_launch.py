@@ -31,6 +31,7 @@ def test_signature_separates_what_triton_specializes_on():
     assert sig((x, 8)) != sig((x.float(), 8))  # dtype
     assert sig((x, 8)) != sig((x, 16)) != sig((x, 1))  # integers by value (16-divisible and 1 specialize)
     assert sig((x, None)) != sig((x, 0))
+    assert sig((x, True)) != sig((x, 1))  # Triton types a bool i1, an int i32
 
 
 def test_trailing_follows_parameter_order_and_defaults():
