@@ -304,91 +304,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM,
     _store_tile(DQ + _off(b, sgb, h, sgh, ALIGN), dq.to(DQ.dtype.element_ty), offs_m, offs_d, sgs, sgd, SQ, D, D_PAD)
 
 
-@triton.jit
-def _fused_block(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, DQA, start_m, SQ, sqs, sqd, sds, sdd,
-                 sas, qk_scale, offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr,
-                 HAS_MASK: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
-    offs_m = start_m + offs_m0
-    q = _stream_tile(q_desc, Q, start_m, offs_m0, offs_d, sqs, sqd, SQ, D, D_PAD, TAIL, USE_TMA)
-    if TAIL:
-        lse = tl.load(LSE + offs_m, mask=offs_m < SQ, other=float("inf"))
-        delta = tl.load(DELTA + offs_m, mask=offs_m < SQ, other=0.0)
-    else:
-        lse = tl.load(LSE + offs_m)
-        delta = tl.load(DELTA + offs_m)
-    st = tl.dot(k, tl.trans(q), input_precision=PREC)
-    pt = tl.math.exp2(st * qk_scale - lse[None, :])
-    if HAS_MASK:
-        pt = tl.where(keep[:, None], pt, 0.0)
-    do = _stream_tile(do_desc, DO, start_m, offs_m0, offs_d, sds, sdd, SQ, D, D_PAD, TAIL, USE_TMA)
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-    dk = tl.dot(dst, q, dk, input_precision=PREC)
-    # Key rows past SK are zeros in k, so their (garbage) dS adds nothing here.
-    dq = tl.dot(tl.trans(dst), k, input_precision=PREC)
-    if DQ_TMA:
-        # A bulk tensor reduce: one asynchronous add of the whole tile in L2; rows past SQ are clipped.
-        DQA.atomic_add([start_m, 0], dq)
-    else:
-        ptrs = DQA + offs_m[:, None] * sas + offs_d[None, :]
-        if TAIL or D != D_PAD:
-            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < SQ) & (offs_d[None, :] < D), sem="relaxed")
-        else:
-            tl.atomic_add(ptrs, dq, sem="relaxed")
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_fused(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM,
-                    sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
-                    sgb, sgs, sgh, sgd, sab, sas, sah, smb, sms,
-                    H, SQ, SK, qk_scale, sm_scale, SQ_KEY, SK_KEY,
-                    D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                    USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DQ_TMA: tl.constexpr):
-    # One pass: this program owns a key block (dK, dV in registers) and adds each query block's share of dQ into
-    # an fp32 buffer with atomics, so S and dP are computed once per tile pair (5 matrix products instead of 7).
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    Q += _off(b, sqb, h, sqh, ALIGN)
-    DO += _off(b, sdb, h, sdh, ALIGN)
-    DQA += b * sab + h * sah
-    LSE += pid_bh.to(tl.int64) * SQ
-    DELTA += pid_bh.to(tl.int64) * SQ
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    q_desc = _make_desc(Q, SQ, sqs, BLOCK_M, D, USE_TMA)
-    do_desc = _make_desc(DO, SQ, sds, BLOCK_M, D, USE_TMA)
-    dqa = _make_desc(DQA, SQ, sas, BLOCK_M, D, DQ_TMA)
-    k = _load_tile(K + _off(b, skb, h, skh, ALIGN), offs_n, offs_d, sks, skd, SK, D, D_PAD, True)
-    v = _load_tile(V + _off(b, svb, h, svh, ALIGN), offs_n, offs_d, svs, svd, SK, D, D_PAD, True)
-    keep = offs_n < SK
-    if HAS_MASK:
-        # A padded key gets no probability: its dK, dV and its share of dQ are exactly zero.
-        keep = tl.load(KPM + b * smb + offs_n * sms, mask=keep, other=0) != 0
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    sq_full = (SQ // BLOCK_M) * BLOCK_M
-    for start_m in range(0, sq_full, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        dk, dv = _fused_block(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, dqa, start_m, SQ, sqs, sqd,
-                              sds, sdd, sas, qk_scale, offs_m0, offs_d, D, D_PAD, False, HAS_MASK, PREC, USE_TMA,
-                              DQ_TMA)
-    if sq_full < SQ:
-        dk, dv = _fused_block(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, dqa, sq_full, SQ, sqs, sqd,
-                              sds, sdd, sas, qk_scale, offs_m0, offs_d, D, D_PAD, True, HAS_MASK, PREC, USE_TMA,
-                              DQ_TMA)
-    dk = dk * sm_scale
-    DK += _off(b, sgb, h, sgh, ALIGN)
-    DV += _off(b, sgb, h, sgh, ALIGN)
-    _store_tile(DK, dk.to(DK.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
-    _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
-
-
 def _configs(pairs, **extra):
     """Autotune space: (outer block, inner block, warps, stages); one small config under the interpreter."""
     if _INTERPRET:
@@ -418,7 +333,6 @@ _DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4), (32
                           (32, 128, 8, 4), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)])
 _DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (128, 32, 4, 5),
                         (64, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
-_FUSED_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2)])
 
 
 def _tuned(kernel, configs, key=_KEY, reset=None):
@@ -436,7 +350,6 @@ def _tuned(kernel, configs, key=_KEY, reset=None):
 _FWD = _tuned(_attn_fwd, _FWD_CONFIGS)
 _DKDV = _tuned(_attn_bwd_dkdv, _DKDV_CONFIGS)
 _DQ = _tuned(_attn_bwd_dq, _DQ_CONFIGS)
-_FUSED = _tuned(_attn_bwd_fused, _FUSED_CONFIGS, _KEY + ["DQ_TMA"], ["DQA"])
 
 
 def _pick(kernels):
@@ -648,15 +561,9 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     keys = (h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk))
     tune_key = (d, has_mask, common["PREC"], _bucket(sq), _bucket(sk), q.dtype)
     if _atomic_backward():
-        dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
-        use_tma = _tma_allowed(q, do)
-        # A bulk tensor reduce of the dQ tile measured faster than per-element atomics (45.8 vs 52.1 ms).
-        dq_tma = use_tma and hasattr(tl.tensor_descriptor, "atomic_add")
-        _pick(_FUSED)[lambda meta: (cdiv(sk, meta["BLOCK_N"]), b * h)](
-            q, k, v, do, lse, delta, dk, dv, dqa, kpm, *strides, *dk.stride(), dqa.stride(0), dqa.stride(1),
-            dqa.stride(2), smb, sms, *keys, USE_TMA=use_tma, DQ_TMA=dq_tma, **common,
-        )
-        return dqa.mul_(scale).to(q.dtype), dk, dv
+        from .attention_bwd_atomic import backward_atomic
+
+        return backward_atomic(q, k, v, do, lse, delta, dk, dv, kpm, smb, sms, strides, keys, common, scale)
     dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     tma = _tma_allowed(q, do)
     _launch(_DKDV, (*tune_key, tma), lambda meta: (cdiv(sk, meta["BLOCK_N"]), b * h),
