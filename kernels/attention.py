@@ -546,7 +546,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     delta = torch.empty_like(lse)
     pre_block = 16 if _INTERPRET else 64
     one_pass = not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90)
-    # The one-pass backward's fp32 dQ sums, zeroed by the preprocess.
+    # The one-pass backward's fp32 dQ sums, zeroed by the preprocess (otherwise delta stands in, unread).
     dqa = torch.empty(b, sq, h, d, device=q.device, dtype=torch.float32) if one_pass else delta
     launch(_attn_bwd_preprocess, (cdiv(sq, pre_block), b * h),
            (o, do, delta, dqa, *o.stride(), *do.stride(), h, sq),
