@@ -3,14 +3,15 @@
 Forward: online softmax in base 2 (log2(e) folded into the scale), fp32 accumulators, an unmasked main loop
 over whole key blocks plus one masked tail block, logsumexp (base 2) saved for the backward. Backward: a
 ``delta = rowsum(dO * O)`` preprocess, one pass that owns a key block and sweeps the queries (dK, dV), and one
-that owns a query block and sweeps the keys (dQ), so no atomics are needed and the result is deterministic. On
-Hopper at head dim 128 the backward is instead the one-pass Gluon kernel of :mod:`.attention_sm90_bwd` (dQ summed
-with bulk reduce-adds), except in torch's deterministic mode or with ``STDIT_ATTN_SM90_BWD=0``.
+that owns a query block and sweeps the keys (dQ), so no atomics are needed and the result is deterministic.
 
-Head dims that are not powers of two (72, 96) are padded to the next power of two inside the kernel with
-masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA), and the
-forward at head dims 64 and 128 (unmasked, ``[B, S, H, D]`` row layouts) runs the warp-specialized Gluon kernel of
-:mod:`.attention_sm90` (``STDIT_ATTN_SM90=0`` turns it off). The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
+Head dims that are not powers of two (72, 96) are padded to the next power of two inside these kernels with
+masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA), and at
+head dims 64, 72, 80, 96 and 128 (no key mask, ``[B * S, H * D]`` row layouts) the forward is the warp-specialized
+Gluon kernel of :mod:`.attention_sm90` (``STDIT_ATTN_SM90=0`` turns it off) and the backward the one-pass Gluon
+kernel of :mod:`.attention_sm90_bwd` (dQ summed with bulk reduce-adds), except in torch's deterministic mode or
+with ``STDIT_ATTN_SM90_BWD=0``; they read 72, 80 and 96 as a 64-column chunk plus a 16- or 32-column one instead
+of padding. The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
 """
 
 from __future__ import annotations
@@ -392,15 +393,16 @@ _TMA_API = not _INTERPRET and hasattr(tl, "make_tensor_descriptor") and hasattr(
 
 # The eligibility checks below run on every call; at 4k tokens and below the host sets the pace, so they read each
 # tensor's strides once and build no device objects.
-def _tma_allowed(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors need Hopper, 16-byte aligned bases and strides, a unit inner stride and D = D_PAD."""
+def _tma_allowed(*tensors: torch.Tensor, any_d: bool = False) -> bool:
+    """Tensor descriptors need Hopper, 16-byte aligned bases and strides and a unit inner stride; the general
+    kernels also D = D_PAD (a power of two), the Hopper ones (``any_d``) read other head dims in two chunks."""
     if not _TMA_API or os.environ.get("STDIT_ATTN_TMA", "1") == "0":
         return False
     t0 = tensors[0]
     if not t0.is_cuda or _capability(t0.get_device())[0] < 9:
         return False
     d = t0.shape[-1]
-    if d & (d - 1):
+    if d & (d - 1) and not any_d:
         return False
     for t in tensors:
         es = t.element_size()
@@ -421,12 +423,12 @@ def sm90_forward_covers(q, k, v, key_padding_mask=None) -> bool:
 
 
 def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
-    return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v)
+    return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v, any_d=True)
 
 
 def sm90_backward_covers(q, k, v, key_padding_mask=None) -> bool:
     """Whether the one-pass Hopper backward (:mod:`.attention_sm90_bwd`) takes the backward of a call with these
-    q, k, v: d=64/128 within the forward's scope, not in deterministic mode (dQ is summed with bulk reduce-adds);
+    q, k, v: within the forward's scope, not in deterministic mode (dQ is summed with bulk reduce-adds);
     ``STDIT_ATTN_SM90_BWD=0`` turns it off. dO must then share the row-view layout (checked at the backward, which
     otherwise runs the two-pass kernels). Reads no data pointer, like :func:`sm90_forward_covers`."""
     return _sm90_backward_on(q) and sm90_forward_covers(q, k, v, key_padding_mask)
@@ -443,8 +445,8 @@ def _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90: bool = F
     if not _sm90_backward_on(q) or not _sm90.row_view(do, q.shape[-1]):
         return False
     if forward_sm90:
-        return _tma_allowed(do)
-    return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v, do)
+        return _tma_allowed(do, any_d=True)
+    return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v, do, any_d=True)
 
 
 def _scratch(size: int, align: int, stream):
@@ -533,7 +535,7 @@ def _atomic_backward() -> bool:
 def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None, forward_sm90=False):
     """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype.
 
-    On Hopper, within its scope (d=64/128, no key mask, row-view layouts), one pass in Gluon that sums dQ in fp32
+    On Hopper, within its scope (d=64, 72, 80, 96, 128, no key mask, row-view layouts), one pass in Gluon that sums dQ in fp32
     with bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and whenever
     ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics (deterministic).
     ``STDIT_ATTN_ATOMIC_BWD=1`` selects a one-pass Triton kernel with an fp32 atomic dQ instead; on H100 it measured

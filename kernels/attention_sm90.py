@@ -15,8 +15,11 @@ specialization, and this kernel uses them:
   blocks during this tile's last products and epilogue (no tail wave, no cold start per tile).
 
 Q, K and V are read through descriptors on their ``[B * S, H * D]`` row views, so one descriptor per tensor serves
-every (batch, head). Scope: non-causal, no key padding mask, fp16/bf16, head dim 64 or 128, any Sq and Sk (rows past
-the end are the next sequence's or TMA zeros: the last key block is masked, extra query rows are not stored). The
+every (batch, head). Head dims 72, 80 and 96 are read as two column chunks, a 64-column one and a 16- or 32-column
+tail (at 72 the tail starts at column 56, so the chunks overlap by 8 columns, zeroed in the tail of Q), instead of
+being padded to 128: 80 or 96 columns of matrix work per row instead of 128. Scope: non-causal, no key padding
+mask, fp16/bf16, head dim 64, 72, 80, 96 or 128, any Sq and Sk (rows past the end are the next sequence's or TMA
+zeros: the last key block is masked, extra query rows are not stored). The
 general kernel in :mod:`stdit.kernels.attention` covers everything else and computes the same function with the
 same logsumexp (base 2), so the backward is shared. Gluon has no interpreter path: the CPU tests exercise the
 general kernel, the ``gpu`` tests this one.
@@ -39,24 +42,36 @@ try:
                                                                    warpgroup_mma_wait)
     # Renamed between Triton releases (3.6: async_copy_global_to_shared; later: async_load).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # Renamed between Triton releases (3.6: thread_barrier; later: barrier).
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     HAVE_GLUON = True
 except (ImportError, AttributeError):  # pragma: no cover - Triton without Gluon's Hopper API
     HAVE_GLUON = False
 
 # d=64 needs the third consumer warpgroup and the ping-pong: with half the matrix work per key block the softmax
 # dominates (H200, B1 H24 S16384: 466 TFLOP/s with both, 392 without ping-pong, 412 for the general kernel).
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 72, 80, 96, 128)
+
+
+def chunks(d: int) -> tuple[int, int]:
+    """(main chunk width D0, tail chunk width DT) of head dim ``d``: one chunk at d=64 and 128; 72 = 64 + 16 (the
+    tail starts at column 56, overlapping the main chunk by 8 columns), 80 = 64 + 16, 96 = 64 + 32."""
+    if d in (64, 128):
+        return d, 0
+    return 64, 16 if d <= 80 else 32
 
 
 if HAVE_GLUON:
 
     @gluon.jit
-    def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                H, SQ, SK, n_m, n_tiles, NW: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr):
+    def _loader(q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem,
+                q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles, NW: gl.constexpr,
+                D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         # One warp issues every TMA load: per output tile one Q block per consumer, then K and V through the rings.
         # The rings' slot counter runs on across tiles, so the next tile's first blocks load under this tile's end.
+        # DT > 0: each block also has a tail chunk (columns D - DT .. D - 1), loaded on the same barrier.
         WG_ROWS: gl.constexpr = q_smem.shape[1]
+        CT: gl.constexpr = D - DT
         n_kv = gl.cdiv(SK, BLOCK_N)
         t = 0
         tc = 0
@@ -68,17 +83,29 @@ if HAVE_GLUON:
             for w in gl.static_range(NW):
                 # A fresh barrier is in phase 0, so waiting on parity 1 passes: the first round needs no release.
                 mbarrier.wait(q_empty.index(w), (tc & 1) ^ 1)
-                mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                if DT > 0:
+                    mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes + qt_desc.block_type.nbytes)
+                    _tma_load(qt_desc, [q_row + w * WG_ROWS, col + CT], q_ready.index(w), qt_smem.index(w))
+                else:
+                    mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
                 _tma_load(q_desc, [q_row + w * WG_ROWS, col], q_ready.index(w), q_smem.index(w))
             for j in range(n_kv):
                 slot = t % STAGES
                 free = ((t // STAGES) & 1) ^ 1
                 row = b * SK + j * BLOCK_N
                 mbarrier.wait(k_empty.index(slot), free)
-                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                if DT > 0:
+                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + kt_desc.block_type.nbytes)
+                    _tma_load(kt_desc, [row, col + CT], k_ready.index(slot), kt_smem.index(slot))
+                else:
+                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
                 _tma_load(k_desc, [row, col], k_ready.index(slot), k_smem.index(slot))
                 mbarrier.wait(v_empty.index(slot), free)
-                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                if DT > 0:
+                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes + vt_desc.block_type.nbytes)
+                    _tma_load(vt_desc, [row, col + CT], v_ready.index(slot), vt_smem.index(slot))
+                else:
+                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
                 _tma_load(v_desc, [row, col], v_ready.index(slot), v_smem.index(slot))
                 t += 1
             tc += 1
@@ -105,21 +132,51 @@ if HAVE_GLUON:
         return gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE,
-                  sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr,
-                  D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    def _zero_leading_cols(tile, N: gl.constexpr):
+        # Zero the first N columns of a [rows, cols] shared-memory tile that this warpgroup reads next with wgmma:
+        # every thread stores its part, fences it for the async proxy, and the warpgroup syncs.
+        ROWS: gl.constexpr = tile.shape[0]
+        COLS: gl.constexpr = tile.shape[1]
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // COLS, COLS // 8], [4, 1], [1, 0])
+        x = tile.load(layout)
+        cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
+        tile.store(gl.where(gl.expand_dims(cols >= N, 0), x, gl.zeros_like(x)))
+        fence_async_shared()
+        _cta_barrier()
+
+    @gluon.jit
+    def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                  v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG: gl.constexpr,
+                  NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  PINGPONG: gl.constexpr):
         # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
         # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
         # and the other consumers' products keep the tensor cores busy.
+        # DT > 0 (head dims 72, 80, 96): the head dim is a 64-column chunk plus a DT-column tail chunk at column
+        # CT = D - DT; every product is two (S = Q K^T + Qt Kt^T; O and its tail Ot = P Vt are two accumulators).
+        # At d=72 the chunks overlap by OV = 8 columns: those are zeroed in the tail of Q, so S counts them once,
+        # and the tail of O is stored without them.
         dtype: gl.constexpr = q_smem.dtype
         WG_ROWS: gl.constexpr = q_smem.shape[1]
+        D0: gl.constexpr = q_smem.shape[2]
+        CT: gl.constexpr = D - DT
+        OV: gl.constexpr = D0 - CT
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, D, 16])
+                                                           instr_shape=[16, D0, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+        if DT > 0:
+            ot_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                instr_shape=[16, DT, 16])
+            pt_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ot_layout, k_width=2)
+            otrow_layout: gl.constexpr = gl.SliceLayout(1, ot_layout)
+            # PV issues one MMA group per chunk: waiting for the score products leaves this many outstanding.
+            NPV: gl.constexpr = 2
+        else:
+            NPV: gl.constexpr = 1
         q = q_smem.index(WG)
         s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -130,10 +187,14 @@ if HAVE_GLUON:
         k = 0
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             mbarrier.wait(q_ready.index(WG), tc & 1)
+            if OV > 0:
+                _zero_leading_cols(qt_smem.index(WG), OV)
             slot = t % STAGES
             mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
             _turn_wait(turn, WG, k, PINGPONG)
             s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if DT > 0:
+                s = warpgroup_mma(qt_smem.index(WG), kt_smem.index(slot).permute((1, 0)), s, is_async=True)
             _turn_pass(turn, WG, NW, PINGPONG)
             k += 1
             s = warpgroup_mma_wait(0, deps=[s])
@@ -143,7 +204,9 @@ if HAVE_GLUON:
             m_i = gl.max(s, 1) * qk_scale
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
             l_i = gl.sum(p, 1)
-            acc = gl.zeros([WG_ROWS, D], gl.float32, o_layout)
+            acc = gl.zeros([WG_ROWS, D0], gl.float32, o_layout)
+            if DT > 0:
+                acc_t = gl.zeros([WG_ROWS, DT], gl.float32, ot_layout)
             for j in range(1, n_kv):
                 tj = t + j
                 slot = tj % STAGES
@@ -152,12 +215,17 @@ if HAVE_GLUON:
                 mbarrier.wait(v_ready.index(pslot), ((tj - 1) // STAGES) & 1)
                 _turn_wait(turn, WG, k, PINGPONG)
                 s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(pslot), acc,
-                                    is_async=True)
+                if DT > 0:
+                    s = warpgroup_mma(qt_smem.index(WG), kt_smem.index(slot).permute((1, 0)), s, is_async=True)
+                p16 = p.to(dtype)
+                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(pslot), acc, is_async=True)
+                if DT > 0:
+                    acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(pslot), acc_t,
+                                          is_async=True)
                 _turn_pass(turn, WG, NW, PINGPONG)
                 k += 1
-                # Groups retire in order: one outstanding means S_j is done and P_{j-1} V_{j-1} may still run.
-                s = warpgroup_mma_wait(1, deps=[s])
+                # Groups retire in order: NPV outstanding means S_j is done and P_{j-1} V_{j-1} may still run.
+                s = warpgroup_mma_wait(NPV, deps=[s])
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 if j == n_kv - 1:
                     s = _last_key_block(s, q_empty, WG, last_cols, SK)
@@ -166,17 +234,27 @@ if HAVE_GLUON:
                 alpha = gl.exp2(m_i - m_new)
                 l_i = l_i * alpha + gl.sum(p, 1)
                 m_i = m_new
-                acc = warpgroup_mma_wait(0, deps=[acc])
+                if DT > 0:
+                    acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
+                    acc_t = acc_t * gl.expand_dims(gl.convert_layout(alpha, otrow_layout), 1)
+                else:
+                    acc = warpgroup_mma_wait(0, deps=[acc])
                 mbarrier.arrive(v_empty.index(pslot), count=1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
 
             lslot = (t + n_kv - 1) % STAGES
             mbarrier.wait(v_ready.index(lslot), ((t + n_kv - 1) // STAGES) & 1)
             _turn_wait(turn, WG, k, PINGPONG)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(lslot), acc, is_async=True)
+            p16 = p.to(dtype)
+            acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(lslot), acc, is_async=True)
+            if DT > 0:
+                acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(lslot), acc_t, is_async=True)
             _turn_pass(turn, WG, NW, PINGPONG)
             k += 1
-            acc = warpgroup_mma_wait(0, deps=[acc])
+            if DT > 0:
+                acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
+            else:
+                acc = warpgroup_mma_wait(0, deps=[acc])
             mbarrier.arrive(v_empty.index(lslot), count=1)
 
             # Epilogue, under the loads of the next tile's first blocks.
@@ -185,36 +263,48 @@ if HAVE_GLUON:
             base = (bh // H).to(gl.int64) * sob + (bh % H) * soh
             acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
             offs_m = row0 + gl.arange(0, WG_ROWS, layout=orow_layout)
-            offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+            offs_d = gl.arange(0, D0, layout=gl.SliceLayout(0, o_layout))
             gl.store(O + base + gl.expand_dims(offs_m, 1) * sos + gl.expand_dims(offs_d, 0), acc.to(dtype),
                      mask=gl.expand_dims(offs_m < SQ, 1))
+            if DT > 0:
+                acc_t = acc_t / gl.expand_dims(gl.convert_layout(l_i, otrow_layout), 1)
+                offs_mt = row0 + gl.arange(0, WG_ROWS, layout=otrow_layout)
+                offs_t = gl.arange(0, DT, layout=gl.SliceLayout(0, ot_layout))
+                gl.store(O + base + gl.expand_dims(offs_mt, 1) * sos + gl.expand_dims(CT + offs_t, 0),
+                         acc_t.to(dtype), mask=gl.expand_dims(offs_mt < SQ, 1) & gl.expand_dims(offs_t >= OV, 0))
             rows = row0 + gl.arange(0, WG_ROWS, layout=row_layout)
             gl.store(LSE + bh.to(gl.int64) * SQ + rows, m_i + gl.log2(l_i), mask=rows < SQ)
             t += n_kv
             tc += 1
 
     @gluon.jit
+    def _tiles(X, rows, cols, row_stride, BLOCK: gl.constexpr, WIDTH: gl.constexpr, COUNT: gl.constexpr):
+        # A descriptor for [BLOCK, WIDTH] boxes of the [rows, cols] row view of X, and a ring of COUNT such tiles.
+        layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, WIDTH], X.dtype.element_ty)
+        desc = tma.make_tensor_descriptor(X, shape=[rows, cols], strides=[row_stride, 1], block_shape=[BLOCK, WIDTH],
+                                          layout=layout)
+        return desc, gl.allocate_shared_memory(X.dtype.element_ty, [COUNT, BLOCK, WIDTH], layout)
+
+    @gluon.jit
     def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
-                       D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
-                       PINGPONG: gl.constexpr):
+                       D: gl.constexpr, D0: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr):
         # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
         # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
         # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
         # Partitions: this default one and NW - 1 workers are the consumer warpgroups (64 query rows each);
-        # a one-warp worker loads.
+        # a one-warp worker loads. D0: columns of the main chunk (D, or 64 when a DT-column tail chunk follows).
         dtype: gl.constexpr = Q.dtype.element_ty
         WG_ROWS: gl.constexpr = 64
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_ROWS, D], dtype)
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-        q_desc = tma.make_tensor_descriptor(Q, shape=[B * SQ, H * D], strides=[sqs, 1], block_shape=[WG_ROWS, D],
-                                            layout=q_layout)
-        k_desc = tma.make_tensor_descriptor(K, shape=[B * SK, H * D], strides=[sks, 1], block_shape=[BLOCK_N, D],
-                                            layout=kv_layout)
-        v_desc = tma.make_tensor_descriptor(V, shape=[B * SK, H * D], strides=[svs, 1], block_shape=[BLOCK_N, D],
-                                            layout=kv_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [NW, WG_ROWS, D], q_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_layout)
+        q_desc, q_smem = _tiles(Q, B * SQ, H * D, sqs, WG_ROWS, D0, NW)
+        k_desc, k_smem = _tiles(K, B * SK, H * D, sks, BLOCK_N, D0, STAGES)
+        v_desc, v_smem = _tiles(V, B * SK, H * D, svs, BLOCK_N, D0, STAGES)
+        if DT > 0:
+            qt_desc, qt_smem = _tiles(Q, B * SQ, H * D, sqs, WG_ROWS, DT, NW)
+            kt_desc, kt_smem = _tiles(K, B * SK, H * D, sks, BLOCK_N, DT, STAGES)
+            vt_desc, vt_smem = _tiles(V, B * SK, H * D, svs, BLOCK_N, DT, STAGES)
+        else:  # no tail: placeholders, never read
+            qt_desc, qt_smem, kt_desc, kt_smem, vt_desc, vt_smem = q_desc, q_smem, k_desc, k_smem, v_desc, v_smem
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         q_ready = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
         q_empty = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
@@ -243,28 +333,30 @@ if HAVE_GLUON:
         # in the kernel body passes its constexpr members on as runtime values).
         if NW == 2:
             gl.warp_specialize([
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
-                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, BLOCK_N, STAGES,
-                             PINGPONG)),
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
-                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, BLOCK_N, STAGES,
-                             PINGPONG)),
-                (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                           k_empty, v_empty, H, SQ, SK, n_m, n_tiles, NW, D, BLOCK_N, STAGES)),
+                (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0,
+                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1,
+                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
+                           vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
+                           NW, D, DT, BLOCK_N, STAGES)),
             ], [4, 1], [232, 24])
         else:
             gl.warp_specialize([
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
-                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, BLOCK_N, STAGES,
-                             PINGPONG)),
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
-                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, BLOCK_N, STAGES,
-                             PINGPONG)),
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O,
-                             LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG2, NW, D, BLOCK_N, STAGES,
-                             PINGPONG)),
-                (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                           k_empty, v_empty, H, SQ, SK, n_m, n_tiles, NW, D, BLOCK_N, STAGES)),
+                (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0,
+                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1,
+                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG2,
+                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
+                           vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
+                           NW, D, DT, BLOCK_N, STAGES)),
             ], [4, 4, 1], [160, 160, 24])
 
 
@@ -274,6 +366,10 @@ if HAVE_GLUON:
 _CONFIGS = {
     128: [(128, 2, 2, True, True), (128, 2, 2, True, False), (128, 3, 2, True, True)],
     64: [(128, 3, 3, True, True)],
+    # Two consumers: three (160 registers each) spill and serialize the products with the tail accumulators.
+    72: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
+    80: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
+    96: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
 }
 _TUNED = {}
 
@@ -302,10 +398,11 @@ def _launch(cfg, q, k, v, o, lse, qk_scale):
     n_tiles = cdiv(sq, 64 * nw) * b * h
     if persistent:
         n_tiles = min(n_tiles, num_sms(q.device.index))
+    d0, dt = chunks(d)
     launch(_attn_fwd_sm90, (n_tiles,),
            (q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
             b, h, sq, k.shape[1], qk_scale),
-           dict(D=d, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong), num_warps=4)
+           dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong), num_warps=4)
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:

@@ -17,7 +17,11 @@ two-pass Triton kernels (see benchmarks/NOTES-attention.md). When there are fewe
 cross-attention: 512 keys), each key block's query range is split over several programs (:func:`query_splits`)
 and dK, dV are summed with fp32 atomics.
 
-Scope (as the forward): d=64 and 128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do; the caller
+Head dims 72, 80 and 96 are a 64-column chunk plus the forward's 16- or 32-column tail chunk (at 72 overlapping the
+first by 8 columns, which are zeroed in the tail tiles of K and V); the consumers take turns computing dQ, as at
+d=64.
+
+Scope (as the forward): d=64, 72, 80, 96 and 128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do; the caller
 (:func:`.attention.flash_attention_backward`) checks it.
 """
 
@@ -29,9 +33,9 @@ import torch
 
 from ._device import num_sms
 from ._launch import cdiv, launch
-from .attention_sm90 import HAVE_GLUON
+from .attention_sm90 import HAVE_GLUON, chunks
 
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 72, 80, 96, 128)
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -39,10 +43,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
-    from .attention_sm90 import _tma_load
-
-    # Renamed between Triton releases (3.6: thread_barrier; later: barrier).
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    from .attention_sm90 import _cta_barrier, _tiles, _tma_load, _zero_leading_cols
 
     if hasattr(tma, "async_atomic_add"):
         _tma_reduce_add = tma.async_atomic_add
@@ -57,26 +58,38 @@ if HAVE_GLUON:
                                                       src.handle)
 
     @gluon.jit
-    def _bwd_loader(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
-                    delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, sq_left,
-                    n_m, STAGES: gl.constexpr, NC: gl.constexpr):
-        # K and V of this program's 128 keys once (per consumer w and 64-column chunk c: slot NC * w + c), then Q
-        # and dO. Rows and lse_base start at this program's first query block; sq_left queries remain from there.
+    def _bwd_loader(q_desc, k_desc, v_desc, do_desc, qh_desc, kh_desc, vh_desc, doh_desc, LSE, DELTA, q_smem, k_smem,
+                    v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem, delta_smem, kv_bar, q_ready,
+                    q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, sq_left, n_m, STAGES: gl.constexpr,
+                    HC: gl.constexpr, HW: gl.constexpr):
+        # K and V of this program's 128 keys once (consumer w's 64 keys: tile w of each ring; with a second chunk,
+        # HW > 0, its columns HC .. HC + HW - 1 too), then Q and dO. Rows and lse_base start at this program's first
+        # query block; sq_left queries remain from there.
         HB: gl.constexpr = 64
         vec_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
-        mbarrier.expect(kv_bar, 4 * NC * k_desc.block_type.nbytes)
+        if HW > 0:
+            mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes +
+                                         kh_desc.block_type.nbytes + vh_desc.block_type.nbytes))
+        else:
+            mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
         for w in gl.static_range(2):
-            for c in gl.static_range(NC):
-                _tma_load(k_desc, [k_row + w * HB, col + c * HB], kv_bar, k_smem.index(NC * w + c))
-                _tma_load(v_desc, [k_row + w * HB, col + c * HB], kv_bar, v_smem.index(NC * w + c))
+            _tma_load(k_desc, [k_row + w * HB, col], kv_bar, k_smem.index(w))
+            _tma_load(v_desc, [k_row + w * HB, col], kv_bar, v_smem.index(w))
+            if HW > 0:
+                _tma_load(kh_desc, [k_row + w * HB, col + HC], kv_bar, kh_smem.index(w))
+                _tma_load(vh_desc, [k_row + w * HB, col + HC], kv_bar, vh_smem.index(w))
         for i in range(n_m):
             slot = i % STAGES
             free = ((i // STAGES) & 1) ^ 1
             row = q_row0 + i * HB
             mbarrier.wait(q_empty.index(slot), free)
-            mbarrier.expect(q_ready.index(slot), NC * q_desc.block_type.nbytes)
-            for c in gl.static_range(NC):
-                _tma_load(q_desc, [row, col + c * HB], q_ready.index(slot), q_smem.index(NC * slot + c))
+            if HW > 0:
+                mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes + qh_desc.block_type.nbytes)
+            else:
+                mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [row, col], q_ready.index(slot), q_smem.index(slot))
+            if HW > 0:
+                _tma_load(qh_desc, [row, col + HC], q_ready.index(slot), qh_smem.index(slot))
             # This block's logsumexp and delta go to shared memory with dO (published by its barrier's arrive), so
             # the consumers read them there instead of waiting on global loads; rows past SQ get lse = +inf (P = 0).
             rows = i * HB + gl.arange(0, HB, layout=vec_layout)
@@ -86,18 +99,24 @@ if HAVE_GLUON:
             lse_smem.index(slot).store(lse)
             delta_smem.index(slot).store(delta)
             _cta_barrier()
-            mbarrier.expect(do_ready.index(slot), NC * do_desc.block_type.nbytes)
-            for c in gl.static_range(NC):
-                _tma_load(do_desc, [row, col + c * HB], do_ready.index(slot), do_smem.index(NC * slot + c))
+            if HW > 0:
+                mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes + doh_desc.block_type.nbytes)
+            else:
+                mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes)
+            _tma_load(do_desc, [row, col], do_ready.index(slot), do_smem.index(slot))
+            if HW > 0:
+                _tma_load(doh_desc, [row, col + HC], do_ready.index(slot), doh_smem.index(slot))
 
 
     @gluon.jit
-    def _bwd_dq_writer(dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m, NC: gl.constexpr):
+    def _bwd_dq_writer(dq_desc, dqh_desc, dq_smem, dqh_smem, dq_ready, dq_empty, q_row0, col, n_m, HC: gl.constexpr,
+                       HW: gl.constexpr):
         # One warp: each dQ tile (fp32, shared memory) is added to the dQ buffer with a TMA bulk reduce. d=128: per
-        # query block one 64-column half from each consumer; d=64: the whole tile, from consumer (block % 2).
+        # query block one 64-column half from each consumer; otherwise the whole tile (and its second chunk), from
+        # consumer (block % 2).
         HB: gl.constexpr = 64
         for i in range(n_m):
-            if NC == 2:
+            if HW == HB:
                 for w in gl.static_range(2):
                     mbarrier.wait(dq_ready.index(w), i & 1)
                     _tma_reduce_add(dq_desc, [q_row0 + i * HB, col + w * HB], dq_smem.index(w))
@@ -108,18 +127,22 @@ if HAVE_GLUON:
                 w = i % 2
                 mbarrier.wait(dq_ready.index(w), (i // 2) & 1)
                 _tma_reduce_add(dq_desc, [q_row0 + i * HB, col], dq_smem.index(w))
+                if HW > 0:
+                    _tma_reduce_add(dqh_desc, [q_row0 + i * HB, col + HC], dqh_smem.index(w))
                 tma.store_wait(0)
                 mbarrier.arrive(dq_empty.index(w), count=1)
 
 
     @gluon.jit
-    def _bwd_block(i, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem,
-                   dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep, qk_scale,
-                   sm_scale, WG: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, DQ: gl.constexpr):
+    def _bwd_block(i, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem,
+                   doh_smem, lse_smem, delta_smem, ds_smem, dq_smem, dqh_smem, q_ready, q_empty, do_ready, do_empty,
+                   ds_ready, dq_ready, dq_empty, keep, qk_scale, sm_scale, WG: gl.constexpr, STAGES: gl.constexpr,
+                   HW: gl.constexpr, DQ: gl.constexpr):
         # Query block i for one consumer's 64 keys: S^T = K Q^T and dP^T = V dO^T for its keys, P^T and dS^T in
         # registers (the A operands of dV += P^T dO and dK += dS^T Q), dS (transposed) to shared memory for dQ.
-        # NC 64-column chunks of the head dim (d=128: lo and hi halves; d=64: lo only, the hi arguments unused).
-        # DQ: this consumer computes a dQ tile for this block (d=128: always, its 64-column half; d=64: every
+        # The head dim is a 64-column chunk (lo) and, with HW > 0, a second HW-column chunk (hi: d=128 its second
+        # half; d=72, 80, 96 a 16- or 32-column tail; d=64 none, the hi arguments unused).
+        # DQ: this consumer computes a dQ tile for this block (d=128: always, its 64-column half; otherwise every
         # other block, the whole tile).
         dtype: gl.constexpr = q_smem.dtype
         HB: gl.constexpr = 64
@@ -129,27 +152,34 @@ if HAVE_GLUON:
         qry_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
         slot = i % STAGES
         phase = (i // STAGES) & 1
-        q_lo = q_smem.index(NC * slot)
-        do_lo = do_smem.index(NC * slot)
-        k_lo = k_smem.index(NC * WG)
-        v_lo = v_smem.index(NC * WG)
-        if NC == 2:
-            q_hi = q_smem.index(2 * slot + 1)
-            do_hi = do_smem.index(2 * slot + 1)
-            k_hi = k_smem.index(2 * WG + 1)
-            v_hi = v_smem.index(2 * WG + 1)
+        q_lo = q_smem.index(slot)
+        do_lo = do_smem.index(slot)
+        k_lo = k_smem.index(WG)
+        v_lo = v_smem.index(WG)
+        if HW > 0:
+            q_hi = qh_smem.index(slot)
+            do_hi = doh_smem.index(slot)
+            k_hi = kh_smem.index(WG)
+            v_hi = vh_smem.index(WG)
+            NCH: gl.constexpr = 2
+        else:
+            NCH: gl.constexpr = 1
+        if HW > 0 and HW < HB:
+            acch_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                  instr_shape=[16, HW, 16])
+            ah_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acch_layout, k_width=2)
         mbarrier.wait(q_ready.index(slot), phase)
         zero = gl.zeros([HB, HB], gl.float32, acc_layout)
         st = warpgroup_mma(k_lo, q_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
-        if NC == 2:
+        if HW > 0:
             st = warpgroup_mma(k_hi, q_hi.permute((1, 0)), st, is_async=True)
         mbarrier.wait(do_ready.index(slot), phase)
         lse = lse_smem.index(slot).load(qry_layout)
         dpt = warpgroup_mma(v_lo, do_lo.permute((1, 0)), zero, use_acc=False, is_async=True)
-        if NC == 2:
+        if HW > 0:
             dpt = warpgroup_mma(v_hi, do_hi.permute((1, 0)), dpt, is_async=True)
-        # Groups retire in order: NC outstanding = the dP^T products; S^T is done.
-        st = warpgroup_mma_wait(NC, deps=[st])
+        # Groups retire in order: NCH outstanding = the dP^T products; S^T is done.
+        st = warpgroup_mma_wait(NCH, deps=[st])
         # Keys past SK (zeros or the next sequence's rows) and queries past SQ (lse = +inf) get P = 0.
         pt = gl.where(keep, gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), 0.0)
         delta = delta_smem.index(slot).load(qry_layout)
@@ -158,12 +188,18 @@ if HAVE_GLUON:
         # P^T and dS^T are the register A operands of the dV and dK products (live until those complete).
         pt_a = gl.convert_layout(pt.to(dtype), a_layout)
         dst_a = gl.convert_layout(dst, a_layout)
+        if HW > 0 and HW < HB:
+            pth_a = gl.convert_layout(pt_a, ah_layout)
+            dsth_a = gl.convert_layout(dst_a, ah_layout)
+        else:
+            pth_a = pt_a
+            dsth_a = dst_a
         dv_lo = warpgroup_mma(pt_a, do_lo, dv_lo, is_async=True)
-        if NC == 2:
-            dv_hi = warpgroup_mma(pt_a, do_hi, dv_hi, is_async=True)
+        if HW > 0:
+            dv_hi = warpgroup_mma(pth_a, do_hi, dv_hi, is_async=True)
         dk_lo = warpgroup_mma(dst_a, q_lo, dk_lo, is_async=True)
-        if NC == 2:
-            dk_hi = warpgroup_mma(dst_a, q_hi, dk_hi, is_async=True)
+        if HW > 0:
+            dk_hi = warpgroup_mma(dsth_a, q_hi, dk_hi, is_async=True)
         # dS for dQ: [queries, keys] in shared memory, both consumers' keys before dQ reads them.
         buf = i % 2
         ds_smem.index(2 * buf + WG).store(gl.permute(dst, [1, 0]))
@@ -172,16 +208,30 @@ if HAVE_GLUON:
         mbarrier.arrive(ds_ready.index(buf), count=1)
         if DQ:
             mbarrier.wait(ds_ready.index(buf), (i // 2) & 1)
-            if NC == 2:  # dQ[:, 64 WG : 64 WG + 64] over all 128 keys
-                dq = warpgroup_mma(ds_smem.index(2 * buf), k_smem.index(WG), zero, use_acc=False, is_async=True)
-                dq = warpgroup_mma(ds_smem.index(2 * buf + 1), k_smem.index(2 + WG), dq, is_async=True)
+            if HW == HB:  # dQ[:, 64 WG : 64 WG + 64] over all 128 keys
+                if WG == 0:
+                    k_wg = k_smem
+                else:
+                    k_wg = kh_smem
+                dq = warpgroup_mma(ds_smem.index(2 * buf), k_wg.index(0), zero, use_acc=False, is_async=True)
+                dq = warpgroup_mma(ds_smem.index(2 * buf + 1), k_wg.index(1), dq, is_async=True)
                 dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a = warpgroup_mma_wait(
                     0, deps=[dv_lo, dv_hi, dk_lo, dk_hi, dq, pt_a, dst_a])
                 dq_phase = (i & 1) ^ 1
             else:  # the whole dQ tile over all 128 keys
                 dq = warpgroup_mma(ds_smem.index(2 * buf), k_smem.index(0), zero, use_acc=False, is_async=True)
                 dq = warpgroup_mma(ds_smem.index(2 * buf + 1), k_smem.index(1), dq, is_async=True)
-                dv_lo, dk_lo, dq, pt_a, dst_a = warpgroup_mma_wait(0, deps=[dv_lo, dk_lo, dq, pt_a, dst_a])
+                if HW > 0:
+                    # The second chunk's first columns were zeroed in K where the chunks overlap, so this adds 0
+                    # there.
+                    zero_h = gl.zeros([HB, HW], gl.float32, acch_layout)
+                    dqh = warpgroup_mma(ds_smem.index(2 * buf), kh_smem.index(0), zero_h, use_acc=False,
+                                        is_async=True)
+                    dqh = warpgroup_mma(ds_smem.index(2 * buf + 1), kh_smem.index(1), dqh, is_async=True)
+                    dv_lo, dv_hi, dk_lo, dk_hi, dq, dqh, pt_a, dst_a, pth_a, dsth_a = warpgroup_mma_wait(
+                        0, deps=[dv_lo, dv_hi, dk_lo, dk_hi, dq, dqh, pt_a, dst_a, pth_a, dsth_a])
+                else:
+                    dv_lo, dk_lo, dq, pt_a, dst_a = warpgroup_mma_wait(0, deps=[dv_lo, dk_lo, dq, pt_a, dst_a])
                 dq_phase = ((i // 2) & 1) ^ 1
             mbarrier.arrive(q_empty.index(slot), count=1)
             mbarrier.arrive(do_empty.index(slot), count=1)
@@ -189,103 +239,137 @@ if HAVE_GLUON:
             # the fp32 dQ buffer while this warpgroup goes on.
             mbarrier.wait(dq_empty.index(WG), dq_phase)
             dq_smem.index(WG).store(dq * sm_scale)
+            if HW > 0 and HW < HB:
+                dqh_smem.index(WG).store(dqh * sm_scale)
             fence_async_shared()
             _cta_barrier()
             mbarrier.arrive(dq_ready.index(WG), count=1)
         else:
-            dv_lo, dk_lo, pt_a, dst_a = warpgroup_mma_wait(0, deps=[dv_lo, dk_lo, pt_a, dst_a])
+            if HW == HB:
+                dv_lo, dv_hi, dk_lo, dk_hi, pt_a, dst_a = warpgroup_mma_wait(
+                    0, deps=[dv_lo, dv_hi, dk_lo, dk_hi, pt_a, dst_a])
+            elif HW > 0:
+                dv_lo, dv_hi, dk_lo, dk_hi, pt_a, dst_a, pth_a, dsth_a = warpgroup_mma_wait(
+                    0, deps=[dv_lo, dv_hi, dk_lo, dk_hi, pt_a, dst_a, pth_a, dsth_a])
+            else:
+                dv_lo, dk_lo, pt_a, dst_a = warpgroup_mma_wait(0, deps=[dv_lo, dk_lo, pt_a, dst_a])
             mbarrier.arrive(q_empty.index(slot), count=1)
             mbarrier.arrive(do_empty.index(slot), count=1)
         return dk_lo, dk_hi, dv_lo, dv_hi
 
     @gluon.jit
-    def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale,
-                      sm_scale, WG: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, NC: gl.constexpr):
-        dtype: gl.constexpr = q_smem.dtype
+    def _store_grad(G, ptrs, g, mask, SPLIT: gl.constexpr):
+        if SPLIT:  # other programs hold the other query blocks' parts: sum into the fp32 buffer
+            gl.atomic_add(G + ptrs, g, mask=mask)
+        else:
+            gl.store(G + ptrs, g.to(G.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem, delta_smem,
+                      ds_smem, dq_smem, dqh_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready,
+                      dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale, sm_scale, WG: gl.constexpr,
+                      STAGES: gl.constexpr, SPLIT: gl.constexpr, HC: gl.constexpr, HW: gl.constexpr):
         HB: gl.constexpr = 64
+        # Columns of the second chunk that the first also covers (d=72: 8): zeroed in this consumer's K and V tiles,
+        # so that S and dP count them once; its dK, dV columns there are not stored.
+        OV: gl.constexpr = HB - HC
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, HB, 16])
         key_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         qry_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
         dk_lo = gl.zeros([HB, HB], gl.float32, acc_layout)
-        dk_hi = gl.zeros([HB, HB], gl.float32, acc_layout)
         dv_lo = gl.zeros([HB, HB], gl.float32, acc_layout)
-        dv_hi = gl.zeros([HB, HB], gl.float32, acc_layout)
+        if HW > 0 and HW < HB:
+            acch_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                  instr_shape=[16, HW, 16])
+        else:
+            acch_layout: gl.constexpr = acc_layout
+        dk_hi = gl.zeros([HB, HW if HW > 0 else HB], gl.float32, acch_layout)
+        dv_hi = gl.zeros([HB, HW if HW > 0 else HB], gl.float32, acch_layout)
         keys = key0 + WG * HB + gl.arange(0, HB, layout=key_layout)
         keep = gl.expand_dims(keys < SK, 1)
         mbarrier.wait(kv_bar, 0)
-        if NC == 2:
+        if OV > 0:
+            _zero_leading_cols(kh_smem.index(WG), OV)
+            _zero_leading_cols(vh_smem.index(WG), OV)
+        if HW == HB:
             for i in range(n_m):
                 dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
-                    i, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem,
-                    dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep, qk_scale,
-                    sm_scale, WG, STAGES, NC, True)
+                    i, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem,
+                    doh_smem, lse_smem, delta_smem, ds_smem, dq_smem, dqh_smem, q_ready, q_empty, do_ready, do_empty,
+                    ds_ready, dq_ready, dq_empty, keep, qk_scale, sm_scale, WG, STAGES, HW, True)
         else:
-            # d=64: dQ has one 64-column chunk; the consumers take turns computing it (block i: consumer i % 2),
-            # so only that one waits for the other's dS. The other cannot overwrite its dS buffer too early: it
-            # writes it again two blocks on, after this consumer's dQ completed (it first waits for this
-            # consumer's dS of the block in between). Two blocks per iteration keep the turn static.
+            # One dQ tile per block (d=64, or a 64-column chunk and a tail): the consumers take turns computing it
+            # (block i: consumer i % 2), so only that one waits for the other's dS. The other cannot overwrite its
+            # dS buffer too early: it writes it again two blocks on, after this consumer's dQ completed (it first
+            # waits for this consumer's dS of the block in between). Two blocks per iteration keep the turn static.
             for i2 in range(n_m // 2):
                 for j in gl.static_range(2):
                     dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
-                        2 * i2 + j, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem,
-                        delta_smem, ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready,
-                        dq_empty, keep, qk_scale, sm_scale, WG, STAGES, NC, WG == j)
+                        2 * i2 + j, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem,
+                        vh_smem, doh_smem, lse_smem, delta_smem, ds_smem, dq_smem, dqh_smem, q_ready, q_empty,
+                        do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep, qk_scale, sm_scale, WG, STAGES, HW,
+                        WG == j)
             if n_m % 2 == 1:
                 dk_lo, dk_hi, dv_lo, dv_hi = _bwd_block(
-                    n_m - 1, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem,
-                    ds_smem, dq_smem, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, keep,
-                    qk_scale, sm_scale, WG, STAGES, NC, WG == 0)
+                    n_m - 1, dk_lo, dk_hi, dv_lo, dv_hi, q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem,
+                    doh_smem, lse_smem, delta_smem, ds_smem, dq_smem, dqh_smem, q_ready, q_empty, do_ready, do_empty,
+                    ds_ready, dq_ready, dq_empty, keep, qk_scale, sm_scale, WG, STAGES, HW, WG == 0)
 
         rows = gl.expand_dims(keys, 1)
         cols = gl.expand_dims(gl.arange(0, HB, layout=qry_layout), 0)
         ptrs = rows * sgs + cols
-        if SPLIT:  # other programs hold the other query blocks' parts: sum into the fp32 dK, dV buffers
-            gl.atomic_add(DK + ptrs, dk_lo * sm_scale, mask=keep)
-            gl.atomic_add(DV + ptrs, dv_lo, mask=keep)
-            if NC == 2:
-                gl.atomic_add(DK + ptrs + HB, dk_hi * sm_scale, mask=keep)
-                gl.atomic_add(DV + ptrs + HB, dv_hi, mask=keep)
-        else:
-            gl.store(DK + ptrs, (dk_lo * sm_scale).to(dtype), mask=keep)
-            gl.store(DV + ptrs, dv_lo.to(dtype), mask=keep)
-            if NC == 2:
-                gl.store(DK + ptrs + HB, (dk_hi * sm_scale).to(dtype), mask=keep)
-                gl.store(DV + ptrs + HB, dv_hi.to(dtype), mask=keep)
+        _store_grad(DK, ptrs, dk_lo * sm_scale, keep, SPLIT)
+        _store_grad(DV, ptrs, dv_lo, keep, SPLIT)
+        if HW > 0:
+            keys_h = key0 + WG * HB + gl.arange(0, HB, layout=gl.SliceLayout(1, acch_layout))
+            cols_h = gl.arange(0, HW, layout=gl.SliceLayout(0, acch_layout))
+            ptrs_h = gl.expand_dims(keys_h, 1) * sgs + gl.expand_dims(HC + cols_h, 0)
+            mask_h = gl.expand_dims(keys_h < SK, 1) & gl.expand_dims(cols_h >= OV, 0)
+            _store_grad(DK, ptrs_h, dk_hi * sm_scale, mask_h, SPLIT)
+            _store_grad(DV, ptrs_h, dv_hi, mask_h, SPLIT)
 
 
     @gluon.jit
     def _attn_bwd_sm90(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqs, sks, svs, sds, sgb, sgs, sgh, B, H, SQ, SK,
-                       qk_scale, sm_scale, m_per, D: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
-        dtype: gl.constexpr = Q.dtype.element_ty
+                       qk_scale, sm_scale, m_per, D: gl.constexpr, HW: gl.constexpr, STAGES: gl.constexpr,
+                       SPLIT: gl.constexpr):
+        # HW: width of the head dim's second chunk (columns D - HW .. D - 1): 0 at d=64, 64 at d=128, 16 or 32 at
+        # d=72, 80, 96.
         HB: gl.constexpr = 64
+        HC: gl.constexpr = D - HW
         pid_n = gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HB, HB], dtype)
-        dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HB, HB], gl.float32)
-        q_desc = tma.make_tensor_descriptor(Q, shape=[B * SQ, H * D], strides=[sqs, 1], block_shape=[HB, HB],
-                                            layout=tile_layout)
-        k_desc = tma.make_tensor_descriptor(K, shape=[B * SK, H * D], strides=[sks, 1], block_shape=[HB, HB],
-                                            layout=tile_layout)
-        v_desc = tma.make_tensor_descriptor(V, shape=[B * SK, H * D], strides=[svs, 1], block_shape=[HB, HB],
-                                            layout=tile_layout)
-        do_desc = tma.make_tensor_descriptor(DO, shape=[B * SQ, H * D], strides=[sds, 1], block_shape=[HB, HB],
-                                             layout=tile_layout)
+        q_desc, q_smem = _tiles(Q, B * SQ, H * D, sqs, HB, HB, STAGES)
+        do_desc, do_smem = _tiles(DO, B * SQ, H * D, sds, HB, HB, STAGES)
+        k_desc, k_smem = _tiles(K, B * SK, H * D, sks, HB, HB, 2)
+        v_desc, v_smem = _tiles(V, B * SK, H * D, svs, HB, HB, 2)
+        dq_desc, dq_smem = _tiles(DQA, B * SQ, H * D, H * D, HB, HB, 2)
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HB, HB], Q.dtype.element_ty)
+        if HW == HB:  # the second half reads through the same descriptors
+            qh_desc, doh_desc, kh_desc, vh_desc = q_desc, do_desc, k_desc, v_desc
+            qh_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, HB, HB], tile_layout)
+            doh_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [STAGES, HB, HB], tile_layout)
+            kh_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, HB, HB], tile_layout)
+            vh_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, HB, HB], tile_layout)
+        elif HW > 0:
+            qh_desc, qh_smem = _tiles(Q, B * SQ, H * D, sqs, HB, HW, STAGES)
+            doh_desc, doh_smem = _tiles(DO, B * SQ, H * D, sds, HB, HW, STAGES)
+            kh_desc, kh_smem = _tiles(K, B * SK, H * D, sks, HB, HW, 2)
+            vh_desc, vh_smem = _tiles(V, B * SK, H * D, svs, HB, HW, 2)
+        else:  # placeholders, never read
+            qh_desc, qh_smem, doh_desc, doh_smem = q_desc, q_smem, do_desc, do_smem
+            kh_desc, kh_smem, vh_desc, vh_smem = k_desc, k_smem, v_desc, v_smem
+        if HW > 0 and HW < HB:
+            dqh_desc, dqh_smem = _tiles(DQA, B * SQ, H * D, H * D, HB, HW, 2)
+        else:
+            dqh_desc, dqh_smem = dq_desc, dq_smem
         vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        dq_desc = tma.make_tensor_descriptor(DQA, shape=[B * SQ, H * D], strides=[H * D, 1], block_shape=[HB, HB],
-                                             layout=dq_layout)
-        NC: gl.constexpr = D // HB
-        k_smem = gl.allocate_shared_memory(dtype, [2 * NC, HB, HB], tile_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2 * NC, HB, HB], tile_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [NC * STAGES, HB, HB], tile_layout)
-        do_smem = gl.allocate_shared_memory(dtype, [NC * STAGES, HB, HB], tile_layout)
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
-        ds_smem = gl.allocate_shared_memory(dtype, [4, HB, HB], tile_layout)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, HB, HB], dq_layout)
+        ds_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [4, HB, HB], tile_layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
@@ -321,17 +405,26 @@ if HAVE_GLUON:
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
-            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
-                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m,
-                             qk_scale, sm_scale, WG0, STAGES, SPLIT, NC)),
-            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, kv_bar, q_ready,
-                             q_empty, do_ready, do_empty, ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m,
-                             qk_scale, sm_scale, WG1, STAGES, SPLIT, NC)),
-            (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, LSE, DELTA, q_smem, k_smem, v_smem, do_smem, lse_smem,
-                           delta_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base,
-                           sq_left, n_m, STAGES, NC)),
-            (_bwd_dq_writer, (dq_desc, dq_smem, dq_ready, dq_empty, q_row0, col, n_m, NC)),
+            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem,
+                             delta_smem, ds_smem, dq_smem, dqh_smem, kv_bar, q_ready, q_empty, do_ready, do_empty,
+                             ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale, sm_scale, WG0, STAGES,
+                             SPLIT, HC, HW)),
+            (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem,
+                             delta_smem, ds_smem, dq_smem, dqh_smem, kv_bar, q_ready, q_empty, do_ready, do_empty,
+                             ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale, sm_scale, WG1, STAGES,
+                             SPLIT, HC, HW)),
+            (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, qh_desc, kh_desc, vh_desc, doh_desc, LSE, DELTA, q_smem,
+                           k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem, delta_smem, kv_bar,
+                           q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, sq_left, n_m, STAGES,
+                           HC, HW)),
+            (_bwd_dq_writer, (dq_desc, dqh_desc, dq_smem, dqh_smem, dq_ready, dq_empty, q_row0, col, n_m, HC, HW)),
         ], [4, 1, 1], [240, 24, 24])
+
+
+def second_chunk(d: int) -> int:
+    """Width of the head dim's second chunk in this kernel (the first is 64 columns wide): none at d=64, the second
+    half at d=128, the forward's tail chunk (:func:`.attention_sm90.chunks`) at d=72, 80 and 96."""
+    return {64: 0, 128: 64}.get(d) if d in (64, 128) else chunks(d)[1]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -376,7 +469,7 @@ def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=No
     launch(_attn_bwd_sm90, (n_kb, b * h, splits),
            (q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
             dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale, per),
-           dict(D=d, STAGES=stages, SPLIT=splits > 1), num_warps=4)
+           dict(D=d, HW=second_chunk(d), STAGES=stages, SPLIT=splits > 1), num_warps=4)
     # Separate casts: the gradients must not share storage (custom ops may not return aliases of each other).
     if splits > 1:
         return dqa.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)

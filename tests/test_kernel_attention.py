@@ -205,6 +205,13 @@ SM90_CASES = [
     (1, 4097, 1000, 1, 128, torch.float16, "fused"),
     (2, 1000, 77, 3, 64, torch.bfloat16, "plain"),
     (1, 4097, 1000, 2, 64, torch.float16, "fused"),
+    # Two column chunks: 72 (overlapping by 8 columns; 3 heads = row stride 216), 80, 96.
+    (2, 1000, 77, 3, 72, torch.bfloat16, "plain"),
+    (1, 4097, 1000, 2, 72, torch.float16, "fused"),
+    (1, 1, 77, 3, 72, torch.bfloat16, "plain"),
+    (2, 77, 1000, 2, 80, torch.float16, "plain"),
+    (1, 1000, 1000, 3, 96, torch.bfloat16, "fused"),
+    (2, 1000, 77, 2, 96, torch.float16, "plain"),
 ]
 
 
@@ -213,7 +220,7 @@ def test_sm90_scope():
     """The Hopper kernel reads Q, K, V as [B * S, H * D] row views: it takes the model's layouts (separate tensors,
     fused q/k/v projection) and leaves head-major views, masks, fp32 and other head dims to the general kernel."""
     sm90 = kernels.attention_sm90
-    for d in (64, 128):
+    for d in (64, 72, 80, 96, 128):
         for layout in ("plain", "fused"):
             q, k, v, _, _ = make_inputs(2, 9, 9, 3, d, torch.bfloat16, False, seed=0, layout=layout)
             assert sm90.supports(q, k, v, None)
@@ -222,8 +229,32 @@ def test_sm90_scope():
         # [B, H, S, D] storage seen as [B, S, H, D]: heads are not D apart, so the row view does not exist.
         q_hm = torch.randn(2, 3, 9, d, dtype=torch.float16).transpose(1, 2)
         assert not sm90.supports(q_hm, q_hm, q_hm, None)
-    q, k, v, _, _ = make_inputs(1, 9, 9, 2, 72, torch.bfloat16, False, seed=0)
+    q, k, v, _, _ = make_inputs(1, 9, 9, 2, 48, torch.bfloat16, False, seed=0)
     assert not sm90.supports(q, k, v, None)
+
+
+def test_sm90_head_dim_chunks():
+    """Head dims 72, 80, 96 are read as a 64-column chunk and a tail chunk: together they cover every column, the
+    tail is a power of two of at least 16 columns (one wgmma K step) and starts on a 16-byte boundary (TMA), and
+    only 72 overlaps (by 8 columns, the ones the kernels zero). 64 and 128 are one chunk in the forward; the
+    backward splits 128 into halves."""
+    from stdit.kernels.attention_sm90 import HEAD_DIMS, chunks
+    from stdit.kernels.attention_sm90_bwd import second_chunk
+
+    assert chunks(64) == (64, 0) and chunks(128) == (128, 0)
+    assert second_chunk(64) == 0 and second_chunk(128) == 64
+    overlaps = {}
+    for d in HEAD_DIMS:
+        if d in (64, 128):
+            continue
+        d0, dt = chunks(d)
+        start = d - dt
+        assert d0 == 64 and dt >= 16 and dt & (dt - 1) == 0 and 0 < start <= d0, (d, d0, dt)
+        assert (start * 2) % 16 == 0 and (d * 2) % 16 == 0, d
+        assert set(range(d0)) | set(range(start, d)) == set(range(d)), d
+        assert second_chunk(d) == dt
+        overlaps[d] = d0 - start
+    assert overlaps == {72: 8, 80: 0, 96: 0}
 
 
 def _sm90_or_skip(q, k, v):
@@ -294,9 +325,10 @@ def test_sm90_backward_query_splits():
     (1, 1000, 1000, 2, torch.bfloat16, "plain"), (2, 1000, 77, 3, torch.bfloat16, "plain"),
     (2, 77, 1000, 2, torch.float16, "plain"), (1, 4097, 4097, 2, torch.bfloat16, "fused"),
     (1, 1, 300, 2, torch.float16, "plain")])
-@pytest.mark.parametrize("d,splits", [(128, None), (128, 1), (128, 3), (64, 1), (64, 3)])
+@pytest.mark.parametrize("d,splits", [(128, None), (128, 1), (128, 3), (64, 1), (64, 3), (72, 1), (72, 3), (80, None),
+                                      (96, 1), (96, 3)])
 def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout, d, splits, monkeypatch):
-    """The one-pass Gluon backward (the default on Hopper at d=64 and 128): all gradients right, with tails on both
+    """The one-pass Gluon backward (the default on Hopper at d=64, 72, 80, 96, 128): all gradients right, with tails on both
     lengths, cross-attention lengths, batches sharing one row view, a fused q/k/v layout and a single query; with
     each key block's query range in one program (``splits=1``, what long sequences take) or split over several
     (dK, dV summed with atomics: short key ranges; odd and even query-block counts per program, which matters at
