@@ -288,7 +288,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
                        D: gl.constexpr, D0: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
-                       STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr):
+                       STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr, REGS: gl.constexpr):
         # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
         # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
         # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
@@ -342,7 +342,7 @@ if HAVE_GLUON:
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
-            ], [4, 1], [232, 24])
+            ], [4, 1], [REGS, 24])
         else:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
@@ -357,7 +357,7 @@ if HAVE_GLUON:
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
-            ], [4, 4, 1], [160, 160, 24])
+            ], [4, 4, 1], [REGS, REGS, 24])
 
 
 # Config: (BLOCK_N, STAGES, consumer warpgroups NW, ping-pong, persistent grid); BLOCK_M = 64 * NW. On an H200
@@ -372,6 +372,8 @@ _CONFIGS = {
     96: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
 }
 _TUNED = {}
+# Registers per thread of each consumer warpgroup (setmaxnreg), by consumer count; the load warp keeps 24.
+CONSUMER_REGS = {2: 232, 3: 160}
 
 
 def supports(q, k, v, key_padding_mask) -> bool:
@@ -402,7 +404,8 @@ def _launch(cfg, q, k, v, o, lse, qk_scale):
     launch(_attn_fwd_sm90, (n_tiles,),
            (q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
             b, h, sq, k.shape[1], qk_scale),
-           dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong), num_warps=4)
+           dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw]),
+           num_warps=4)
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:
