@@ -333,7 +333,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _attn_bwd_sm90(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqs, sks, svs, sds, sgb, sgs, sgh, B, H, SQ, SK,
                        qk_scale, sm_scale, m_per, D: gl.constexpr, HW: gl.constexpr, STAGES: gl.constexpr,
-                       SPLIT: gl.constexpr):
+                       SPLIT: gl.constexpr, REGS: gl.constexpr):
         # HW: width of the head dim's second chunk (columns D - HW .. D - 1): 0 at d=64, 64 at d=128, 16 or 32 at
         # d=72, 80, 96.
         HB: gl.constexpr = 64
@@ -418,7 +418,11 @@ if HAVE_GLUON:
                            q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, sq_left, n_m, STAGES,
                            HC, HW)),
             (_bwd_dq_writer, (dq_desc, dqh_desc, dq_smem, dqh_smem, dq_ready, dq_empty, q_row0, col, n_m, HC, HW)),
-        ], [4, 1, 1], [240, 24, 24])
+        ], [4, 1, 1], [REGS, 24, 24])
+
+
+# Registers per thread of each consumer warpgroup (setmaxnreg); the load and dQ-writer warps keep 24 each.
+CONSUMER_REGS = 240
 
 
 def second_chunk(d: int) -> int:
@@ -469,7 +473,7 @@ def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=No
     launch(_attn_bwd_sm90, (n_kb, b * h, splits),
            (q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
             dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale, per),
-           dict(D=d, HW=second_chunk(d), STAGES=stages, SPLIT=splits > 1), num_warps=4)
+           dict(D=d, HW=second_chunk(d), STAGES=stages, SPLIT=splits > 1, REGS=CONSUMER_REGS), num_warps=4)
     # Separate casts: the gradients must not share storage (custom ops may not return aliases of each other).
     if splits > 1:
         return dqa.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
