@@ -535,9 +535,10 @@ def _atomic_backward() -> bool:
 def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None, forward_sm90=False):
     """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype.
 
-    On Hopper, within its scope (d=64, 72, 80, 96, 128, no key mask, row-view layouts), one pass in Gluon that sums dQ in fp32
-    with bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and whenever
-    ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics (deterministic).
+    On Hopper, within its scope (d=64, 72, 80, 96, 128, no key mask, row-view layouts), one pass in Gluon that sums
+    dQ in fp32 with bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and
+    whenever ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics
+    (deterministic).
     ``STDIT_ATTN_ATOMIC_BWD=1`` selects a one-pass Triton kernel with an fp32 atomic dQ instead; on H100 it measured
     slower (see NOTES-attention.md). ``forward_sm90``: the forward ran the Hopper kernel on these q, k, v.
     """

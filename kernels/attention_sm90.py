@@ -396,18 +396,23 @@ def row_view(t, d: int) -> bool:
     return s3 == 1 and s2 == d and s0 == t.shape[1] * s1
 
 
+def constexprs(cfg, d: int) -> dict:
+    """The kernel's compile-time arguments for config ``cfg`` at head dim ``d`` (the persistent flag only sets the
+    grid)."""
+    block_n, stages, nw, pingpong, _ = cfg
+    d0, dt = chunks(d)
+    return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw])
+
+
 def _launch(cfg, q, k, v, o, lse, qk_scale):
     b, sq, h, d = q.shape
-    block_n, stages, nw, pingpong, persistent = cfg
-    n_tiles = cdiv(sq, 64 * nw) * b * h
-    if persistent:
+    n_tiles = cdiv(sq, 64 * cfg[2]) * b * h
+    if cfg[4]:  # persistent
         n_tiles = min(n_tiles, num_sms(q.device.index))
-    d0, dt = chunks(d)
     launch(_attn_fwd_sm90, (n_tiles,),
            (q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
             b, h, sq, k.shape[1], qk_scale),
-           dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw]),
-           num_warps=4)
+           constexprs(cfg, d), num_warps=4)
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:

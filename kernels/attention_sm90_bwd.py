@@ -21,8 +21,8 @@ Head dims 72, 80 and 96 are a 64-column chunk plus the forward's 16- or 32-colum
 first by 8 columns, which are zeroed in the tail tiles of K and V); the consumers take turns computing dQ, as at
 d=64.
 
-Scope (as the forward): d=64, 72, 80, 96 and 128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do; the caller
-(:func:`.attention.flash_attention_backward`) checks it.
+Scope (as the forward): d=64, 72, 80, 96 and 128, fp16/bf16, no key mask, [B*S, H*D] row views of q, k, v, do;
+the caller (:func:`.attention.flash_attention_backward`) checks it.
 """
 
 from __future__ import annotations
@@ -425,10 +425,23 @@ if HAVE_GLUON:
 CONSUMER_REGS = 240
 
 
+def default_stages(d: int) -> int:
+    """Depth of the Q/dO ring (H200: see :func:`backward`; d=72 3 / 4 stages 353 / 352 TFLOP/s at B2 H16 S4096, d=96
+    444 / 450)."""
+    return 4 if d == 64 else 3
+
+
+def constexprs(d: int, stages: int, split: bool) -> dict:
+    """The kernel's compile-time arguments at head dim ``d``."""
+    return dict(D=d, HW=second_chunk(d), STAGES=stages, SPLIT=split, REGS=CONSUMER_REGS)
+
+
 def second_chunk(d: int) -> int:
     """Width of the head dim's second chunk in this kernel (the first is 64 columns wide): none at d=64, the second
     half at d=128, the forward's tail chunk (:func:`.attention_sm90.chunks`) at d=72, 80 and 96."""
-    return {64: 0, 128: 64}.get(d) if d in (64, 128) else chunks(d)[1]
+    if d in (64, 128):
+        return d - 64
+    return chunks(d)[1]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -451,12 +464,12 @@ def query_splits(key_programs: int, query_blocks: int, sms: int) -> int:
 def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=None):
     """dq, dk, dv for the forward's ``o`` and base-2 ``lse``; ``delta = rowsum(do * o)`` ([B, H, Sq] fp32).
     ``dqa``: a zeroed, contiguous fp32 ``[B, Sq, H, D]`` buffer that dQ is summed into (allocated here if None).
-    ``stages``: depth of the Q/dO ring (default: 3 at d=128, 4 at d=64; H200, B1 H12 S32760 d128: 2 / 3 stages
-    30.06 / 30.11 ms, H40: 106.6 / 101.9; B1 H24 S16384 d64: 2 / 3 / 4 stages 9.16 / 9.11 / 8.86 ms).
+    ``stages``: depth of the Q/dO ring (default :func:`default_stages`: 4 at d=64, else 3; H200, B1 H12 S32760 d128:
+    2 / 3 stages 30.06 / 30.11 ms, H40: 106.6 / 101.9; B1 H24 S16384 d64: 2 / 3 / 4 stages 9.16 / 9.11 / 8.86 ms).
     ``splits``: query-range parts per key block (default: :func:`query_splits`)."""
     b, sq, h, d = q.shape
     if stages is None:
-        stages = 4 if d == 64 else 3
+        stages = default_stages(d)
     sk = k.shape[1]
     n_kb, n_m = cdiv(sk, 128), cdiv(sq, 64)
     if splits is None:
@@ -473,7 +486,7 @@ def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=No
     launch(_attn_bwd_sm90, (n_kb, b * h, splits),
            (q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
             dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale, per),
-           dict(D=d, HW=second_chunk(d), STAGES=stages, SPLIT=splits > 1, REGS=CONSUMER_REGS), num_warps=4)
+           constexprs(d, stages, splits > 1), num_warps=4)
     # Separate casts: the gradients must not share storage (custom ops may not return aliases of each other).
     if splits > 1:
         return dqa.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)

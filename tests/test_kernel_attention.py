@@ -328,11 +328,12 @@ def test_sm90_backward_query_splits():
 @pytest.mark.parametrize("d,splits", [(128, None), (128, 1), (128, 3), (64, 1), (64, 3), (72, 1), (72, 3), (80, None),
                                       (96, 1), (96, 3)])
 def test_sm90_one_pass_backward_gpu(b, sq, sk, h, dtype, layout, d, splits, monkeypatch):
-    """The one-pass Gluon backward (the default on Hopper at d=64, 72, 80, 96, 128): all gradients right, with tails on both
-    lengths, cross-attention lengths, batches sharing one row view, a fused q/k/v layout and a single query; with
-    each key block's query range in one program (``splits=1``, what long sequences take) or split over several
-    (dK, dV summed with atomics: short key ranges; odd and even query-block counts per program, which matters at
-    d=64 where the two consumers take turns computing dQ), and with the automatic choice."""
+    """The one-pass Gluon backward (the default on Hopper at d=64, 72, 80, 96, 128): all gradients right, with tails
+    on both lengths, cross-attention lengths, batches sharing one row view, a fused q/k/v layout and a single query;
+    with each key block's query range in one program (``splits=1``, what long sequences take) or split over several
+    (dK, dV summed with atomics: short key ranges; odd and even query-block counts per program, which matters where
+    the two consumers take turns computing dQ: every head dim but 128), and with the automatic choice; at 72 the
+    two column chunks overlap."""
     q, k, v, _, do = make_inputs(b, sq, sk, h, d, dtype, False, seed=sq + sk, layout=layout)
     ka = _sm90_or_skip(q, k, v)
     assert ka._sm90_backward_allowed(do, q, k, v, None)
