@@ -64,6 +64,17 @@ def chunks(d: int) -> tuple[int, int]:
 if HAVE_GLUON:
 
     @gluon.jit
+    def _load_block(desc, tdesc, row, col, tcol, bar, dst, tdst, TAIL: gl.constexpr):
+        # One block into shared memory through TMA, completing on ``bar``; with TAIL its second column chunk (from
+        # column tcol, through tdesc) too, on the same barrier.
+        if TAIL:
+            mbarrier.expect(bar, desc.block_type.nbytes + tdesc.block_type.nbytes)
+            _tma_load(tdesc, [row, tcol], bar, tdst)
+        else:
+            mbarrier.expect(bar, desc.block_type.nbytes)
+        _tma_load(desc, [row, col], bar, dst)
+
+    @gluon.jit
     def _loader(q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem,
                 q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles, NW: gl.constexpr,
                 D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -83,30 +94,18 @@ if HAVE_GLUON:
             for w in gl.static_range(NW):
                 # A fresh barrier is in phase 0, so waiting on parity 1 passes: the first round needs no release.
                 mbarrier.wait(q_empty.index(w), (tc & 1) ^ 1)
-                if DT > 0:
-                    mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes + qt_desc.block_type.nbytes)
-                    _tma_load(qt_desc, [q_row + w * WG_ROWS, col + CT], q_ready.index(w), qt_smem.index(w))
-                else:
-                    mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-                _tma_load(q_desc, [q_row + w * WG_ROWS, col], q_ready.index(w), q_smem.index(w))
+                _load_block(q_desc, qt_desc, q_row + w * WG_ROWS, col, col + CT, q_ready.index(w), q_smem.index(w),
+                            qt_smem.index(w), DT > 0)
             for j in range(n_kv):
                 slot = t % STAGES
                 free = ((t // STAGES) & 1) ^ 1
                 row = b * SK + j * BLOCK_N
                 mbarrier.wait(k_empty.index(slot), free)
-                if DT > 0:
-                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + kt_desc.block_type.nbytes)
-                    _tma_load(kt_desc, [row, col + CT], k_ready.index(slot), kt_smem.index(slot))
-                else:
-                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                _tma_load(k_desc, [row, col], k_ready.index(slot), k_smem.index(slot))
+                _load_block(k_desc, kt_desc, row, col, col + CT, k_ready.index(slot), k_smem.index(slot),
+                            kt_smem.index(slot), DT > 0)
                 mbarrier.wait(v_empty.index(slot), free)
-                if DT > 0:
-                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes + vt_desc.block_type.nbytes)
-                    _tma_load(vt_desc, [row, col + CT], v_ready.index(slot), vt_smem.index(slot))
-                else:
-                    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [row, col], v_ready.index(slot), v_smem.index(slot))
+                _load_block(v_desc, vt_desc, row, col, col + CT, v_ready.index(slot), v_smem.index(slot),
+                            vt_smem.index(slot), DT > 0)
                 t += 1
             tc += 1
 

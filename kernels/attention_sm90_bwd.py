@@ -43,7 +43,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
-    from .attention_sm90 import _cta_barrier, _tiles, _tma_load, _zero_leading_cols
+    from .attention_sm90 import _cta_barrier, _load_block, _tiles, _tma_load, _zero_leading_cols
 
     if hasattr(tma, "async_atomic_add"):
         _tma_reduce_add = tma.async_atomic_add
@@ -83,13 +83,8 @@ if HAVE_GLUON:
             free = ((i // STAGES) & 1) ^ 1
             row = q_row0 + i * HB
             mbarrier.wait(q_empty.index(slot), free)
-            if HW > 0:
-                mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes + qh_desc.block_type.nbytes)
-            else:
-                mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes)
-            _tma_load(q_desc, [row, col], q_ready.index(slot), q_smem.index(slot))
-            if HW > 0:
-                _tma_load(qh_desc, [row, col + HC], q_ready.index(slot), qh_smem.index(slot))
+            _load_block(q_desc, qh_desc, row, col, col + HC, q_ready.index(slot), q_smem.index(slot),
+                        qh_smem.index(slot), HW > 0)
             # This block's logsumexp and delta go to shared memory with dO (published by its barrier's arrive), so
             # the consumers read them there instead of waiting on global loads; rows past SQ get lse = +inf (P = 0).
             rows = i * HB + gl.arange(0, HB, layout=vec_layout)
@@ -99,13 +94,8 @@ if HAVE_GLUON:
             lse_smem.index(slot).store(lse)
             delta_smem.index(slot).store(delta)
             _cta_barrier()
-            if HW > 0:
-                mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes + doh_desc.block_type.nbytes)
-            else:
-                mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes)
-            _tma_load(do_desc, [row, col], do_ready.index(slot), do_smem.index(slot))
-            if HW > 0:
-                _tma_load(doh_desc, [row, col + HC], do_ready.index(slot), doh_smem.index(slot))
+            _load_block(do_desc, doh_desc, row, col, col + HC, do_ready.index(slot), do_smem.index(slot),
+                        doh_smem.index(slot), HW > 0)
 
 
     @gluon.jit
