@@ -24,15 +24,17 @@ from wan_models import model_flops, random_wan_pair  # noqa: E402
 SHAPES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 TEXT_LEN = 512
 
+# First match wins, so the specific names come first: our norm kernels are called _adaln_fwd_kernel and
+# _qk_norm_rope_fwd, which the attention patterns' "_fwd_kernel" would otherwise take.
 FAMILIES = [
-    ("attention", r"attn|attention|flash|fmha|_fwd_kernel|_bwd_kernel|cudnn"),
-    ("matmul", r"gemm|matmul|cutlass|xmma|nvjet|sm90_|addmm|\bmm\b|linear"),
-    ("norm+modulate", r"norm|modulate|adaln"),
-    ("rope", r"rope|rotary"),
+    ("qk-norm+rope", r"qk_norm_rope|rope|rotary"),
+    ("norm+modulate", r"adaln|layer_norm|rms_?norm|gammabeta|modulate|norm"),
+    ("attention", r"attn|attention|flash|fmha|sdpa|_fwd_kernel|_bwd_kernel"),
+    ("matmul", r"gemm|matmul|cutlass|xmma|nvjet|sm90_|addmm|\bmm\b|linear|gemv"),
     ("gelu", r"gelu"),
-    ("copy/layout", r"copy|cat|transpose|contiguous|permute|index"),
+    ("copy/layout", r"copy|cat|transpose|contiguous|permute|index|nchw|nhwc"),
     ("reduce", r"reduce"),
-    ("elementwise", r"elementwise|vectorized|add|mul|fill"),
+    ("elementwise", r"elementwise|vectorized|add|mul|fill|memset"),
 ]
 
 

@@ -1,0 +1,40 @@
+"""The benchmark profile's op families: every kernel the model launches lands in the family it belongs to."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_model  # noqa: E402
+
+# Kernel names as the CUDA profiler reports them for one Wan2.1 forward / training step (H200 runs).
+CASES = [
+    ("_attn_fwd_sm90", "attention"),
+    ("_attn_bwd_sm90", "attention"),
+    ("_attn_bwd_dkdv", "attention"),
+    ("_attn_bwd_preprocess", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1", "attention"),
+    ("_adaln_fwd_kernel", "norm+modulate"),
+    ("_adaln_bwd_kernel", "norm+modulate"),
+    ("_qk_norm_rope_fwd", "qk-norm+rope"),
+    ("_qk_norm_rope_bwd", "qk-norm+rope"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, true>", "norm+modulate"),
+    ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernelTemplate<c10::BFloat16, float>", "norm+modulate"),
+    ("nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_bias_TNT", "matmul"),
+    ("nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_gelubias_TNT", "matmul"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x256x64", "matmul"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)", "gelu"),
+    ("void cudnn::engines_precompiled::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16, float, true, false>",
+     "copy/layout"),
+    ("void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16>>", "reduce"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("Memset (Device)", "elementwise"),
+]
+
+
+@pytest.mark.parametrize("name,expected", CASES)
+def test_profile_family(name, expected):
+    assert bench_model.family(name) == expected
