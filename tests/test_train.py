@@ -176,3 +176,42 @@ def test_mismatched_data_and_model_get_clear_errors(tmp_path):
         train(tiny(tmp_path, ["model.in_channels=4", "model.out_channels=4"]))
     with pytest.raises(ValueError, match="model.text_dim is set but the data has no text features"):
         train(tiny(tmp_path, ["model.text_dim=8"]))
+
+
+def test_garbage_collection_runs_at_fixed_steps_and_is_restored(tmp_path, monkeypatch):
+    """train.gc_every: the automatic collector is off during the steps, collections run after every gc_every-th
+    step (young generations) and the collector is back on afterwards, also when training fails; 0 leaves it alone."""
+    import gc
+
+    from stdit.diffusion import RectifiedFlow
+
+    calls = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append((a, gc.isenabled())) or real_collect(*a))
+    steps_seen = []
+    real_loss = RectifiedFlow.loss
+
+    def loss(self, *a, **kw):
+        steps_seen.append(gc.isenabled())
+        return real_loss(self, *a, **kw)
+
+    monkeypatch.setattr(RectifiedFlow, "loss", loss)
+    assert gc.isenabled()
+    train(tiny(tmp_path / "a", ["train.steps=5", "train.gc_every=2", "train.ckpt_every=0", "train.export=false"]))
+    assert gc.isenabled()
+    assert steps_seen == [False] * 5
+    assert [a for a, _ in calls] == [(), (1,), (1,)]  # once on entry, then after steps 2 and 4
+    assert not any(enabled for _, enabled in calls[1:])
+
+    calls.clear()
+    steps_seen.clear()
+    train(tiny(tmp_path / "b", ["train.steps=2", "train.gc_every=0", "train.ckpt_every=0", "train.export=false"]))
+    assert calls == [] and steps_seen == [True, True] and gc.isenabled()
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(RectifiedFlow, "loss", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny(tmp_path / "c", ["train.steps=2", "train.gc_every=1", "train.ckpt_every=0"]))
+    assert gc.isenabled()

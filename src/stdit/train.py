@@ -127,9 +127,12 @@ def write_samples(cfg: Config, model, dataset, out_dir: Path, tag: str, shift: f
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns a summary (paths, first/last loss) on every rank."""
+    from stdit.train_utils import ManualGC
+
     info = init_distributed(cfg.parallel.backend)
     try:
-        summary = _train(cfg, info)
+        with ManualGC(cfg.train.gc_every) as collector:
+            summary = _train(cfg, info, collector)
     except BaseException:
         cleanup(wait_for_all=False)
         raise
@@ -137,7 +140,7 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _train(cfg: Config, info: DistInfo) -> dict:
+def _train(cfg: Config, info: DistInfo, collector=None) -> dict:
     from tqdm.auto import tqdm
 
     from stdit.data.buckets import BucketBatchSampler
@@ -286,6 +289,8 @@ def _train(cfg: Config, info: DistInfo) -> dict:
         if ema is not None:
             ema.update(step)
         step += 1
+        if collector is not None:
+            collector.step(step)
         loss_value = float(all_reduce_mean(loss_sum / tc.grad_accum))
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data.")

@@ -80,6 +80,8 @@ class TrainConfig:
     attention_backend: str | None = _f(None, "attention backend (None: default for the device)",
                                        choices=(None, "auto", "triton", "sdpa", "xformers", "eager"))
     log_every: int = _f(1, "steps between log lines", min=1)
+    gc_every: int = _f(50, "Python's automatic garbage collection is off while training and runs every this many "
+                       "steps instead, at the same step on every rank (0: leave it automatic)", min=0)
     ckpt_every: int = _f(0, "steps between checkpoints (0: only at the end)", min=0)
     keep_ckpts: int = _f(2, "checkpoints kept on disk", min=1)
     sample_every: int = _f(0, "steps between sample videos (0: only at the end)", min=0)

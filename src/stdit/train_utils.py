@@ -1,13 +1,45 @@
-"""Pieces of the training loop that are not the loop: EMA, the learning-rate schedule, logs and the loss plot."""
+"""Pieces of the training loop that are not the loop: EMA, the learning-rate schedule, garbage collection, logs and
+the loss plot."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+class ManualGC:
+    """Python's garbage collector off while training, and a collection of the young generations every ``every``
+    optimizer steps instead (``every=0``: the collector is left as it is).
+
+    An automatic collection starts at whatever allocation crosses its threshold; in a multi-GPU run the rank it
+    pauses holds the others at the next collective, at a different step each time. Collecting at fixed steps puts
+    the pause at the same step on every rank. The collector's state is restored on exit, exception or not.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.was_enabled = gc.isenabled()
+
+    def __enter__(self) -> "ManualGC":
+        self.was_enabled = gc.isenabled()
+        if self.every:
+            gc.disable()
+            gc.collect()
+        return self
+
+    def step(self, step: int) -> None:
+        """Call after optimizer step ``step`` (1-based)."""
+        if self.every and step % self.every == 0:
+            gc.collect(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.every and self.was_enabled:
+            gc.enable()
 
 
 class EMA:
