@@ -128,6 +128,30 @@ def _dnorm(G, H, SCALE, W, MEAN, RSTD, offs, mask, grow, rmask, vec, cols, cmask
 
 
 @triton.jit
+def _acc_init(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC_ROWS: tl.constexpr):
+    if ACC_ROWS:
+        return tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
+    else:
+        return tl.full((BLOCK_D,), 0.0, tl.float32)
+
+
+@triton.jit
+def _acc_add(acc, x, ACC_ROWS: tl.constexpr):
+    if ACC_ROWS:
+        return acc + x
+    else:
+        return acc + _rsum(x, axis=0)
+
+
+@triton.jit
+def _acc_sum(acc, ACC_ROWS: tl.constexpr):
+    if ACC_ROWS:
+        return _rsum(acc, axis=0)
+    else:
+        return acc
+
+
+@triton.jit
 def _adaln_bwd_stats_kernel(
     DOUT, H, SCALE, W, MEAN, RSTD, C1, C2,  # C1, C2: fp32 [B*S], the row means of dxhat and dxhat * xhat
     S, D, rows_per_prog,
@@ -162,9 +186,13 @@ def _adaln_bwd_kernel(
     HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
     D_GATE: tl.constexpr, D_SHIFT: tl.constexpr, D_SCALE: tl.constexpr, D_W: tl.constexpr,
     D_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC_ROWS: tl.constexpr,
 ):
-    """Without STATS_IN a tile spans whole rows and the row sums are taken here; with it (wide rows, where a
+    """ACC_ROWS: the column sums (for the gate, shift, scale and affine grads) are kept per tile row and reduced
+    once at the end ([BLOCK_M, BLOCK_D] registers: the split form's narrow tiles); without it each tile's rows are
+    reduced as it goes ([BLOCK_D]: whole-row tiles of several rows then fit).
+
+    Without STATS_IN a tile spans whole rows and the row sums are taken here; with it (wide rows, where a
     whole row and the accumulators do not fit in registers) the grid's third axis splits D into blocks and the
     row sums come from the stats kernel."""
     pid = tl.program_id(0)
@@ -172,11 +200,11 @@ def _adaln_bwd_kernel(
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     vec = b * D + cols
-    acc_gate = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
-    acc_shift = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
-    acc_scale = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
-    acc_w = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
-    acc_bias = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
+    acc_gate = _acc_init(BLOCK_M, BLOCK_D, ACC_ROWS)
+    acc_shift = _acc_init(BLOCK_M, BLOCK_D, ACC_ROWS)
+    acc_scale = _acc_init(BLOCK_M, BLOCK_D, ACC_ROWS)
+    acc_w = _acc_init(BLOCK_M, BLOCK_D, ACC_ROWS)
+    acc_bias = _acc_init(BLOCK_M, BLOCK_D, ACC_ROWS)
 
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, S)
@@ -191,22 +219,22 @@ def _adaln_bwd_kernel(
             g, xhat, dxhat, rstd = _dnorm(DOUT, H, SCALE, W, MEAN, RSTD, offs, mask, grow, rmask, vec, cols, cmask,
                                           HAS_SCALE, HAS_W)
             if D_SHIFT:
-                acc_shift += g
+                acc_shift = _acc_add(acc_shift, g, ACC_ROWS)
             if D_SCALE:
                 n = xhat
                 if HAS_W:
                     n = n * tl.load(W + cols, mask=cmask, other=0.0)[None, :]
                 if HAS_BIAS:
                     n = n + tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
-                acc_scale += g * n
+                acc_scale = _acc_add(acc_scale, g * n, ACC_ROWS)
             if D_W or D_BIAS:
                 dn = g
                 if HAS_SCALE:
                     dn = dn * (1.0 + tl.load(SCALE + vec, mask=cmask, other=0.0)[None, :])
                 if D_BIAS:
-                    acc_bias += dn
+                    acc_bias = _acc_add(acc_bias, dn, ACC_ROWS)
                 if D_W:
-                    acc_w += dn * xhat
+                    acc_w = _acc_add(acc_w, dn * xhat, ACC_ROWS)
             if STATS_IN:
                 c1 = tl.load(C1 + grow, mask=rmask, other=0.0)
                 c2 = tl.load(C2 + grow, mask=rmask, other=0.0)
@@ -221,21 +249,21 @@ def _adaln_bwd_kernel(
         if HAS_GATE:
             if D_GATE:
                 y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-                acc_gate += dh * y
+                acc_gate = _acc_add(acc_gate, dh * y, ACC_ROWS)
             gate = tl.load(GATE + vec, mask=cmask, other=0.0)[None, :]
             tl.store(DY + offs, (dh * gate).to(DY.dtype.element_ty), mask=mask)
 
     part = (b * P + pid) * D + cols
     if D_GATE:
-        tl.store(PGATE + part, _rsum(acc_gate, axis=0), mask=cmask)
+        tl.store(PGATE + part, _acc_sum(acc_gate, ACC_ROWS), mask=cmask)
     if D_SHIFT:
-        tl.store(PSHIFT + part, _rsum(acc_shift, axis=0), mask=cmask)
+        tl.store(PSHIFT + part, _acc_sum(acc_shift, ACC_ROWS), mask=cmask)
     if D_SCALE:
-        tl.store(PSCALE + part, _rsum(acc_scale, axis=0), mask=cmask)
+        tl.store(PSCALE + part, _acc_sum(acc_scale, ACC_ROWS), mask=cmask)
     if D_W:
-        tl.store(PW + part, _rsum(acc_w, axis=0), mask=cmask)
+        tl.store(PW + part, _acc_sum(acc_w, ACC_ROWS), mask=cmask)
     if D_BIAS:
-        tl.store(PBIAS + part, _rsum(acc_bias, axis=0), mask=cmask)
+        tl.store(PBIAS + part, _acc_sum(acc_bias, ACC_ROWS), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------- launch
@@ -351,10 +379,19 @@ def adaln_bwd(dout, dhx, h, y, gate32, scale32, w32, b32, mean, rstd, need, num_
                num_warps=warps)
     block_d = _d_block(D) if split else _pow2(D)
     d_blocks = _cdiv(D, block_d)
-    # Measured on H100: whole rows best at 2048-element tiles, 8 elements a thread; the split form's narrow
-    # blocks at 8192-element tiles, 16 a thread.
-    block_m, warps, rows, P = _config(B, S, block_d, h.device, tile or (8192 if split else 2048), num_warps,
-                                      d_blocks, per_thread=16 if split else 8)
+    # The split form's narrow blocks: 8192-element tiles, 16 elements a thread, sums kept per row (H100). Whole
+    # rows up to 2048 lanes: tiles of two rows or more, 16 elements a thread, rows reduced per tile; at the 480p
+    # shape on an H200 (1 x 32760 x 1536 bf16) 143 / 241 / 248 us against 196 / 326 / 331 for one-row tiles at 8
+    # a thread (norm_modulate / add + norm_modulate / add + affine LayerNorm backward). Wider whole rows keep
+    # one-row tiles at 8 a thread (not measured with per-tile reduction).
+    if split:
+        default_tile, per_thread = 8192, 16
+    elif block_d <= 2048:
+        default_tile, per_thread = max(4096, 2 * block_d), 16
+    else:
+        default_tile, per_thread = 2048, 8
+    block_m, warps, rows, P = _config(B, S, block_d, h.device, tile or default_tile, num_warps, d_blocks,
+                                      per_thread=per_thread)
     buf = torch.empty(len(need), B, P, D, device=h.device, dtype=torch.float32)
     parts = dict(zip(need, buf))
     launch(_adaln_bwd_kernel, (P, B, d_blocks),
@@ -364,7 +401,7 @@ def adaln_bwd(dout, dhx, h, y, gate32, scale32, w32, b32, mean, rstd, need, num_
            dict(NORM=norm, STATS_IN=c1 is not None, HAS_DHX=dhx is not None, HAS_GATE=gate32 is not None,
                 HAS_SCALE=scale32 is not None, HAS_W=w32 is not None, HAS_BIAS=b32 is not None,
                 D_GATE="gate" in need, D_SHIFT="shift" in need, D_SCALE="scale" in need, D_W="weight" in need,
-                D_BIAS="bias" in need, BLOCK_M=block_m, BLOCK_D=block_d), num_warps=warps)
+                D_BIAS="bias" in need, BLOCK_M=block_m, BLOCK_D=block_d, ACC_ROWS=split), num_warps=warps)
     grads = dict(zip(need, buf.sum(2)))
     for k in ("weight", "bias"):
         if k in grads:
