@@ -73,9 +73,17 @@ def _trailing(fn, n_args: int, constexprs: dict) -> tuple:
     return tuple(out)
 
 
+# Options every launch takes unless the caller says otherwise. FP fusion (FMA contraction) is on in Triton up to
+# 3.9, which warns that 3.10 turns it off by default; the kernels' speed and error bounds were measured with it
+# on, so they ask for it (``TRITON_FORCE_DISABLE_FP_FUSION=1`` still turns it off).
+DEFAULT_OPTIONS = {"enable_fp_fusion": True}
+
+
 def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
     """``fn[grid](*args, **constexprs, **options)`` for a ``@triton.jit`` / ``@gluon.jit`` kernel ``fn``, with the
-    positional ``args`` first in its parameter order and every later parameter in ``constexprs`` (or defaulted)."""
+    positional ``args`` first in its parameter order and every later parameter in ``constexprs`` (or defaulted);
+    :data:`DEFAULT_OPTIONS` fill in options the call leaves out."""
+    options = {**DEFAULT_OPTIONS, **options}
     # Under TRITON_INTERPRET=1 kernels are interpreter functions, not JIT functions: nothing is compiled to keep.
     if not _ENABLED or not isinstance(fn, JITFunction) or _hooks_installed():
         fn[grid](*args, **constexprs, **options)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import attention_sm90 as _sm90
 from . import attention_sm90_bwd as _sm90_bwd
-from ._launch import cdiv, launch, next_pow2
+from ._launch import DEFAULT_OPTIONS, cdiv, launch, next_pow2
 
 SUPPORTED_HEAD_DIMS = frozenset({32, 48, 64, 72, 80, 96, 128})
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -368,7 +368,7 @@ def _launch(kernels, key: tuple, grid, args: tuple, kwargs: dict) -> None:
     picked = tuned.__dict__.setdefault("_stdit_picked", {})
     cfg = picked.get(key)
     if cfg is None:
-        tuned[grid](*args, **kwargs)
+        tuned[grid](*args, **kwargs, **DEFAULT_OPTIONS)
         tuned.nargs = None  # do not keep this call's tensors alive
         if getattr(tuned, "best_config", None) is not None:
             best = tuned.best_config

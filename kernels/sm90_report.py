@@ -56,8 +56,10 @@ def build(fn, constexprs: dict, pointers: dict) -> dict:
         else:
             sig[name] = pointers.get(name, "fp32" if name in ("qk_scale", "sm_scale") else "i32")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    from ._launch import DEFAULT_OPTIONS
+
     compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4))
+                              options=dict(DEFAULT_OPTIONS, num_warps=4))
     ptx = compiled.asm["ptx"]
     report = _ptxas_report(ptx)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", report or "")]
