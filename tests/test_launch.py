@@ -42,6 +42,21 @@ def test_trailing_follows_parameter_order_and_defaults():
         _launch._trailing(fn, 5, {"NEG": True})
 
 
+def test_default_options_fill_in_and_yield_to_the_caller():
+    """Every launch asks for FP fusion (Triton 3.10 turns it off by default) unless the call sets it."""
+    seen = []
+
+    class Kernel:  # not a JITFunction: launch() takes the plain ``fn[grid](...)`` path
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((grid, args, kw))
+
+    _launch.launch(Kernel(), (3,), (1, 2), dict(BLOCK=8), num_warps=4)
+    _launch.launch(Kernel(), (3,), (1, 2), dict(BLOCK=8), enable_fp_fusion=False)
+    assert seen[0] == ((3,), (1, 2), dict(BLOCK=8, enable_fp_fusion=True, num_warps=4))
+    assert seen[1][2]["enable_fp_fusion"] is False
+    assert _launch.DEFAULT_OPTIONS == {"enable_fp_fusion": True}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_cached_launches_match_and_respecialize():
