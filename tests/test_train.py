@@ -180,10 +180,12 @@ def test_mismatched_data_and_model_get_clear_errors(tmp_path):
 
 def test_garbage_collection_runs_at_fixed_steps_and_is_restored(tmp_path, monkeypatch):
     """train.gc_every: the automatic collector is off during the steps, collections run after every gc_every-th
-    step (young generations) and the collector is back on afterwards, also when training fails; 0 leaves it alone."""
+    step (young generations; all of them every FULL_EVERY-th time) and the collector is back on afterwards, also
+    when training fails; 0 leaves it alone."""
     import gc
 
     from stdit.diffusion import RectifiedFlow
+    from stdit.train_utils import ManualGC
 
     calls = []
     real_collect = gc.collect
@@ -196,11 +198,12 @@ def test_garbage_collection_runs_at_fixed_steps_and_is_restored(tmp_path, monkey
         return real_loss(self, *a, **kw)
 
     monkeypatch.setattr(RectifiedFlow, "loss", loss)
+    monkeypatch.setattr(ManualGC, "FULL_EVERY", 2)
     assert gc.isenabled()
     train(tiny(tmp_path / "a", ["train.steps=5", "train.gc_every=2", "train.ckpt_every=0", "train.export=false"]))
     assert gc.isenabled()
     assert steps_seen == [False] * 5
-    assert [a for a, _ in calls] == [(), (1,), (1,)]  # once on entry, then after steps 2 and 4
+    assert [a for a, _ in calls] == [(), (1,), (2,)]  # once on entry, after step 2, in full after step 4
     assert not any(enabled for _, enabled in calls[1:])
 
     calls.clear()

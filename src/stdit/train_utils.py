@@ -14,12 +14,16 @@ from torch import nn
 
 class ManualGC:
     """Python's garbage collector off while training, and a collection of the young generations every ``every``
-    optimizer steps instead (``every=0``: the collector is left as it is).
+    optimizer steps instead, of all of them every ``FULL_EVERY``-th time (``every=0``: the collector is left as it
+    is).
 
     An automatic collection starts at whatever allocation crosses its threshold; in a multi-GPU run the rank it
     pauses holds the others at the next collective, at a different step each time. Collecting at fixed steps puts
-    the pause at the same step on every rank. The collector's state is restored on exit, exception or not.
+    the pause at the same step on every rank; the occasional full collection keeps garbage that reached the oldest
+    generation from piling up over a long run. The collector's state is restored on exit, exception or not.
     """
+
+    FULL_EVERY = 20
 
     def __init__(self, every: int):
         self.every = every
@@ -35,7 +39,7 @@ class ManualGC:
     def step(self, step: int) -> None:
         """Call after optimizer step ``step`` (1-based)."""
         if self.every and step % self.every == 0:
-            gc.collect(1)
+            gc.collect(2 if step % (self.every * self.FULL_EVERY) == 0 else 1)
 
     def __exit__(self, *exc) -> None:
         if self.every and self.was_enabled:
