@@ -182,9 +182,12 @@ def _attn_bwd_preprocess(O, DO, DELTA, DQA, sob, sos, soh, sod, sdb, sds, sdh, s
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
-                offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, PREC: tl.constexpr,
-                USE_TMA: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
+               offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, HAS_MASK: tl.constexpr,
+               PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    """One query block's share of dK and dV for this key block (shared with the one-pass atomic backward, which
+    also takes dS^T for its dQ); ``keep`` (with HAS_MASK) zeroes the masked keys' probabilities. Returns
+    ``(dk, dv, dS^T in q's dtype)``."""
     offs_m = start_m + offs_m0
     q = _stream_tile(q_desc, Q, start_m, offs_m0, offs_d, sqs, sqd, SQ, D, D_PAD, TAIL, USE_TMA)
     if TAIL:
@@ -195,11 +198,22 @@ def _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, s
         delta = tl.load(DELTA + offs_m)
     st = tl.dot(k, tl.trans(q), input_precision=PREC)
     pt = tl.math.exp2(st * qk_scale - lse[None, :])
+    if HAS_MASK:
+        pt = tl.where(keep[:, None], pt, 0.0)
     do = _stream_tile(do_desc, DO, start_m, offs_m0, offs_d, sds, sdd, SQ, D, D_PAD, TAIL, USE_TMA)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dst = pt * (dpt - delta[None, :])
-    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk = tl.dot(dst, q, dk, input_precision=PREC)
+    return dk, dv, dst
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
+                offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, PREC: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    dk, dv, _ = _dkdv_step(dk, dv, k, v, offs_m0, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds,
+                           sdd, qk_scale, offs_m0, offs_d, D, D_PAD, TAIL, False, PREC, USE_TMA)
     return dk, dv
 
 

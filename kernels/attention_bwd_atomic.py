@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv
-from .attention import (_KEY, _configs, _load_tile, _make_desc, _off, _pick, _store_tile, _stream_tile,
-                        _tma_allowed, _tuned)
+from .attention import (_KEY, _configs, _dkdv_step, _load_tile, _make_desc, _off, _pick, _store_tile, _tma_allowed,
+                        _tuned)
 
 
 @triton.jit
@@ -24,22 +24,8 @@ def _fused_block(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, DQA, st
                  sas, qk_scale, offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr,
                  HAS_MASK: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, DQ_TMA: tl.constexpr):
     offs_m = start_m + offs_m0
-    q = _stream_tile(q_desc, Q, start_m, offs_m0, offs_d, sqs, sqd, SQ, D, D_PAD, TAIL, USE_TMA)
-    if TAIL:
-        lse = tl.load(LSE + offs_m, mask=offs_m < SQ, other=float("inf"))
-        delta = tl.load(DELTA + offs_m, mask=offs_m < SQ, other=0.0)
-    else:
-        lse = tl.load(LSE + offs_m)
-        delta = tl.load(DELTA + offs_m)
-    st = tl.dot(k, tl.trans(q), input_precision=PREC)
-    pt = tl.math.exp2(st * qk_scale - lse[None, :])
-    if HAS_MASK:
-        pt = tl.where(keep[:, None], pt, 0.0)
-    do = _stream_tile(do_desc, DO, start_m, offs_m0, offs_d, sds, sdd, SQ, D, D_PAD, TAIL, USE_TMA)
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-    dk = tl.dot(dst, q, dk, input_precision=PREC)
+    dk, dv, dst = _dkdv_step(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd,
+                             qk_scale, offs_m0, offs_d, D, D_PAD, TAIL, HAS_MASK, PREC, USE_TMA)
     # Key rows past SK are zeros in k, so their (garbage) dS adds nothing here.
     dq = tl.dot(tl.trans(dst), k, input_precision=PREC)
     if DQ_TMA:
