@@ -42,6 +42,7 @@ try:
                                                                    warpgroup_mma_wait)
     # Renamed between Triton releases (3.6: async_copy_global_to_shared; later: async_load).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     # Renamed between Triton releases (3.6: thread_barrier; later: barrier).
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     HAVE_GLUON = True
@@ -144,10 +145,19 @@ if HAVE_GLUON:
         _cta_barrier()
 
     @gluon.jit
+    def _store_rows(ptr, x, row0, row_stride, SQ, FIRST_COL: gl.constexpr):
+        # x [rows, cols] (a wgmma accumulator layout) to rows row0 + i (those < SQ), columns FIRST_COL and up.
+        layout: gl.constexpr = x.type.layout
+        offs_m = row0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
+        offs_d = gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
+        mask = gl.expand_dims(offs_m < SQ, 1) & gl.expand_dims(offs_d >= FIRST_COL, 0)
+        gl.store(ptr + gl.expand_dims(offs_m, 1) * row_stride + gl.expand_dims(offs_d, 0), x, mask=mask)
+
+    @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                  v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG: gl.constexpr,
-                  NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  PINGPONG: gl.constexpr):
+                  v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale,
+                  WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr):
         # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
         # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
         # and the other consumers' products keep the tensor cores busy.
@@ -260,21 +270,30 @@ if HAVE_GLUON:
             bh = tile // n_m
             row0 = (tile % n_m) * (NW * WG_ROWS) + WG * WG_ROWS
             base = (bh // H).to(gl.int64) * sob + (bh % H) * soh
-            acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_layout), 1)
-            offs_m = row0 + gl.arange(0, WG_ROWS, layout=orow_layout)
-            offs_d = gl.arange(0, D0, layout=gl.SliceLayout(0, o_layout))
-            gl.store(O + base + gl.expand_dims(offs_m, 1) * sos + gl.expand_dims(offs_d, 0), acc.to(dtype),
-                     mask=gl.expand_dims(offs_m < SQ, 1))
+            inv_l = 1.0 / l_i
+            acc = acc * gl.expand_dims(gl.convert_layout(inv_l, orow_layout), 1)
+            if O_TMA:
+                # Whole 64-row blocks go out through shared memory with one asynchronous TMA store (the last one
+                # must have read the buffer first); a block reaching past SQ would write the next sequence's rows.
+                if row0 + WG_ROWS <= SQ:
+                    tma.store_wait(0)
+                    o_smem.index(WG).store(acc.to(dtype))
+                    fence_async_shared()
+                    _cta_barrier()
+                    _tma_store(o_desc, [(bh // H) * SQ + row0, (bh % H) * D], o_smem.index(WG))
+                else:
+                    _store_rows(O + base, acc.to(dtype), row0, sos, SQ, 0)
+            else:
+                _store_rows(O + base, acc.to(dtype), row0, sos, SQ, 0)
             if DT > 0:
-                acc_t = acc_t / gl.expand_dims(gl.convert_layout(l_i, otrow_layout), 1)
-                offs_mt = row0 + gl.arange(0, WG_ROWS, layout=otrow_layout)
-                offs_t = gl.arange(0, DT, layout=gl.SliceLayout(0, ot_layout))
-                gl.store(O + base + gl.expand_dims(offs_mt, 1) * sos + gl.expand_dims(CT + offs_t, 0),
-                         acc_t.to(dtype), mask=gl.expand_dims(offs_mt < SQ, 1) & gl.expand_dims(offs_t >= OV, 0))
+                acc_t = acc_t * gl.expand_dims(gl.convert_layout(inv_l, otrow_layout), 1)
+                _store_rows(O + base + CT, acc_t.to(dtype), row0, sos, SQ, OV)
             rows = row0 + gl.arange(0, WG_ROWS, layout=row_layout)
             gl.store(LSE + bh.to(gl.int64) * SQ + rows, m_i + gl.log2(l_i), mask=rows < SQ)
             t += n_kv
             tc += 1
+        if O_TMA:
+            tma.store_wait(0)
 
     @gluon.jit
     def _tiles(X, rows, cols, row_stride, BLOCK: gl.constexpr, WIDTH: gl.constexpr, COUNT: gl.constexpr):
@@ -287,7 +306,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
                        D: gl.constexpr, D0: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
-                       STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr, REGS: gl.constexpr):
+                       STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr, REGS: gl.constexpr,
+                       O_TMA: gl.constexpr):
         # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
         # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
         # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
@@ -304,6 +324,10 @@ if HAVE_GLUON:
             vt_desc, vt_smem = _tiles(V, B * SK, H * D, svs, BLOCK_N, DT, STAGES)
         else:  # no tail: placeholders, never read
             qt_desc, qt_smem, kt_desc, kt_smem, vt_desc, vt_smem = q_desc, q_smem, k_desc, k_smem, v_desc, v_smem
+        if O_TMA:  # O leaves through a 64-row staging tile per consumer (O is a [B * SQ, H * D] row view)
+            o_desc, o_smem = _tiles(O, B * SQ, H * D, sos, WG_ROWS, D0, NW)
+        else:
+            o_desc, o_smem = q_desc, q_smem
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         q_ready = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
         q_empty = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
@@ -333,11 +357,11 @@ if HAVE_GLUON:
         if NW == 2:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0,
-                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
+                             qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1,
-                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
+                             qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -345,14 +369,14 @@ if HAVE_GLUON:
         else:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG0,
-                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
+                             qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG1,
-                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
+                             qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale, WG2,
-                             NW, D, DT, BLOCK_N, STAGES, PINGPONG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
+                             qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -395,12 +419,19 @@ def row_view(t, d: int) -> bool:
     return s3 == 1 and s2 == d and s0 == t.shape[1] * s1
 
 
-def constexprs(cfg, d: int) -> dict:
+# Shared memory per block on sm_90, less what the barriers and the compiler's scratch take.
+_SMEM_BYTES = 220 * 1024
+
+
+def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
     """The kernel's compile-time arguments for config ``cfg`` at head dim ``d`` (the persistent flag only sets the
-    grid)."""
+    grid). ``o_row_view``: O reads as a ``[B * Sq, H * D]`` row view, so whole blocks of it can be stored with TMA
+    (only without a tail chunk, and where the staging tiles fit beside the Q tiles and the K, V rings)."""
     block_n, stages, nw, pingpong, _ = cfg
     d0, dt = chunks(d)
-    return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw])
+    smem = 2 * d0 * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
+    return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw],
+                O_TMA=o_row_view and dt == 0 and smem <= _SMEM_BYTES)
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
@@ -411,7 +442,7 @@ def _launch(cfg, q, k, v, o, lse, qk_scale):
     launch(_attn_fwd_sm90, (n_tiles,),
            (q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
             b, h, sq, k.shape[1], qk_scale),
-           constexprs(cfg, d), num_warps=4)
+           constexprs(cfg, d, row_view(o, d)), num_warps=4)
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:
