@@ -154,9 +154,16 @@ if HAVE_GLUON:
         gl.store(ptr + gl.expand_dims(offs_m, 1) * row_stride + gl.expand_dims(offs_d, 0), x, mask=mask)
 
     @gluon.jit
+    def _store_o(ptr, out, out_t, row0, row_stride, SQ, CT: gl.constexpr, OV: gl.constexpr, DT: gl.constexpr):
+        # Masked stores of O's rows (< SQ) from registers: the first chunk, then the tail chunk from column CT + OV.
+        _store_rows(ptr, out, row0, row_stride, SQ, 0)
+        if DT > 0:
+            _store_rows(ptr + CT, out_t, row0, row_stride, SQ, OV)
+
+    @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                  v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles, qk_scale,
-                  WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                  v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
+                  qk_scale, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr):
         # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
         # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
@@ -271,23 +278,32 @@ if HAVE_GLUON:
             row0 = (tile % n_m) * (NW * WG_ROWS) + WG * WG_ROWS
             base = (bh // H).to(gl.int64) * sob + (bh % H) * soh
             inv_l = 1.0 / l_i
-            acc = acc * gl.expand_dims(gl.convert_layout(inv_l, orow_layout), 1)
+            out = (acc * gl.expand_dims(gl.convert_layout(inv_l, orow_layout), 1)).to(dtype)
+            if DT > 0:
+                out_t = (acc_t * gl.expand_dims(gl.convert_layout(inv_l, otrow_layout), 1)).to(dtype)
+            else:
+                out_t = out  # unused
+            # Whole 64-row blocks go out through shared memory with asynchronous TMA stores (the last ones must have
+            # read the buffers first); a block reaching past SQ would write the next sequence's rows, so it takes
+            # masked stores, as does a tail chunk that overlaps the first (d=72: its first OV columns are not O's).
             if O_TMA:
-                # Whole 64-row blocks go out through shared memory with one asynchronous TMA store (the last one
-                # must have read the buffer first); a block reaching past SQ would write the next sequence's rows.
                 if row0 + WG_ROWS <= SQ:
                     tma.store_wait(0)
-                    o_smem.index(WG).store(acc.to(dtype))
+                    o_smem.index(WG).store(out)
+                    if DT > 0 and OV == 0:
+                        ot_smem.index(WG).store(out_t)
                     fence_async_shared()
                     _cta_barrier()
-                    _tma_store(o_desc, [(bh // H) * SQ + row0, (bh % H) * D], o_smem.index(WG))
+                    o_row = (bh // H) * SQ + row0
+                    _tma_store(o_desc, [o_row, (bh % H) * D], o_smem.index(WG))
+                    if DT > 0 and OV == 0:
+                        _tma_store(ot_desc, [o_row, (bh % H) * D + CT], ot_smem.index(WG))
+                    elif DT > 0:
+                        _store_rows(O + base + CT, out_t, row0, sos, SQ, OV)
                 else:
-                    _store_rows(O + base, acc.to(dtype), row0, sos, SQ, 0)
+                    _store_o(O + base, out, out_t, row0, sos, SQ, CT, OV, DT)
             else:
-                _store_rows(O + base, acc.to(dtype), row0, sos, SQ, 0)
-            if DT > 0:
-                acc_t = acc_t * gl.expand_dims(gl.convert_layout(inv_l, otrow_layout), 1)
-                _store_rows(O + base + CT, acc_t.to(dtype), row0, sos, SQ, OV)
+                _store_o(O + base, out, out_t, row0, sos, SQ, CT, OV, DT)
             rows = row0 + gl.arange(0, WG_ROWS, layout=row_layout)
             gl.store(LSE + bh.to(gl.int64) * SQ + rows, m_i + gl.log2(l_i), mask=rows < SQ)
             t += n_kv
@@ -324,10 +340,16 @@ if HAVE_GLUON:
             vt_desc, vt_smem = _tiles(V, B * SK, H * D, svs, BLOCK_N, DT, STAGES)
         else:  # no tail: placeholders, never read
             qt_desc, qt_smem, kt_desc, kt_smem, vt_desc, vt_smem = q_desc, q_smem, k_desc, k_smem, v_desc, v_smem
-        if O_TMA:  # O leaves through a 64-row staging tile per consumer (O is a [B * SQ, H * D] row view)
+        # O_TMA: O leaves through 64-row staging tiles, one per consumer (and column chunk; O is a [B * SQ, H * D]
+        # row view). At d=72 the tail chunk overlaps the first and is stored from registers.
+        if O_TMA:
             o_desc, o_smem = _tiles(O, B * SQ, H * D, sos, WG_ROWS, D0, NW)
-        else:
+        else:  # placeholders, never read
             o_desc, o_smem = q_desc, q_smem
+        if O_TMA and DT > 0 and D0 + DT == D:
+            ot_desc, ot_smem = _tiles(O, B * SQ, H * D, sos, WG_ROWS, DT, NW)
+        else:
+            ot_desc, ot_smem = o_desc, o_smem
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         q_ready = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
         q_empty = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
@@ -357,11 +379,11 @@ if HAVE_GLUON:
         if NW == 2:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
-                             qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
+                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
-                             qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
+                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -369,14 +391,14 @@ if HAVE_GLUON:
         else:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
-                             qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
+                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
-                             qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
+                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
-                             qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
+                             n_m, n_tiles, qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -426,12 +448,13 @@ _SMEM_BYTES = 220 * 1024
 def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
     """The kernel's compile-time arguments for config ``cfg`` at head dim ``d`` (the persistent flag only sets the
     grid). ``o_row_view``: O reads as a ``[B * Sq, H * D]`` row view, so whole blocks of it can be stored with TMA
-    (only without a tail chunk, and where the staging tiles fit beside the Q tiles and the K, V rings)."""
+    (where the staging tiles fit beside the Q tiles and the K, V rings). The host passes False below 64 queries,
+    where no block is whole (Triton 3.6 fails to build the d=72 kernel specialized for Sq = 1 with it)."""
     block_n, stages, nw, pingpong, _ = cfg
     d0, dt = chunks(d)
-    smem = 2 * d0 * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
+    smem = 2 * (d0 + dt) * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
     return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw],
-                O_TMA=o_row_view and dt == 0 and smem <= _SMEM_BYTES)
+                O_TMA=o_row_view and smem <= _SMEM_BYTES)
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
@@ -442,7 +465,7 @@ def _launch(cfg, q, k, v, o, lse, qk_scale):
     launch(_attn_fwd_sm90, (n_tiles,),
            (q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
             b, h, sq, k.shape[1], qk_scale),
-           constexprs(cfg, d, row_view(o, d)), num_warps=4)
+           constexprs(cfg, d, row_view(o, d) and sq >= 64), num_warps=4)
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:
