@@ -12,7 +12,10 @@ specialization, and this kernel uses them:
 * ping-pong: the consumers take turns to issue (a ring of "turn" mbarriers), so one's softmax runs under the
   others' matrix products instead of all softmaxes at once;
 * persistent: ``min(tiles, SMs)`` programs walk the output tiles, and the load warp fetches the next tile's
-  blocks during this tile's last products and epilogue (no tail wave, no cold start per tile).
+  blocks during this tile's last products and epilogue (no tail wave, no cold start per tile);
+* epilogue: a whole 64-row block of O goes to a shared-memory staging tile and leaves with an asynchronous TMA
+  store, so the consumer starts its next tile without issuing a store per register pair (masked stores remain for
+  a block that ends past Sq, the overlapping d=72 tail chunk, and d=128 with three stages, where no staging fits).
 
 Q, K and V are read through descriptors on their ``[B * S, H * D]`` row views, so one descriptor per tensor serves
 every (batch, head). Head dims 72, 80 and 96 are read as two column chunks, a 64-column one and a 16- or 32-column

@@ -3,12 +3,12 @@
     python -m stdit.kernels.sm90_report           # a table: registers, spills, shared memory, wgmma count
     python -m stdit.kernels.sm90_report --json    # the same as JSON (what tests/test_sm90_compile.py reads)
 
-Every forward config of :data:`.attention_sm90._CONFIGS` and every backward variant (head dim x one program per key
-block / split query range) is compiled with the same compile-time arguments the host code launches with, through
-Triton's own compiler (``GluonASTSource``, target ``cuda:90``) and its bundled ptxas. Two things to look for after
-a kernel change: spill stores, and ptxas' note that it serialized the ``wgmma`` products (out of registers), which
-takes away the overlap the kernels are built on. Needs ``TRITON_INTERPRET`` unset (the interpreter replaces the
-language functions the compiler needs).
+Every forward config of :data:`.attention_sm90._CONFIGS` (O stored with TMA and without) and every backward
+variant (head dim x one program per key block / split query range) is compiled with the same compile-time
+arguments the host code launches with, through Triton's own compiler (``GluonASTSource``, target ``cuda:90``) and
+its bundled ptxas. Two things to look for after a kernel change: spill stores, and ptxas' note that it serialized
+the ``wgmma`` products (out of registers), which takes away the overlap the kernels are built on. Needs
+``TRITON_INTERPRET`` unset (the interpreter replaces the language functions the compiler needs).
 """
 
 from __future__ import annotations
@@ -76,13 +76,14 @@ def variants():
     t = "*bf16"
     seen = set()
     for d, cfgs in sorted(fwd._CONFIGS.items()):
-        for cfg in cfgs:
-            cx = fwd.constexprs(cfg, d)
+        # O stored through TMA staging tiles, and from registers (an O that is no row view, fewer than 64 queries)
+        for cfg, o_row_view in ((c, r) for c in cfgs for r in (True, False)):
+            cx = fwd.constexprs(cfg, d, o_row_view)
             key = tuple(sorted(cx.items()))
             if key in seen:  # configs that differ only in the grid compile to one kernel
                 continue
             seen.add(key)
-            name = f"fwd d{d} BLOCK_N={cfg[0]} STAGES={cfg[1]} NW={cfg[2]} PINGPONG={cfg[3]}"
+            name = f"fwd d{d} BLOCK_N={cfg[0]} STAGES={cfg[1]} NW={cfg[2]} PINGPONG={cfg[3]} O_TMA={cx['O_TMA']}"
             yield name, fwd._attn_fwd_sm90, cx, dict(Q=t, K=t, V=t, O=t, LSE="*fp32")
     for d in bwd.HEAD_DIMS:
         for split in (False, True):
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         results[name] = build(fn, cx, ptrs)
         if not args.json:
             r = results[name]
-            print(f"{name:48s} wgmma {r['wgmma']:4d}  spill {r['spill_bytes']!s:>5} B  "
+            print(f"{name:60s} wgmma {r['wgmma']:4d}  spill {r['spill_bytes']!s:>5} B  "
                   f"{'SERIALIZED' if r['serialized'] else 'async':10s}  shared {r['shared_bytes']:7d} B", flush=True)
     if args.json:
         print(json.dumps(results))

@@ -233,6 +233,19 @@ def test_sm90_scope():
     assert not sm90.supports(q, k, v, None)
 
 
+def test_sm90_output_tma_store_scope():
+    """O leaves through TMA staging tiles only where they fit in shared memory beside the Q tiles and the K, V rings
+    (sm_90: 227 KB a block; d=128 with three stages already takes 224 KB) and only when O is a row view; the
+    compile report (test_sm90_compile.py) checks the built kernels' shared memory."""
+    sm90 = kernels.attention_sm90
+    for d, cfgs in sm90._CONFIGS.items():
+        for cfg in cfgs:
+            expected = not (d == 128 and cfg[1] == 3)
+            assert sm90.constexprs(cfg, d)["O_TMA"] is expected, (d, cfg)
+            assert sm90.constexprs(cfg, d, o_row_view=False)["O_TMA"] is False, (d, cfg)
+    assert sm90._CONFIGS[128][0][1] == 2  # the d=128 default keeps the TMA store
+
+
 def test_sm90_head_dim_chunks():
     """Head dims 72, 80, 96 are read as a 64-column chunk and a tail chunk: together they cover every column, the
     tail is a power of two of at least 16 columns (one wgmma K step) and starts on a 16-byte boundary (TMA), and

@@ -15,7 +15,7 @@ import pytest
 from stdit.kernels import attention_sm90 as fwd
 from stdit.kernels import attention_sm90_bwd as bwd
 
-MAX_SPILL_BYTES = 256  # Triton 3.9 builds of the shipped configs spill 0-40 bytes
+MAX_SPILL_BYTES = 256  # Triton 3.9 builds of the shipped configs spill 0-68 bytes
 
 
 @pytest.fixture(scope="module")
