@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import textwrap
 from pathlib import Path
 
 import torch
@@ -90,7 +91,9 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylab
         xs = [j + i * width for j in range(len(labels))]
         bars = ax.bar(xs, values, width, label=name)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)
+    # Long labels ("stdit (triton, checkpoint keeps attention + matmuls)") wrap within their bar's width.
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))],
+                  [textwrap.fill(label, 18) for label in labels], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
