@@ -99,12 +99,21 @@ def bench(fn, sets, it, backward: bool) -> float:
     return triton.testing.do_bench(run, warmup=50, rep=300, grad_to_none=grads, return_mode="median")
 
 
-def bench_graph(fn, args) -> float:
-    """Forward milliseconds replayed from a CUDA graph: the GPU time alone, without the host's launch cost."""
-    with torch.no_grad():
-        fn(*args)  # autotuning and compilation happen outside the capture
-        torch.cuda.synchronize()
-        return triton.testing.do_bench_cudagraph(lambda: fn(*args), rep=100, return_mode="median")
+def bench_graph(fn, args, backward: bool = False) -> float:
+    """Milliseconds of the forward (or forward+backward, gradients of q, k, v for dO = ``args[3]``) replayed from a
+    CUDA graph: the GPU time alone, without the host's launch cost."""
+    if backward:
+        q, k, v, do = args
+
+        def step():
+            torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(*args[:3])
+    step()  # autotuning and compilation happen outside the capture
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
 
 
 def host_overhead(impls, dtype, calls: int = 200, rounds: int = 7) -> dict:
@@ -172,7 +181,7 @@ def time_fn_pair(fn, make, nbytes):
 def run_shape(name, b, h, s, d, impls, dtype, args):
     flops = 4 * b * h * s * s * d
     row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "fwd_tflops": {}, "fwdbwd_tflops": {},
-           "graph_fwd_tflops": {}, "ms": {}, "errors": {}}
+           "graph_fwd_tflops": {}, "graph_fwdbwd_tflops": {}, "ms": {}, "errors": {}}
     nbytes = 4 * b * s * h * d * 2
     make = lambda i: attention_inputs(b, h, s, d, dtype, seed=i)  # noqa: E731
     check = attention_inputs(b, h, s, d, dtype, seed=123)
@@ -191,13 +200,14 @@ def run_shape(name, b, h, s, d, impls, dtype, args):
             row["fwdbwd_tflops"][iname] = 3.5 * flops / fb / 1e9
             graph = ""
             if s <= args.graph_max_s:
-                try:
-                    gms = bench_graph(fn, check[:3])
-                    row["ms"][iname]["fwd_graph"] = gms
-                    row["graph_fwd_tflops"][iname] = flops / gms / 1e9
-                    graph = f"   graph fwd {gms:9.3f} ms {row['graph_fwd_tflops'][iname]:7.1f} TF/s"
-                except Exception as e:  # noqa: BLE001 - capture can fail for a backend; the eager rows stand
-                    graph = f"   graph fwd unavailable: {type(e).__name__}"
+                for key, backward, mult in (("fwd", False, 1.0), ("fwdbwd", True, 3.5)):
+                    try:
+                        gms = bench_graph(fn, check, backward)
+                        row["ms"][iname][f"{key}_graph"] = gms
+                        row[f"graph_{key}_tflops"][iname] = mult * flops / gms / 1e9
+                        graph += f"   graph {key} {gms:9.3f} ms {row[f'graph_{key}_tflops'][iname]:7.1f} TF/s"
+                    except Exception as e:  # noqa: BLE001 - capture can fail for a backend; the eager rows stand
+                        graph += f"   graph {key} unavailable: {type(e).__name__}"
         except Exception as e:  # a backend may refuse a head dim or run out of memory; record why
             row["ms"][iname] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             print(f"  {name:22s} {iname:15s} {row['ms'][iname]}", flush=True)
@@ -283,7 +293,9 @@ def write_results(rows, fused, info, out_dir: Path, host=None):
                   + "; the other rows and the peers beside them come from this run.", ""]
     for key, title in (("fwd_tflops", "Forward TFLOP/s"), ("fwdbwd_tflops", "Forward + backward TFLOP/s"),
                        ("graph_fwd_tflops", "Forward TFLOP/s replayed from a CUDA graph (GPU time only, no host "
-                                            "launch cost)")):
+                                            "launch cost)"),
+                       ("graph_fwdbwd_tflops", "Forward + backward TFLOP/s replayed from a CUDA graph (GPU time "
+                                               "only)")):
         if not any(r.get(key) for r in rows):
             continue
         lines += [f"## {title}", "", "| shape | " + " | ".join(names) + " | ours / best SDPA |",
@@ -352,7 +364,7 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="also time pointer loads and print every autotune timing")
     p.add_argument("--no-fused", action="store_true", help="skip the norm + rope + attention comparison")
     p.add_argument("--graph-max-s", type=int, default=16384,
-                   help="also time the forward from a CUDA graph for sequences up to this length")
+                   help="also time the forward and forward+backward from CUDA graphs for sequences up to this length")
     p.add_argument("--merge", type=Path, help="a results JSON of an earlier run on this GPU: keep its rows for the "
                                               "shapes not run now")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

@@ -165,9 +165,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                  v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK, n_m, n_tiles,
-                  qk_scale, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr):
+                  v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK, n_m,
+                  n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr):
         # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
         # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
         # and the other consumers' products keep the tensor cores busy.

@@ -1,0 +1,37 @@
+"""The attention benchmark's report: every measured table is written, with ours against the best SDPA backend."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_attention  # noqa: E402
+
+
+def _row(shape, ours, cudnn, flash, graph=True):
+    r = {"shape": shape, "fwd_tflops": {"ours": ours, "sdpa-cudnn": cudnn, "sdpa-flash": flash},
+         "fwdbwd_tflops": {"ours": ours / 2, "sdpa-cudnn": cudnn / 2, "sdpa-flash": flash / 2},
+         "graph_fwd_tflops": {}, "graph_fwdbwd_tflops": {}, "ms": {}, "errors": {}}
+    if graph:
+        r["graph_fwd_tflops"] = {"ours": ours + 10, "sdpa-cudnn": cudnn + 10}
+        r["graph_fwdbwd_tflops"] = {"ours": 300.0, "sdpa-cudnn": 400.0}
+    return r
+
+
+def test_report_tables_and_ratios(tmp_path):
+    info = {"gpu": "NVIDIA Test GPU", "torch": "t", "triton": "tr", "cuda": "c", "cudnn": 1}
+    rows = [_row("B1 H12 S32760 d128", 620.0, 560.0, 350.0, graph=False),
+            _row("B1 H12 S4096 d128", 600.0, 630.0, 300.0)]
+    md = bench_attention.write_results(rows, [], info, tmp_path).read_text()
+    sections = md.split("## ")
+    titles = [s.splitlines()[0] for s in sections[1:]]
+    assert titles[:2] == ["Forward TFLOP/s", "Forward + backward TFLOP/s"]
+    assert any(t.startswith("Forward TFLOP/s replayed from a CUDA graph") for t in titles)
+    graph_fb = next(s for s in sections if s.startswith("Forward + backward TFLOP/s replayed from a CUDA graph"))
+    # Only the row with graph timings, ours / best SDPA = 300 / 400.
+    assert "B1 H12 S32760 d128" not in graph_fb
+    assert "| B1 H12 S4096 d128 | 300 | 400 | — | 0.75× |" in graph_fb
+    fwd = sections[1]
+    assert "| B1 H12 S32760 d128 | 620 | 560 | 350 | 1.11× |" in fwd  # best SDPA is cuDNN, not flash
+    data = json.loads((tmp_path / "attention-nvidia-test-gpu.json").read_text())
+    assert data["attention"][1]["graph_fwdbwd_tflops"]["ours"] == 300.0
