@@ -45,6 +45,23 @@ def family(name: str) -> str:
     return "other"
 
 
+def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(time some kernel runs, first start to last end) of GPU ``(start, end)`` intervals; overlapping kernels
+    (several streams) count once. ``span - busy`` is the time the GPU sat idle between them."""
+    if not intervals:
+        return 0.0, 0.0
+    busy, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return busy, max(e for _, e in intervals) - min(s for s, _ in intervals)
+
+
 def profile(fn, path: Path, what: str = "one forward") -> list[dict]:
     """One profiled call: GPU time per op family and the top kernels, written to ``path``."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -62,6 +79,11 @@ def profile(fn, path: Path, what: str = "one forward") -> list[dict]:
     top = sorted(kernels, key=lambda e: -getattr(e, attr))[:25]
     text = f"GPU time per op family ({what})\n" + "\n".join(
         f"{r['family']:>14}  {r['ms']:9.2f} ms  {100 * r['share']:5.1f}%" for r in rows)
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy, span = busy_and_span([(e.time_range.start, e.time_range.end) for e in events])
+    if span:  # idle: the GPU waiting for the host (launches, syncs) or between dependent kernels
+        text += (f"\n\nFirst kernel start to last kernel end {span / 1e3:.2f} ms: kernels running "
+                 f"{busy / 1e3:.2f} ms, GPU idle {(span - busy) / 1e3:.2f} ms ({len(events)} GPU events)")
     text += "\n\nTop kernels\n" + "\n".join(f"{getattr(e, attr) / 1e3:9.2f} ms  x{e.count:<4} {e.key[:110]}" for e in top)
     path.write_text(text + "\n")
     print(text.split("\n\nTop")[0])

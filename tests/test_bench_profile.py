@@ -38,3 +38,12 @@ CASES = [
 @pytest.mark.parametrize("name,expected", CASES)
 def test_profile_family(name, expected):
     assert bench_model.family(name) == expected
+
+
+def test_busy_and_span_counts_overlap_once_and_finds_idle_gaps():
+    # kernels [0, 10] and [5, 12] overlap (two streams); then a 3-unit gap; then [15, 20]
+    busy, span = bench_model.busy_and_span([(15.0, 20.0), (0.0, 10.0), (5.0, 12.0)])
+    assert (busy, span) == (17.0, 20.0)
+    # one kernel inside another counts once; back-to-back kernels leave no idle time
+    assert bench_model.busy_and_span([(0.0, 10.0), (2.0, 3.0), (10.0, 11.0)]) == (11.0, 11.0)
+    assert bench_model.busy_and_span([]) == (0.0, 0.0)
