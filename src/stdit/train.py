@@ -140,7 +140,7 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _train(cfg: Config, info: DistInfo, collector=None) -> dict:
+def _train(cfg: Config, info: DistInfo, collector) -> dict:
     from tqdm.auto import tqdm
 
     from stdit.data.buckets import BucketBatchSampler
@@ -289,8 +289,7 @@ def _train(cfg: Config, info: DistInfo, collector=None) -> dict:
         if ema is not None:
             ema.update(step)
         step += 1
-        if collector is not None:
-            collector.step(step)
+        collector.step(step)
         loss_value = float(all_reduce_mean(loss_sum / tc.grad_accum))
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data.")

@@ -27,7 +27,6 @@ class ManualGC:
 
     def __init__(self, every: int):
         self.every = every
-        self.was_enabled = gc.isenabled()
 
     def __enter__(self) -> "ManualGC":
         self.was_enabled = gc.isenabled()
