@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common import GpuClock  # noqa: E402  (benchmarks/ is on the path: run as a script or from the tests)
 from stdit.attention import attention as stdit_attention
 from stdit.attention import rms_norm
 from stdit.kernels import flash_attention, qk_norm_rope
@@ -84,7 +85,8 @@ def rotating(make, nbytes_one: int):
     return sets, it
 
 
-def bench(fn, sets, it, backward: bool) -> float:
+def bench(fn, sets, it, backward: bool, clock=None) -> tuple[float, dict]:
+    """Median milliseconds over rotating input sets, and the GPU's mean SM clock and power in the timed loop."""
     def run():
         args = sets[next(it)]
         if backward:
@@ -96,7 +98,9 @@ def bench(fn, sets, it, backward: bool) -> float:
     grads = [t for s in sets for t in s[:-1] if t.requires_grad] if backward else None
     run()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(run, warmup=50, rep=300, grad_to_none=grads, return_mode="median")
+    ms = triton.testing.do_bench(run, warmup=50, rep=300, grad_to_none=grads, return_mode="median")
+    end = time.time()
+    return ms, clock.window(end - 0.3, end) if clock is not None else {}
 
 
 def bench_graph(fn, args, backward: bool = False) -> float:
@@ -173,15 +177,17 @@ def fused_op_inputs(b, h, s, d, dtype, seed):
     return [qkv, torch.randn(b, s, h, d, device="cuda", dtype=dtype, generator=g)]
 
 
-def time_fn_pair(fn, make, nbytes):
+def time_fn_pair(fn, make, nbytes, clock=None):
+    """(forward ms, forward+backward ms, {"fwd": clock and power, "fwdbwd": ...})."""
     sets, it = rotating(make, nbytes)
-    return bench(fn, sets, it, False), bench(fn, sets, it, True)
+    (fwd, cf), (fb, cb) = bench(fn, sets, it, False, clock), bench(fn, sets, it, True, clock)
+    return fwd, fb, {"fwd": cf, "fwdbwd": cb}
 
 
-def run_shape(name, b, h, s, d, impls, dtype, args):
+def run_shape(name, b, h, s, d, impls, dtype, args, clock=None):
     flops = 4 * b * h * s * s * d
     row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "fwd_tflops": {}, "fwdbwd_tflops": {},
-           "graph_fwd_tflops": {}, "graph_fwdbwd_tflops": {}, "ms": {}, "errors": {}}
+           "graph_fwd_tflops": {}, "graph_fwdbwd_tflops": {}, "ms": {}, "errors": {}, "clock": {}}
     nbytes = 4 * b * s * h * d * 2
     make = lambda i: attention_inputs(b, h, s, d, dtype, seed=i)  # noqa: E731
     check = attention_inputs(b, h, s, d, dtype, seed=123)
@@ -194,7 +200,7 @@ def run_shape(name, b, h, s, d, impls, dtype, args):
             with torch.no_grad():
                 out = fn(*check[:3]).float()
             row["errors"][iname] = (out - ref).abs().max().item()
-            fwd, fb = time_fn_pair(fn, make, nbytes)
+            fwd, fb, row["clock"][iname] = time_fn_pair(fn, make, nbytes, clock)
             row["ms"][iname] = {"fwd": fwd, "fwdbwd": fb}
             row["fwd_tflops"][iname] = flops / fwd / 1e9
             row["fwdbwd_tflops"][iname] = 3.5 * flops / fb / 1e9
@@ -249,7 +255,7 @@ def run_fused_op(name, b, h, s, d, dtype, best_sdpa):
     with torch.no_grad():
         res["max_abs_diff"] = (ours(check[0]).float() - torch_way(check[0]).float()).abs().max().item()
     for label, fn in (("ours_fused", ours), ("torch_unfused", torch_way)):
-        fwd, fb = time_fn_pair(fn, make, 4 * b * s * h * d * 2)
+        fwd, fb, _ = time_fn_pair(fn, make, 4 * b * s * h * d * 2)
         res[label] = {"fwd_ms": fwd, "fwdbwd_ms": fb}
         torch.cuda.empty_cache()
     print(f"  norm+rope+attn {name:22s} ours {res['ours_fused']['fwd_ms']:.3f}/{res['ours_fused']['fwdbwd_ms']:.3f} ms"
@@ -271,8 +277,9 @@ def print_autotune(verbose: bool):
 
 
 def versions():
-    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+    return {**GpuClock().info, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(),
             "switches": {k: os.environ[k] for k in ("STDIT_ATTN_WS", "STDIT_ATTN_ATOMIC_BWD", "STDIT_AUTOTUNE")
                          if k in os.environ}}
 
@@ -308,6 +315,21 @@ def write_results(rows, fused, info, out_dir: Path, host=None):
             ratio = f"{vals['ours'] / max(sd):.2f}×" if sd and "ours" in vals else "—"
             lines.append(f"| {r['shape']} | " + " | ".join(f"{vals[n]:.0f}" if n in vals else "—" for n in names)
                          + f" | {ratio} |")
+        lines.append("")
+    clocked = [r for r in rows if any(c.get(k) for c in r.get("clock", {}).values() for k in ("fwd", "fwdbwd"))]
+    if clocked:
+        lines += ["## Mean SM clock in the timed loops (MHz, forward / forward+backward)", "",
+                  "Sampled through NVML. A long dense loop holds the GPU at its board power limit"
+                  + (f" ({info['power limit W']:g} W)" if "power limit W" in info else "")
+                  + ", and the driver lowers the clock to stay under it"
+                  + (f" (max {info['max SM MHz']:g} MHz)" if "max SM MHz" in info else "") + ".", "",
+                  "| shape | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for r in clocked:
+            cells = []
+            for n in names:
+                c = r["clock"].get(n, {})
+                cells.append(" / ".join(f"{c[k]['SM MHz']:.0f}" if c.get(k) else "—" for k in ("fwd", "fwdbwd")))
+            lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
         lines.append("")
     if fused:
         lines += ["## QK-norm + RoPE + attention (ms, forward / forward+backward)", "",
@@ -378,15 +400,16 @@ def main(argv=None):
     dtype = torch.bfloat16
     rows, fused = [], []
     t0 = time.time()
-    host = host_overhead(impls, dtype)
-    for name, b, h, s, d in shapes:
-        rows.append(run_shape(name, b, h, s, d, impls, dtype, args))
-        sd = {n: v for n, v in rows[-1]["fwdbwd_tflops"].items() if n in SDPA_BACKENDS}
-        print_autotune(verbose=args.tune)
-        if sd and not args.no_fused:
-            fused.append(run_fused_op(name, b, h, s, d, dtype, max(sd, key=sd.get)))
-        # After every shape, so a run cut short still leaves its finished rows.
-        path = write_results(rows, fused, info, args.out, host)
+    host = host_overhead(impls, dtype)  # before the clock's sampling thread starts: it would take host time
+    with GpuClock() as clock:
+        for name, b, h, s, d in shapes:
+            rows.append(run_shape(name, b, h, s, d, impls, dtype, args, clock))
+            sd = {n: v for n, v in rows[-1]["fwdbwd_tflops"].items() if n in SDPA_BACKENDS}
+            print_autotune(verbose=args.tune)
+            if sd and not args.no_fused:
+                fused.append(run_fused_op(name, b, h, s, d, dtype, max(sd, key=sd.get)))
+            # After every shape, so a run cut short still leaves its finished rows.
+            path = write_results(rows, fused, info, args.out, host)
     if args.merge and args.merge.exists():
         old = json.loads(args.merge.read_text())
         done = {r["shape"] for r in rows}

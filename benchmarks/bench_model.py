@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bar_plot, bench_ms, gpu_slug, machine, peak_memory_gib, write_results  # noqa: E402
+from common import (RESULTS, GpuClock, bar_plot, bench_ms_clocked, gpu_slug, machine,  # noqa: E402
+                    peak_memory_gib, write_results)
 from wan_models import model_flops, random_wan_pair  # noqa: E402
 
 # latent grids of 81-frame videos through the Wan VAE (4x time, 8x space), before the (1, 2, 2) patch
@@ -62,29 +64,42 @@ def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     return busy, max(e for _, e in intervals) - min(s for s, _ in intervals)
 
 
-def profile(fn, path: Path, what: str = "one forward") -> list[dict]:
-    """One profiled call: GPU time per op family and the top kernels, written to ``path``."""
+def profile(fn, path: Path, what: str = "one forward", calls: int = 3, clock: GpuClock | None = None) -> list[dict]:
+    """GPU time per op family and the top kernels, per call, of ``calls`` back-to-back profiled calls, written to
+    ``path``. A second of unprofiled calls runs first, so the profiled ones run at the clock of the timed loops (at
+    its power limit the GPU runs a long loop at a lower clock than one call after an idle moment)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    end = time.time() + 1.0
+    while time.time() < end:
         fn()
         torch.cuda.synchronize()
+    t0 = time.time()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    t1 = time.time()
     per_family: dict[str, float] = defaultdict(float)
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     attr = "device_time_total" if hasattr(kernels[0], "device_time_total") else "cuda_time_total"
     for e in kernels:
-        per_family[family(e.key)] += getattr(e, attr) / 1e3
+        per_family[family(e.key)] += getattr(e, attr) / 1e3 / calls
     total = sum(per_family.values())
     rows = [{"family": k, "ms": v, "share": v / total} for k, v in sorted(per_family.items(), key=lambda kv: -kv[1])]
     top = sorted(kernels, key=lambda e: -getattr(e, attr))[:25]
-    text = f"GPU time per op family ({what})\n" + "\n".join(
-        f"{r['family']:>14}  {r['ms']:9.2f} ms  {100 * r['share']:5.1f}%" for r in rows)
+    sustained = clock.window(t0, t1) if clock is not None else {}
+    text = (f"GPU time per op family ({what}; per call, mean of {calls} back-to-back calls"
+            + (f" at a mean SM clock of {sustained['SM MHz']:.0f} MHz, {sustained['W']:.0f} W" if sustained else "")
+            + ")\n" + "\n".join(f"{r['family']:>14}  {r['ms']:9.2f} ms  {100 * r['share']:5.1f}%" for r in rows))
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy, span = busy_and_span([(e.time_range.start, e.time_range.end) for e in events])
     if span:  # idle: the GPU waiting for the host (launches, syncs) or between dependent kernels
-        text += (f"\n\nFirst kernel start to last kernel end {span / 1e3:.2f} ms: kernels running "
-                 f"{busy / 1e3:.2f} ms, GPU idle {(span - busy) / 1e3:.2f} ms ({len(events)} GPU events)")
-    text += "\n\nTop kernels\n" + "\n".join(f"{getattr(e, attr) / 1e3:9.2f} ms  x{e.count:<4} {e.key[:110]}" for e in top)
+        text += (f"\n\nFirst kernel start to last kernel end, per call {span / 1e3 / calls:.2f} ms: kernels running "
+                 f"{busy / 1e3 / calls:.2f} ms, GPU idle {(span - busy) / 1e3 / calls:.2f} ms "
+                 f"({len(events) / calls:g} GPU events)")
+    text += "\n\nTop kernels (ms and launches per call)\n" + "\n".join(
+        f"{getattr(e, attr) / 1e3 / calls:9.2f} ms  x{e.count / calls:<5g} {e.key[:110]}" for e in top)
     path.write_text(text + "\n")
     print(text.split("\n\nTop")[0])
     return rows
@@ -102,6 +117,11 @@ def main(argv=None) -> int:
         print("bench_model needs a CUDA GPU.", file=sys.stderr)
         return 2
 
+    with GpuClock() as clock:
+        return _run(args, clock)
+
+
+def _run(args, clock: GpuClock) -> int:
     wan, ours = random_wan_pair(args.config)
     cfg = dict(ours.config)
     rows, slug = [], gpu_slug(machine()["gpu"])
@@ -128,7 +148,7 @@ def main(argv=None) -> int:
                 ours.set_attention_backend(backend)
                 try:
                     out = fn().float()
-                    ms = bench_ms(fn, warmup_ms=200, rep_ms=1500)
+                    ms, clocked = bench_ms_clocked(fn, clock, warmup_ms=200, rep_ms=1500)
                     mem = peak_memory_gib(fn)
                 except Exception as e:  # a failing candidate is reported, not allowed to hide the others
                     rows.append({"shape": shape, "impl": name, "error": f"{type(e).__name__}: {e}"[:200]})
@@ -137,18 +157,21 @@ def main(argv=None) -> int:
                 base_ms = base_ms or ms
                 rows.append({"shape": shape, "tokens": grid[0] * grid[1] * grid[2], "impl": name, "ms": ms,
                              "speedup": base_ms / ms, "TFLOP/s": flops / ms / 1e9, "peak GiB": mem,
-                             "rel err vs Wan": ((out - ref).norm() / ref.norm()).item()})
+                             "rel err vs Wan": ((out - ref).norm() / ref.norm()).item(), **clocked})
                 print(rows[-1])
             if shape == "480p" and not args.no_profile:
                 ours.set_attention_backend(args.backends[0])
-                fam = profile(lambda: ours(x, ts, text, return_dict=False), RESULTS / f"model-profile-{slug}.txt")
+                profile(lambda: ours(x, ts, text, return_dict=False), RESULTS / f"model-profile-{slug}.txt",
+                        clock=clock)
         torch.cuda.empty_cache()
 
     name = "model" if args.config == "wan2.1-t2v-1.3b" else f"model-{args.config}"
-    cols = ["shape", "tokens", "impl", "ms", "speedup", "TFLOP/s", "peak GiB", "rel err vs Wan", "error"]
+    cols = ["shape", "tokens", "impl", "ms", "speedup", "TFLOP/s", "peak GiB", "rel err vs Wan", "SM MHz", "W",
+            "error"]
     md = write_results(name, f"Forward latency, {args.config}, bf16, batch 1, text length {TEXT_LEN}", rows, cols,
                        notes="`speedup` is against diffusers' Wan of the same run; TFLOP/s counts matmuls and "
-                             "attention only. Both models hold the same tensors.")
+                             "attention only. Both models hold the same tensors. `SM MHz` and `W`: the GPU's mean "
+                             "SM clock and board power in the timed loop (NVML).")
     ok = [r for r in rows if "ms" in r]
     impls = list(dict.fromkeys(r["impl"] for r in ok))
     bar_plot(md.parent / (md.stem + ".png"), args.shapes,

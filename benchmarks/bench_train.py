@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import SHAPES, TEXT_LEN, profile  # noqa: E402
-from common import RESULTS, bar_plot, bench_ms, gpu_slug, machine, peak_memory_gib, write_results  # noqa: E402
+from common import (RESULTS, GpuClock, bar_plot, bench_ms_clocked, gpu_slug, machine,  # noqa: E402
+                    peak_memory_gib, write_results)
 from wan_models import model_flops, random_wan_pair  # noqa: E402
 
 # dense bf16 tensor-core peak (no sparsity) by GPU, for MFU
@@ -40,6 +41,11 @@ def main(argv=None) -> int:
         print("bench_train needs a CUDA GPU.", file=sys.stderr)
         return 2
 
+    with GpuClock() as clock:
+        return _run(args, clock)
+
+
+def _run(args, clock: GpuClock) -> int:
     wan, ours = random_wan_pair(args.config)
     for m in (wan, ours):
         m.train()
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
         fn = step(model)
         try:
             fn()
-            ms = bench_ms(fn, warmup_ms=200, rep_ms=2000)
+            ms, clocked = bench_ms_clocked(fn, clock, warmup_ms=200, rep_ms=2000)
             mem = peak_memory_gib(fn)
         except Exception as e:
             rows.append({"impl": name, "error": f"{type(e).__name__}: {e}"[:200]})
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
         tps = tokens / ms * 1e3
         rows.append({"impl": name, "tokens": tokens, "step ms": ms, "tokens/s": tps, "vs diffusers": tps / base,
                      "TFLOP/s": flops / ms / 1e9, "MFU": (flops / ms / 1e9 / peak) if peak else None,
-                     "peak GiB": mem})
+                     "peak GiB": mem, **clocked})
         print(rows[-1])
         if model is ours and (best is None or tps > best[0]):
             best = (tps, name, model, backend, keep)
@@ -103,14 +109,16 @@ def main(argv=None) -> int:
         _, best_name, model, backend, keep = best
         setup(model, backend, keep)
         slug = gpu_slug(machine()["gpu"])
-        profile(step(model), RESULTS / f"{name}-profile-{slug}.txt", what=f"one training step, {best_name}")
+        profile(step(model), RESULTS / f"{name}-profile-{slug}.txt", what=f"one training step, {best_name}",
+                clock=clock)
         for p_ in params:
             p_.grad = None
     md = write_results(
         name, f"Training step (fwd+bwd, activation checkpointing), {args.config}, {args.shape}, bf16", rows,
-        ["impl", "tokens", "step ms", "tokens/s", "vs diffusers", "TFLOP/s", "MFU", "peak GiB", "error"],
+        ["impl", "tokens", "step ms", "tokens/s", "vs diffusers", "TFLOP/s", "MFU", "peak GiB", "SM MHz", "W", "error"],
         notes=f"MFU = model FLOPs (3x forward matmul + attention FLOPs; recompute not counted) / step time / "
-              f"{peak} TFLOP/s dense bf16 peak.")
+              f"{peak} TFLOP/s dense bf16 peak. `SM MHz` and `W`: the GPU's mean SM clock and board power in the "
+              f"timed loop (NVML).")
     ok = [r for r in rows if "tokens/s" in r]
     bar_plot(md.parent / (md.stem + ".png"), [r["impl"] for r in ok], {"tokens/s": [r["tokens/s"] for r in ok]},
              "tokens/s (higher is better)", f"{args.config} training step, {machine()['gpu']}")

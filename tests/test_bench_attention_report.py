@@ -35,3 +35,27 @@ def test_report_tables_and_ratios(tmp_path):
     assert "| B1 H12 S32760 d128 | 620 | 560 | 350 | 1.11× |" in fwd  # best SDPA is cuDNN, not flash
     data = json.loads((tmp_path / "attention-nvidia-test-gpu.json").read_text())
     assert data["attention"][1]["graph_fwdbwd_tflops"]["ours"] == 300.0
+    assert not any(t.startswith("Mean SM clock") for t in titles)  # no clock samples, no table
+
+
+def test_report_clock_table(tmp_path):
+    info = {"gpu": "NVIDIA Test GPU", "torch": "t", "triton": "tr", "cuda": "c", "cudnn": 1, "power limit W": 700.0,
+            "max SM MHz": 1980}
+    row = _row("B1 H12 S32760 d128", 620.0, 560.0, 350.0, graph=False)
+    row["clock"] = {"ours": {"fwd": {"SM MHz": 1612.4, "W": 690.0}, "fwdbwd": {"SM MHz": 1655.6, "W": 688.0}},
+                    "sdpa-cudnn": {"fwd": {"SM MHz": 1700.0, "W": 650.0}, "fwdbwd": {}}}
+    md = bench_attention.write_results([row], [], info, tmp_path).read_text()
+    table = next(s for s in md.split("## ") if s.startswith("Mean SM clock"))
+    assert "(700 W)" in table and "(max 1980 MHz)" in table
+    # columns: ours, sdpa-cudnn, sdpa-flash; a pass without samples reads as a dash
+    assert "| B1 H12 S32760 d128 | 1612 / 1656 | 1700 / — | — / — |" in table
+
+
+def test_gpu_clock_window_means_only_the_samples_inside():
+    from common import GpuClock
+
+    clock = GpuClock()  # without NVML (a CPU machine) it samples nothing; the window arithmetic is the same
+    clock.samples = [(10.0, 1980.0, 300.0), (11.0, 1700.0, 690.0), (12.0, 1600.0, 700.0), (13.0, 1900.0, 400.0)]
+    got = clock.window(10.5, 12.5)
+    assert got == {"SM MHz": 1650.0, "W": 695.0}
+    assert clock.window(20.0, 30.0) == {}
