@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import SHAPES, TEXT_LEN, profile  # noqa: E402
 from common import (RESULTS, GpuClock, bar_plot, bench_ms_clocked, gpu_slug, machine,  # noqa: E402
-                    peak_memory_gib, write_results)
+                    peak_memory_gib, run_on_gpu, write_results)
 from wan_models import model_flops, random_wan_pair  # noqa: E402
 
 # dense bf16 tensor-core peak (no sparsity) by GPU, for MFU
@@ -36,13 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="480p", choices=list(SHAPES))
     p.add_argument("--backends", nargs="+", default=["triton", "sdpa"])
     p.add_argument("--no-profile", action="store_true")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_train needs a CUDA GPU.", file=sys.stderr)
-        return 2
-
-    with GpuClock() as clock:
-        return _run(args, clock)
+    return run_on_gpu("bench_train", _run, p.parse_args(argv))
 
 
 def _run(args, clock: GpuClock) -> int:

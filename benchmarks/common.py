@@ -6,6 +6,7 @@ import ctypes
 import json
 import platform
 import re
+import sys
 import textwrap
 import threading
 import time
@@ -110,6 +111,15 @@ class GpuClock:
         if not got:
             return {}
         return {"SM MHz": sum(m for m, _ in got) / len(got), "W": sum(w for _, w in got) / len(got)}
+
+
+def run_on_gpu(script: str, run, args) -> int:
+    """``run(args, clock)`` with a :class:`GpuClock` sampling; exit status 2 and a message without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU.", file=sys.stderr)
+        return 2
+    with GpuClock() as clock:
+        return run(args, clock)
 
 
 def bench_ms_clocked(fn, clock: GpuClock | None, warmup_ms: float = 100, rep_ms: float = 500) -> tuple[float, dict]:

@@ -47,3 +47,13 @@ def test_busy_and_span_counts_overlap_once_and_finds_idle_gaps():
     # one kernel inside another counts once; back-to-back kernels leave no idle time
     assert bench_model.busy_and_span([(0.0, 10.0), (2.0, 3.0), (10.0, 11.0)]) == (11.0, 11.0)
     assert bench_model.busy_and_span([]) == (0.0, 0.0)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_model_and_train_benchmarks_say_they_need_a_gpu(capsys):
+    import bench_train
+
+    assert bench_model.main([]) == 2
+    assert bench_train.main(["--no-profile"]) == 2
+    err = capsys.readouterr().err
+    assert "bench_model needs a CUDA GPU." in err and "bench_train needs a CUDA GPU." in err
