@@ -66,8 +66,11 @@ class GpuClock:
             dev = ctypes.c_void_p()
             uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None) if torch.cuda.is_available() else None
             found = uuid is not None and lib.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}".encode(), ctypes.byref(dev)) == 0
-            if not found and lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(dev)) != 0:
-                return
+            if not found:  # by index only where that cannot pick another GPU than torch's
+                count = ctypes.c_uint()
+                if (lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0 or count.value != 1
+                        or lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(dev)) != 0):
+                    return
         except (OSError, AttributeError):
             return
         self._lib, self._dev = lib, dev
