@@ -28,11 +28,13 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import GpuClock  # noqa: E402  (benchmarks/ is on the path: run as a script or from the tests)
 from stdit.attention import attention as stdit_attention
 from stdit.attention import rms_norm
 from stdit.kernels import flash_attention, qk_norm_rope
 from stdit.rope import RotaryEmbedding3D, apply_rope
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run through `stdit bench attention` (runpy)
+from common import GpuClock  # noqa: E402
 
 SHAPES = [  # name, B, H, S, D
     ("B1 H12 S32760 d128", 1, 12, 32760, 128),
@@ -98,9 +100,9 @@ def bench(fn, sets, it, backward: bool, clock=None) -> tuple[float, dict]:
     grads = [t for s in sets for t in s[:-1] if t.requires_grad] if backward else None
     run()
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench(run, warmup=50, rep=300, grad_to_none=grads, return_mode="median")
-    end = time.time()
-    return ms, clock.window(end - 0.3, end) if clock is not None else {}
+    rep_ms = 300
+    ms = triton.testing.do_bench(run, warmup=50, rep=rep_ms, grad_to_none=grads, return_mode="median")
+    return ms, clock.last(rep_ms / 1e3) if clock is not None else {}
 
 
 def bench_graph(fn, args, backward: bool = False) -> float:

@@ -115,6 +115,11 @@ class GpuClock:
             return {}
         return {"SM MHz": sum(m for m, _ in got) / len(got), "W": sum(w for _, w in got) / len(got)}
 
+    def last(self, seconds: float) -> dict:
+        """:meth:`window` of the last ``seconds`` (a timed loop that just ended)."""
+        now = time.time()
+        return self.window(now - seconds, now)
+
 
 def run_on_gpu(script: str, run, args) -> int:
     """``run(args, clock)`` with a :class:`GpuClock` sampling; exit status 2 and a message without a CUDA GPU."""
@@ -128,8 +133,7 @@ def run_on_gpu(script: str, run, args) -> int:
 def bench_ms_clocked(fn, clock: GpuClock | None, warmup_ms: float = 100, rep_ms: float = 500) -> tuple[float, dict]:
     """:func:`bench_ms`, and the clock and power of the timed part of the loop (the last ``rep_ms``)."""
     ms = bench_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    end = time.time()
-    return ms, clock.window(end - rep_ms / 1e3, end) if clock is not None else {}
+    return ms, clock.last(rep_ms / 1e3) if clock is not None else {}
 
 
 def bench_ms(fn, warmup_ms: float = 100, rep_ms: float = 500) -> float:

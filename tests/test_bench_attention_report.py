@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -59,3 +60,5 @@ def test_gpu_clock_window_means_only_the_samples_inside():
     got = clock.window(10.5, 12.5)
     assert got == {"SM MHz": 1650.0, "W": 695.0}
     assert clock.window(20.0, 30.0) == {}
+    clock.samples.append((time.time() - 0.1, 1500.0, 699.0))  # the last 0.5 s hold only this sample
+    assert clock.last(0.5) == {"SM MHz": 1500.0, "W": 699.0}

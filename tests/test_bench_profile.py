@@ -57,3 +57,18 @@ def test_model_and_train_benchmarks_say_they_need_a_gpu(capsys):
     assert bench_train.main(["--no-profile"]) == 2
     err = capsys.readouterr().err
     assert "bench_model needs a CUDA GPU." in err and "bench_train needs a CUDA GPU." in err
+
+
+@pytest.mark.parametrize("name", ["attention", "model", "train"])
+def test_stdit_bench_runs_the_scripts(name, capsys, monkeypatch):
+    """`stdit bench NAME` runs benchmarks/bench_NAME.py through runpy, which does not put the script's folder on
+    sys.path: the scripts must find their shared module themselves."""
+    from stdit.cli import main
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("common", None)
+    sys.path[:] = [p for p in sys.path if not p.endswith("benchmarks")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
