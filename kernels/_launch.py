@@ -79,29 +79,55 @@ def _trailing(fn, n_args: int, constexprs: dict) -> tuple:
 DEFAULT_OPTIONS = {"enable_fp_fusion": True}
 
 
-def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+class Bound:
+    """One kernel launch bound to its call signature and grid: ``bound(*args)`` launches the compiled kernel again
+    on new positional arguments, skipping even :func:`launch`'s key. The caller guarantees that they have the
+    signature the launch was bound with (the same integer values, tensor dtypes and 16-byte alignment: in practice,
+    the same shapes and strides); the attention entry points key their plans on exactly that. A profiler's launch
+    hooks installed later still see every launch (Triton's own path)."""
+
+    __slots__ = ("fn", "grid", "constexprs", "options", "kernel", "trailing", "device")
+
+    def __init__(self, fn, grid, constexprs, options, kernel, trailing, device):
+        self.fn, self.grid, self.constexprs, self.options = fn, grid, constexprs, options
+        self.kernel, self.trailing, self.device = kernel, trailing, device
+
+    def __call__(self, *args) -> None:
+        if _hooks_installed():
+            self.fn[self.grid](*args, **self.constexprs, **self.options)
+            return
+        k = self.kernel
+        g0, g1, g2 = self.grid
+        k.run(g0, g1, g2, _current_stream(self.device), k.function, k.packed_metadata, None, None, None, *args,
+              *self.trailing)
+
+
+def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> Bound | None:
     """``fn[grid](*args, **constexprs, **options)`` for a ``@triton.jit`` / ``@gluon.jit`` kernel ``fn``, with the
     positional ``args`` first in its parameter order and every later parameter in ``constexprs`` (or defaulted);
-    :data:`DEFAULT_OPTIONS` fill in options the call leaves out."""
+    :data:`DEFAULT_OPTIONS` fill in options the call leaves out. Returns the launch as a :class:`Bound` once the
+    kernel is compiled and kept (None where every call takes Triton's own path)."""
     options = {**DEFAULT_OPTIONS, **options}
     # Under TRITON_INTERPRET=1 kernels are interpreter functions, not JIT functions: nothing is compiled to keep.
     if not _ENABLED or not isinstance(fn, JITFunction) or _hooks_installed():
         fn[grid](*args, **constexprs, **options)
-        return
-    device = torch.cuda.current_device()
-    key = (fn, device, _signature(args), tuple(constexprs.items()), tuple(options.items()))
-    hit = _compiled.get(key)
-    if hit is None:
-        kernel = fn[grid](*args, **constexprs, **options)
-        if kernel is not None:
-            if len(_compiled) >= _MAX_ENTRIES:
-                _compiled.clear()
-            _compiled[key] = (kernel, _trailing(fn, len(args), constexprs))
-        return
+        return None
     global _current_stream
     if _current_stream is None:
         _current_stream = triton.runtime.driver.active.get_current_stream
-    kernel, trailing = hit
-    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
-    stream = _current_stream(device)
-    kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *trailing)
+    device = torch.cuda.current_device()
+    key = (fn, device, _signature(args), tuple(constexprs.items()), tuple(options.items()))
+    hit = _compiled.get(key)
+    grid = (tuple(grid) + (1, 1))[:3]
+    if hit is None:
+        kernel = fn[grid](*args, **constexprs, **options)
+        if kernel is None:
+            return None
+        if len(_compiled) >= _MAX_ENTRIES:
+            _compiled.clear()
+        hit = _compiled[key] = (kernel, _trailing(fn, len(args), constexprs))
+    else:
+        kernel, trailing = hit
+        kernel.run(*grid, _current_stream(device), kernel.function, kernel.packed_metadata, None, None, None, *args,
+                   *trailing)
+    return Bound(fn, grid, constexprs, options, *hit, device)

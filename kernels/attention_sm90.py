@@ -461,19 +461,25 @@ def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
+    """Launch config ``cfg``; returns ``run(q, k, v, o, lse)``, which repeats this launch on new tensors of the same
+    shapes, strides, dtypes and alignment (None where launches are not cached)."""
     b, sq, h, d = q.shape
     n_tiles = cdiv(sq, 64 * cfg[2]) * b * h
     if cfg[4]:  # persistent
         n_tiles = min(n_tiles, num_sms(q.device.index))
-    launch(_attn_fwd_sm90, (n_tiles,),
-           (q, k, v, o, lse, q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2),
-            b, h, sq, k.shape[1], qk_scale),
-           constexprs(cfg, d, row_view(o, d) and sq >= 64), num_warps=4)
+    scalars = (q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2), b, h, sq, k.shape[1],
+               qk_scale)
+    bound = launch(_attn_fwd_sm90, (n_tiles,), (q, k, v, o, lse, *scalars),
+                   constexprs(cfg, d, row_view(o, d) and sq >= 64), num_warps=4)
+    if bound is None:
+        return None
+    return lambda q, k, v, o, lse: bound(q, k, v, o, lse, *scalars)
 
 
-def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:
+def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True):
     """Write ``o`` and ``lse`` (base 2) for ``q [B, Sq, H, D]``, ``k, v [B, Sk, H, D]``; picks its config once per
-    (head dim, dtype, length bucket) by timing the candidates, or takes the first with ``tune=False``."""
+    (head dim, dtype, length bucket) by timing the candidates, or takes the first with ``tune=False``. Returns
+    the launch's replay (see :func:`_launch`)."""
     d = q.shape[-1]
     key = (d, q.dtype, next_pow2(q.shape[1]), next_pow2(k.shape[1]))
     cfg = _TUNED.get(key)
@@ -486,4 +492,4 @@ def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True) -> None:
         else:
             cfg = cands[0]
         _TUNED[key] = cfg
-    _launch(cfg, q, k, v, o, lse, qk_scale)
+    return _launch(cfg, q, k, v, o, lse, qk_scale)

@@ -451,33 +451,54 @@ def query_splits(key_programs: int, query_blocks: int, sms: int) -> int:
     return best
 
 
+class Plan:
+    """The backward's launch for one call signature (q's and k's shapes, the scale, the ring depth and the query
+    split): ``plan(do, q, k, v, lse, delta, dqa)`` allocates the gradients, launches, and returns (dq, dk, dv).
+    After its first call it keeps the launch bound (:class:`~._launch.Bound`), so later calls on tensors of the same
+    shapes, strides, dtypes and alignment skip the launch's key."""
+
+    def __init__(self, q, k, scale, stages=None, splits=None):
+        b, sq, h, d = q.shape
+        sk = k.shape[1]
+        if stages is None:
+            stages = default_stages(d)
+        n_kb, n_m = cdiv(sk, 128), cdiv(sq, 64)
+        if splits is None:
+            splits = query_splits(n_kb * b * h, n_m, num_sms(q.device.index))
+        per = cdiv(n_m, splits)
+        splits = cdiv(n_m, per)
+        self.split = splits > 1
+        self.q_shape, self.k_shape, self.dtype = q.shape, k.shape, q.dtype
+        self.grid = (n_kb, b * h, splits)
+        self.constexprs = constexprs(d, stages, self.split)
+        self.tail = (b, h, sq, sk, scale * 1.4426950408889634, scale, per)
+        self.bound = None
+
+    def __call__(self, do, q, k, v, lse, delta, dqa=None):
+        dev = q.device
+        if dqa is None:
+            dqa = torch.zeros(self.q_shape, device=dev, dtype=torch.float32)
+        if self.split:
+            dk, dv = torch.zeros((2, *self.k_shape), device=dev, dtype=torch.float32).unbind(0)
+        else:
+            dk = torch.empty(self.k_shape, device=dev, dtype=self.dtype)
+            dv = torch.empty_like(dk)
+        args = (q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
+                dk.stride(0), dk.stride(1), dk.stride(2), *self.tail)
+        if self.bound is None:
+            self.bound = launch(_attn_bwd_sm90, self.grid, args, self.constexprs, num_warps=4)
+        else:
+            self.bound(*args)
+        # Separate casts: the gradients must not share storage (custom ops may not return aliases of each other).
+        if self.split:
+            return dqa.to(self.dtype), dk.to(self.dtype), dv.to(self.dtype)
+        return dqa.to(self.dtype), dk, dv
+
+
 def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=None):
     """dq, dk, dv for the forward's ``o`` and base-2 ``lse``; ``delta = rowsum(do * o)`` ([B, H, Sq] fp32).
     ``dqa``: a zeroed, contiguous fp32 ``[B, Sq, H, D]`` buffer that dQ is summed into (allocated here if None).
     ``stages``: depth of the Q/dO ring (default :func:`default_stages`: 4 at d=64, else 3; H200, B1 H12 S32760 d128:
     2 / 3 stages 30.06 / 30.11 ms, H40: 106.6 / 101.9; B1 H24 S16384 d64: 2 / 3 / 4 stages 9.16 / 9.11 / 8.86 ms).
     ``splits``: query-range parts per key block (default: :func:`query_splits`)."""
-    b, sq, h, d = q.shape
-    if stages is None:
-        stages = default_stages(d)
-    sk = k.shape[1]
-    n_kb, n_m = cdiv(sk, 128), cdiv(sq, 64)
-    if splits is None:
-        splits = query_splits(n_kb * b * h, n_m, num_sms(q.device.index))
-    per = cdiv(n_m, splits)
-    splits = cdiv(n_m, per)
-    if dqa is None:
-        dqa = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32)
-    if splits > 1:
-        dk, dv = torch.zeros(2, b, sk, h, d, device=q.device, dtype=torch.float32).unbind(0)
-    else:
-        dk = torch.empty(b, sk, h, d, device=q.device, dtype=q.dtype)
-        dv = torch.empty_like(dk)
-    launch(_attn_bwd_sm90, (n_kb, b * h, splits),
-           (q, k, v, do, dqa, dk, dv, lse, delta, q.stride(1), k.stride(1), v.stride(1), do.stride(1),
-            dk.stride(0), dk.stride(1), dk.stride(2), b, h, sq, sk, scale * 1.4426950408889634, scale, per),
-           constexprs(d, stages, splits > 1), num_warps=4)
-    # Separate casts: the gradients must not share storage (custom ops may not return aliases of each other).
-    if splits > 1:
-        return dqa.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
-    return dqa.to(q.dtype), dk, dv
+    return Plan(q, k, scale, stages, splits)(do, q, k, v, lse, delta, dqa)

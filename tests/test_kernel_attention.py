@@ -7,6 +7,7 @@ On the CPU the kernels run under the Triton interpreter (tiny shapes, fp32/fp16,
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -302,6 +303,90 @@ def test_sm90_forward_every_config_gpu(b, sq, sk, h, d, dtype, layout, monkeypat
             assert max_err(lse, lse_general) < 1e-3
         except AssertionError as e:
             raise AssertionError(f"{e} with config {cfg}") from None
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [64, 72, 96, 128])
+def test_sm90_forward_growing_row_maxima_gpu(d):
+    """Scores whose row maxima keep growing across key blocks, by different amounts at different blocks for
+    different rows (keys scaled up along the sequence, and some rows given a spike at a random key): the running
+    maximum and the rescaling of O are right on every config (random inputs alone rarely move the maximum after
+    the first key block)."""
+    b, sq, sk, h = 1, 200, 1000, 2
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q = torch.randn(b, sq, h, d, device="cuda", generator=g)
+    k = torch.randn(b, sk, h, d, device="cuda", generator=g)
+    k *= torch.linspace(0.25, 4.0, sk, device="cuda").view(1, sk, 1, 1)
+    spike = torch.randint(0, sk, (sq,), device="cuda", generator=g)
+    rows = torch.arange(0, sq, 3, device="cuda")
+    q[:, rows] += k[:, spike[rows]] / k[:, spike[rows]].norm(dim=-1, keepdim=True) * d ** 0.5
+    v = torch.randn(b, sk, h, d, device="cuda", generator=g)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    ka = _sm90_or_skip(q, k, v)
+    scale = d ** -0.5 * ka._LOG2E
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    growth = logits.amax(-1) - logits[..., :128].amax(-1)  # over the first key block's maximum, log2 units
+    assert (growth > 8).float().mean() > 0.5 and (growth > 24).float().mean() > 0.05
+    ref = attention_ref(q, k, v, None, dtype=torch.float32)
+    low = attention_ref(q, k, v, None, dtype=torch.bfloat16)
+    ref_lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)
+    for cfg in ka._sm90._CONFIGS[d]:
+        o = torch.full((b, sq, h, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+        lse = torch.full((b, h, sq), float("nan"), device="cuda")
+        ka._sm90._launch(cfg, q, k, v, o, lse, scale)
+        try:
+            check_rule("o", o, ref, low)
+            assert max_err(lse, ref_lse) < 1e-2
+        except AssertionError as e:
+            raise AssertionError(f"{e} with config {cfg}") from None
+
+
+@pytest.mark.gpu
+@gpu
+def test_plans_replay_and_follow_the_switches_gpu(monkeypatch):
+    """Repeated calls replay the Hopper kernels' bound launches (plans) and stay right on new data; a call that
+    differs in alignment, in a kernel switch or in deterministic mode takes the path it would take without plans."""
+    q, k, v, _, do = make_inputs(2, 300, 333, 2, 128, torch.bfloat16, False, seed=5)
+    ka = _sm90_or_skip(q, k, v)
+    ka._PLANS.clear()
+    calls = []
+    real_call = ka._sm90_bwd.Plan.__call__
+    monkeypatch.setattr(ka._sm90_bwd.Plan, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
+
+    def check(q, k, v, do):
+        out = run(kernels.flash_attention, q, k, v, None, do)
+        ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, None, do)
+        low = run(lambda *a: attention_ref(*a, dtype=torch.bfloat16), q, k, v, None, do)
+        for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
+            check_rule(name, x, r, lo)
+
+    for seed in range(4):  # the first calls compile and bind, the later ones replay
+        check(*(torch.randn_like(t) for t in (q, k, v, do)))
+    assert sorted(key[0] for key in ka._PLANS) == ["bwd", "fwd"] and len(calls) == 4
+    assert ka._forward(q, k, v, None, None)[2]
+    # Misaligned inputs (a 2-byte offset): no TMA, so the general kernels, right as well.
+    buf = torch.randn(q.numel() + 8, device="cuda").to(q.dtype)
+    q_off = buf[1:1 + q.numel()].view(q.shape)
+    assert not ka._forward(q_off, k, v, None, None)[2]
+    check(q_off, k, v, do)
+    monkeypatch.setenv("STDIT_ATTN_SM90", "0")
+    assert not ka._forward(q, k, v, None, None)[2]
+    monkeypatch.delenv("STDIT_ATTN_SM90")
+    calls.clear()
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = run(kernels.flash_attention, q, k, v, None, do)  # the two-pass backward
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    assert not calls
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, None, do)
+    low = run(lambda *a: attention_ref(*a, dtype=torch.bfloat16), q, k, v, None, do)
+    for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
+        check_rule(name, x, r, lo)
+    check(q, k, v, do)
+    assert len(calls) == 1
 
 
 @pytest.mark.gpu

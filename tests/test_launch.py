@@ -100,3 +100,29 @@ def test_launch_hooks_see_every_launch():
         hook.remove(seen.append)
     torch.testing.assert_close(out, 2 * x)
     assert len(seen) == 3  # a profiler hooked into Triton is never bypassed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_bound_launches_replay_and_yield_to_hooks():
+    """launch() returns the launch bound to its signature; replaying it computes the same as launching anew, and a
+    profiler's hook installed afterwards still sees the replays."""
+    fn = triton.jit(_axpy)
+    x, y = torch.randn(2, 300, device="cuda").unbind(0)
+    out = torch.empty_like(x)
+    bound = _launch.launch(fn, (3,), (x, y, out, 300, 2.0), dict(BLOCK=128))
+    assert bound is not None
+    torch.testing.assert_close(out, 2 * x + y)
+    x2, y2 = torch.randn(2, 300, device="cuda").unbind(0)
+    bound(x2, y2, out, 300, -1.0)
+    torch.testing.assert_close(out, -x2 + y2)
+    seen = []
+    hook = triton.knobs.runtime.launch_enter_hook
+    hook.add(seen.append)
+    try:
+        bound(x, y, out, 300, 3.0)
+    finally:
+        hook.remove(seen.append)
+    torch.testing.assert_close(out, 3 * x + y)
+    assert len(seen) == 1
+
