@@ -79,6 +79,21 @@ def test_flash_attention_interpreter(b, sq, sk, h, d, dtype, mask, layout, atomi
         assert out[0][-1].abs().max() == 0 and out[1][-1].abs().max() == 0
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the gpu tests cover the plans")
+def test_no_plans_off_the_hopper_paths():
+    """Plans replay only the Hopper kernels' launches: calls that take the general kernels (here the interpreter's)
+    build none, however often they repeat."""
+    from stdit.kernels import attention as ka
+
+    ka._PLANS.clear()
+    q, k, v, _, do = make_inputs(1, 20, 20, 1, 64, torch.float32, False, seed=3)
+    first = run(kernels.flash_attention, q, k, v, None, do)
+    again = run(kernels.flash_attention, q, k, v, None, do)
+    assert not ka._PLANS
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter test")
 def test_flash_attention_scale_and_errors():
     q, k, v, _, do = make_inputs(1, 18, 18, 1, 64, torch.float32, False, seed=3)
