@@ -518,8 +518,7 @@ _MAX_PLANS = 1024
 
 
 def _current_device() -> int:
-    # The device the launches were bound on (launch() launches on the current device); a plan is kept only where
-    # that is the inputs' own.
+    # launch() binds to the current device: plans key on it, and are kept only where it is the inputs' own.
     return torch.cuda.current_device()
 
 
@@ -563,7 +562,7 @@ def _forward(q, k, v, key_padding_mask, scale):
     key = None
     if key_padding_mask is None and q.is_cuda:
         key = ("fwd", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
-               q.get_device(), scale, (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15,
+               q.get_device(), _current_device(), scale, (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15,
                os.environ.get("STDIT_ATTN_SM90"), os.environ.get("STDIT_ATTN_TMA"))
         plan = _PLANS.get(key)
         if plan is not None:
@@ -610,8 +609,9 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     key = None
     if key_padding_mask is None and q.is_cuda:
         key = ("bwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), o.stride(), lse.stride(),
-               q.dtype, k.dtype, v.dtype, do.dtype, o.dtype, q.get_device(), scale,
-               (do.data_ptr() | q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) & 15, forward_sm90,
+               q.dtype, k.dtype, v.dtype, do.dtype, o.dtype, q.get_device(), _current_device(), scale,
+               (do.data_ptr() | q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr() | lse.data_ptr()) & 15,
+               forward_sm90,
                torch.are_deterministic_algorithms_enabled(), os.environ.get("STDIT_ATTN_SM90_BWD"),
                os.environ.get("STDIT_ATTN_ATOMIC_BWD"), os.environ.get("STDIT_ATTN_SM90"),
                os.environ.get("STDIT_ATTN_TMA"))
