@@ -125,4 +125,3 @@ def test_bound_launches_replay_and_yield_to_hooks():
         hook.remove(seen.append)
     torch.testing.assert_close(out, 3 * x + y)
     assert len(seen) == 1
-
