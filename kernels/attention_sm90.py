@@ -13,6 +13,7 @@ specialization, and this kernel uses them:
   others' matrix products instead of all softmaxes at once;
 * persistent: ``min(tiles, SMs)`` programs walk the output tiles, and the load warp fetches the next tile's
   blocks during this tile's last products and epilogue (no tail wave, no cold start per tile);
+* at d=128 Q is the score products' register operand, read from shared memory once per tile;
 * epilogue: a whole 64-row block of O goes to a shared-memory staging tile and leaves with an asynchronous TMA
   store, so the consumer starts its next tile without issuing a store per register pair (masked stores remain for
   a block that ends past Sq, the overlapping d=72 tail chunk, and d=128 with three stages, where no staging fits).
@@ -128,10 +129,11 @@ if HAVE_GLUON:
             mbarrier.arrive(turn.index((WG + 1) % NW), count=1)
 
     @gluon.jit
-    def _last_key_block(s, q_empty, WG: gl.constexpr, last_cols, SK):
-        # Q is free for the next tile, and only this block reaches past SK (those K, V rows are zeros or the next
-        # sequence's; their probabilities are set to 0).
-        mbarrier.arrive(q_empty.index(WG), count=1)
+    def _last_key_block(s, q_empty, WG: gl.constexpr, last_cols, SK, QREG: gl.constexpr):
+        # Q is free for the next tile (with QREG it was freed when read into registers), and only this block reaches
+        # past SK (those K, V rows are zeros or the next sequence's; their probabilities are set to 0).
+        if not QREG:
+            mbarrier.arrive(q_empty.index(WG), count=1)
         return gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
 
     @gluon.jit
@@ -167,14 +169,15 @@ if HAVE_GLUON:
     def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                   v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK, n_m,
                   n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr,
+                  QREG: gl.constexpr):
         # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
         # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
         # and the other consumers' products keep the tensor cores busy.
         # DT > 0 (head dims 72, 80, 96): the head dim is a 64-column chunk plus a DT-column tail chunk at column
         # CT = D - DT; every product is two (S = Q K^T + Qt Kt^T; O and its tail Ot = P Vt are two accumulators).
         # At d=72 the chunks overlap by OV = 8 columns: those are zeroed in the tail of Q, so S counts them once,
-        # and the tail of O is stored without them.
+        # and the tail of O is stored without them. QREG (one chunk only): Q is the score products' register operand.
         dtype: gl.constexpr = q_smem.dtype
         WG_ROWS: gl.constexpr = q_smem.shape[1]
         D0: gl.constexpr = q_smem.shape[2]
@@ -196,7 +199,7 @@ if HAVE_GLUON:
             NPV: gl.constexpr = 2
         else:
             NPV: gl.constexpr = 1
-        q = q_smem.index(WG)
+        q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         n_kv = gl.cdiv(SK, BLOCK_N)
@@ -208,6 +211,14 @@ if HAVE_GLUON:
             mbarrier.wait(q_ready.index(WG), tc & 1)
             if OV > 0:
                 _zero_leading_cols(qt_smem.index(WG), OV)
+            if QREG:
+                # Q as the score products' register operand (a third less shared-memory traffic per score product):
+                # read from shared memory once per tile, and its slot is free for the next tile's Q at once. The 32
+                # registers it takes fit because P also crosses the loop edge in 16 bits (see below).
+                q = q_smem.index(WG).load(q_layout)
+                mbarrier.arrive(q_empty.index(WG), count=1)
+            else:
+                q = q_smem.index(WG)
             slot = t % STAGES
             mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
             _turn_wait(turn, WG, k, PINGPONG)
@@ -219,10 +230,12 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(0, deps=[s])
             mbarrier.arrive(k_empty.index(slot), count=1)
             if n_kv == 1:
-                s = _last_key_block(s, q_empty, WG, last_cols, SK)
+                s = _last_key_block(s, q_empty, WG, last_cols, SK, QREG)
             m_i = gl.max(s, 1) * qk_scale
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
             l_i = gl.sum(p, 1)
+            if QREG:  # P crosses the loop edge as 16-bit values: its fp32 copy is dead before the next products
+                p = p.to(dtype)
             acc = gl.zeros([WG_ROWS, D0], gl.float32, o_layout)
             if DT > 0:
                 acc_t = gl.zeros([WG_ROWS, DT], gl.float32, ot_layout)
@@ -236,7 +249,7 @@ if HAVE_GLUON:
                 s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 if DT > 0:
                     s = warpgroup_mma(qt_smem.index(WG), kt_smem.index(slot).permute((1, 0)), s, is_async=True)
-                p16 = p.to(dtype)
+                p16 = p.to(dtype)  # a no-op with QREG (converted at the end of the softmax)
                 acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(pslot), acc, is_async=True)
                 if DT > 0:
                     acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(pslot), acc_t,
@@ -247,12 +260,14 @@ if HAVE_GLUON:
                 s = warpgroup_mma_wait(NPV, deps=[s])
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 if j == n_kv - 1:
-                    s = _last_key_block(s, q_empty, WG, last_cols, SK)
+                    s = _last_key_block(s, q_empty, WG, last_cols, SK, QREG)
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
                 alpha = gl.exp2(m_i - m_new)
                 l_i = l_i * alpha + gl.sum(p, 1)
                 m_i = m_new
+                if QREG:
+                    p = p.to(dtype)
                 if DT > 0:
                     acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
                     acc_t = acc_t * gl.expand_dims(gl.convert_layout(alpha, otrow_layout), 1)
@@ -326,7 +341,7 @@ if HAVE_GLUON:
     def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
                        D: gl.constexpr, D0: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr, REGS: gl.constexpr,
-                       O_TMA: gl.constexpr):
+                       O_TMA: gl.constexpr, QREG: gl.constexpr):
         # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
         # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
         # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
@@ -383,10 +398,10 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -395,13 +410,13 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA)),
+                             n_m, n_tiles, qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -424,6 +439,12 @@ _TUNED = {}
 # consumers: 240 rather than 232 measured +3-4% at d=128 (H200, B1 H12 / H40 S32760: 610-617 -> 630-640 TFLOP/s)
 # and at d=96, no change at d=72 and S4096.
 CONSUMER_REGS = {2: 240, 3: 160}
+# Head dims whose Q is held in registers as the score products' A operand, with P converted to 16 bits at the end
+# of each softmax (so its fp32 copy does not live across the next products beside Q). H200, sustained 1 s loops,
+# interleaved, two machines: d=128 +1.1-1.5% at S32760 / S75600 / H40, +0.7-0.8% with 512 text keys, +1.2-2.8% at
+# B4 S1024, flat at S4096; Q in registers without the early conversion spilled and was slower at S75600 and with
+# text keys. One chunk only (the tail chunk of d=72-96 stays in shared memory).
+Q_IN_REGISTERS = (128,)
 
 
 def supports(q, k, v, key_padding_mask) -> bool:
@@ -457,7 +478,7 @@ def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
     d0, dt = chunks(d)
     smem = 2 * (d0 + dt) * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
     return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw],
-                O_TMA=o_row_view and smem <= _SMEM_BYTES)
+                O_TMA=o_row_view and smem <= _SMEM_BYTES, QREG=d in Q_IN_REGISTERS)
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
