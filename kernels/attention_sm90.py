@@ -443,7 +443,8 @@ CONSUMER_REGS = {2: 240, 3: 160}
 # of each softmax (so its fp32 copy does not live across the next products beside Q). H200, sustained 1 s loops,
 # interleaved, two machines: d=128 +1.1-1.5% at S32760 / S75600 / H40, +0.7-0.8% with 512 text keys, +1.2-2.8% at
 # B4 S1024, flat at S4096; Q in registers without the early conversion spilled and was slower at S75600 and with
-# text keys. One chunk only (the tail chunk of d=72-96 stays in shared memory).
+# text keys. Only a head dim read as one chunk can take it (Q's slot is freed once Q is in registers, and the tail
+# chunk of d=72-96 is read from there); d=64's three consumers have 160 registers each, no room for Q's 32.
 Q_IN_REGISTERS = (128,)
 
 
@@ -478,7 +479,7 @@ def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
     d0, dt = chunks(d)
     smem = 2 * (d0 + dt) * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
     return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw],
-                O_TMA=o_row_view and smem <= _SMEM_BYTES, QREG=d in Q_IN_REGISTERS)
+                O_TMA=o_row_view and smem <= _SMEM_BYTES, QREG=d in Q_IN_REGISTERS and dt == 0)
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
