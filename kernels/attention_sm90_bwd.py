@@ -43,7 +43,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
-    from .attention_sm90 import _cta_barrier, _load_block, _tiles, _tma_load, _zero_leading_cols
+    from .attention_sm90 import _cta_barrier, _load_block, _tiles, _tma_load, _tma_store, _zero_leading_cols
 
     if hasattr(tma, "async_atomic_add"):
         _tma_reduce_add = tma.async_atomic_add
@@ -99,11 +99,13 @@ if HAVE_GLUON:
 
 
     @gluon.jit
-    def _bwd_dq_writer(dq_desc, dqh_desc, dq_smem, dqh_smem, dq_ready, dq_empty, q_row0, col, n_m, HC: gl.constexpr,
-                       HW: gl.constexpr):
+    def _bwd_writer(dq_desc, dqh_desc, dq_smem, dqh_smem, dq_ready, dq_empty, dk_desc, dkh_desc, dv_desc, dvh_desc,
+                    q_smem, qh_smem, do_smem, doh_smem, grads_ready, q_row0, k_row, key0, col, SK, n_m,
+                    HC: gl.constexpr, HW: gl.constexpr, TMA_GRADS: gl.constexpr):
         # One warp: each dQ tile (fp32, shared memory) is added to the dQ buffer with a TMA bulk reduce. d=128: per
         # query block one 64-column half from each consumer; otherwise the whole tile (and its second chunk), from
-        # consumer (block % 2).
+        # consumer (block % 2). Then, with TMA_GRADS, it stores the consumers' dK and dV tiles (see
+        # :func:`_bwd_consumer`); the descriptors live here, not in the consumers' registers.
         HB: gl.constexpr = 64
         for i in range(n_m):
             if HW == HB:
@@ -121,6 +123,17 @@ if HAVE_GLUON:
                     _tma_reduce_add(dqh_desc, [q_row0 + i * HB, col + HC], dqh_smem.index(w))
                 tma.store_wait(0)
                 mbarrier.arrive(dq_empty.index(w), count=1)
+        if TMA_GRADS:
+            mbarrier.wait(grads_ready, 0)
+            for w in gl.static_range(2):
+                if key0 + w * HB + HB <= SK:
+                    row = k_row + w * HB
+                    _tma_store(dk_desc, [row, col], q_smem.index(w))
+                    _tma_store(dv_desc, [row, col], do_smem.index(w))
+                    if HW > 0 and HC == HB:
+                        _tma_store(dkh_desc, [row, col + HC], qh_smem.index(w))
+                        _tma_store(dvh_desc, [row, col + HC], doh_smem.index(w))
+            tma.store_wait(0)
 
 
     @gluon.jit
@@ -255,10 +268,35 @@ if HAVE_GLUON:
             gl.store(G + ptrs, g.to(G.dtype.element_ty), mask=mask)
 
     @gluon.jit
+    def _store_grads(DK, DV, dk_lo, dv_lo, dk_hi, dv_hi, key0, sgs, SK, SPLIT: gl.constexpr, HC: gl.constexpr,
+                     HW: gl.constexpr, PARTS: gl.constexpr):
+        # dK, dV of keys key0 .. key0 + 63 from registers, masked to keys < SK: both chunks (PARTS 0) or only the
+        # second (PARTS 2). The second chunk's columns that the first also covers (d=72: 8) are not stored.
+        HB: gl.constexpr = 64
+        OV: gl.constexpr = HB - HC
+        if PARTS == 0:
+            layout: gl.constexpr = dk_lo.type.layout
+            keys = key0 + gl.arange(0, HB, layout=gl.SliceLayout(1, layout))
+            cols = gl.arange(0, HB, layout=gl.SliceLayout(0, layout))
+            ptrs = gl.expand_dims(keys, 1) * sgs + gl.expand_dims(cols, 0)
+            keep = gl.expand_dims(keys < SK, 1)
+            _store_grad(DK, ptrs, dk_lo, keep, SPLIT)
+            _store_grad(DV, ptrs, dv_lo, keep, SPLIT)
+        if HW > 0:
+            layout_h: gl.constexpr = dk_hi.type.layout
+            keys_h = key0 + gl.arange(0, HB, layout=gl.SliceLayout(1, layout_h))
+            cols_h = gl.arange(0, HW, layout=gl.SliceLayout(0, layout_h))
+            ptrs_h = gl.expand_dims(keys_h, 1) * sgs + gl.expand_dims(HC + cols_h, 0)
+            mask_h = gl.expand_dims(keys_h < SK, 1) & gl.expand_dims(cols_h >= OV, 0)
+            _store_grad(DK, ptrs_h, dk_hi, mask_h, SPLIT)
+            _store_grad(DV, ptrs_h, dv_hi, mask_h, SPLIT)
+
+    @gluon.jit
     def _bwd_consumer(q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem, delta_smem,
                       ds_smem, dq_smem, dqh_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_ready, dq_ready,
-                      dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale, sm_scale, WG: gl.constexpr,
-                      STAGES: gl.constexpr, SPLIT: gl.constexpr, HC: gl.constexpr, HW: gl.constexpr):
+                      dq_empty, done, grads_ready, DK, DV, key0, sgs, SK, n_m, qk_scale, sm_scale,
+                      WG: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, HC: gl.constexpr, HW: gl.constexpr,
+                      TMA_GRADS: gl.constexpr):
         HB: gl.constexpr = 64
         # Columns of the second chunk that the first also covers (d=72: 8): zeroed in this consumer's K and V tiles,
         # so that S and dP count them once; its dK, dV columns there are not stored.
@@ -306,24 +344,40 @@ if HAVE_GLUON:
                     doh_smem, lse_smem, delta_smem, ds_smem, dq_smem, dqh_smem, q_ready, q_empty, do_ready, do_empty,
                     ds_ready, dq_ready, dq_empty, keep, qk_scale, sm_scale, WG, STAGES, HW, WG == 0)
 
-        rows = gl.expand_dims(keys, 1)
-        cols = gl.expand_dims(gl.arange(0, HB, layout=qry_layout), 0)
-        ptrs = rows * sgs + cols
-        _store_grad(DK, ptrs, dk_lo * sm_scale, keep, SPLIT)
-        _store_grad(DV, ptrs, dv_lo, keep, SPLIT)
-        if HW > 0:
-            keys_h = key0 + WG * HB + gl.arange(0, HB, layout=gl.SliceLayout(1, acch_layout))
-            cols_h = gl.arange(0, HW, layout=gl.SliceLayout(0, acch_layout))
-            ptrs_h = gl.expand_dims(keys_h, 1) * sgs + gl.expand_dims(HC + cols_h, 0)
-            mask_h = gl.expand_dims(keys_h < SK, 1) & gl.expand_dims(cols_h >= OV, 0)
-            _store_grad(DK, ptrs_h, dk_hi * sm_scale, mask_h, SPLIT)
-            _store_grad(DV, ptrs_h, dv_hi, mask_h, SPLIT)
+        if not TMA_GRADS:
+            _store_grads(DK, DV, dk_lo * sm_scale, dv_lo, dk_hi * sm_scale, dv_hi, key0 + WG * HB, sgs, SK, SPLIT,
+                         HC, HW, 0)
+        else:
+            # dK, dV of 64 whole keys leave through shared memory, stored by the writer warp with TMA: from
+            # registers, in the wgmma accumulator layout, each warp store covers 16 bytes of 8 rows, and at B4 H12
+            # S1024 d128 that took ~6 us of each program's ~54 (H200). Once both consumers are past their last block
+            # (the barrier), the Q and dO rings are free: consumer w stages its tiles in slot w. Keys past SK (a
+            # tail block: those rows belong to the next sequence) and a tail chunk overlapping the first (d=72) take
+            # masked stores from registers.
+            mbarrier.arrive(done, count=1)
+            mbarrier.wait(done, 0)
+            dtype: gl.constexpr = q_smem.dtype
+            if key0 + WG * HB + HB <= SK:
+                q_smem.index(WG).store((dk_lo * sm_scale).to(dtype))
+                do_smem.index(WG).store(dv_lo.to(dtype))
+                if HW > 0 and OV == 0:
+                    qh_smem.index(WG).store((dk_hi * sm_scale).to(dtype))
+                    doh_smem.index(WG).store(dv_hi.to(dtype))
+                fence_async_shared()
+                _cta_barrier()
+                if HW > 0 and OV > 0:
+                    _store_grads(DK, DV, dk_lo, dv_lo, dk_hi * sm_scale, dv_hi, key0 + WG * HB, sgs, SK, SPLIT,
+                                 HC, HW, 2)
+            else:
+                _store_grads(DK, DV, dk_lo * sm_scale, dv_lo, dk_hi * sm_scale, dv_hi, key0 + WG * HB, sgs, SK,
+                             SPLIT, HC, HW, 0)
+            mbarrier.arrive(grads_ready, count=1)
 
 
     @gluon.jit
     def _attn_bwd_sm90(Q, K, V, DO, DQA, DK, DV, LSE, DELTA, sqs, sks, svs, sds, sgb, sgs, sgh, B, H, SQ, SK,
                        qk_scale, sm_scale, m_per, D: gl.constexpr, HW: gl.constexpr, STAGES: gl.constexpr,
-                       SPLIT: gl.constexpr, REGS: gl.constexpr):
+                       SPLIT: gl.constexpr, REGS: gl.constexpr, TMA_GRADS: gl.constexpr):
         # HW: width of the head dim's second chunk (columns D - HW .. D - 1): 0 at d=64, 64 at d=128, 16 or 32 at
         # d=72, 80, 96.
         HB: gl.constexpr = 64
@@ -356,6 +410,21 @@ if HAVE_GLUON:
             dqh_desc, dqh_smem = _tiles(DQA, B * SQ, H * D, H * D, HB, HW, 2)
         else:
             dqh_desc, dqh_smem = dq_desc, dq_smem
+        if not TMA_GRADS:  # placeholders, never read
+            dk_desc, dkh_desc, dv_desc, dvh_desc = q_desc, q_desc, q_desc, q_desc
+        else:  # [64, 64] (and [64, HW]) boxes of the [B * SK, H * D] row views of dK and dV
+            dk_desc = tma.make_tensor_descriptor(DK, shape=[B * SK, H * D], strides=[sgs, 1], block_shape=[HB, HB],
+                                                 layout=tile_layout)
+            dv_desc = tma.make_tensor_descriptor(DV, shape=[B * SK, H * D], strides=[sgs, 1], block_shape=[HB, HB],
+                                                 layout=tile_layout)
+            if HW > 0 and HW < HB:
+                tail_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HB, HW], Q.dtype.element_ty)
+                dkh_desc = tma.make_tensor_descriptor(DK, shape=[B * SK, H * D], strides=[sgs, 1],
+                                                      block_shape=[HB, HW], layout=tail_layout)
+                dvh_desc = tma.make_tensor_descriptor(DV, shape=[B * SK, H * D], strides=[sgs, 1],
+                                                      block_shape=[HB, HW], layout=tail_layout)
+            else:
+                dkh_desc, dvh_desc = dk_desc, dv_desc
         vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, HB], vec_layout)
@@ -369,7 +438,11 @@ if HAVE_GLUON:
         ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         dq_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        grads_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         mbarrier.init(kv_bar, count=1)
+        mbarrier.init(done, count=2)
+        mbarrier.init(grads_ready, count=2)
         for i in gl.static_range(STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
@@ -397,17 +470,19 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, dqh_smem, kv_bar, q_ready, q_empty, do_ready, do_empty,
-                             ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale, sm_scale, WG0, STAGES,
-                             SPLIT, HC, HW)),
+                             ds_ready, dq_ready, dq_empty, done, grads_ready, DK, DV, key0, sgs, SK, n_m, qk_scale,
+                             sm_scale, WG0, STAGES, SPLIT, HC, HW, TMA_GRADS)),
             (_bwd_consumer, (q_smem, k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, dqh_smem, kv_bar, q_ready, q_empty, do_ready, do_empty,
-                             ds_ready, dq_ready, dq_empty, DK, DV, key0, sgs, SK, n_m, qk_scale, sm_scale, WG1, STAGES,
-                             SPLIT, HC, HW)),
+                             ds_ready, dq_ready, dq_empty, done, grads_ready, DK, DV, key0, sgs, SK, n_m, qk_scale,
+                             sm_scale, WG1, STAGES, SPLIT, HC, HW, TMA_GRADS)),
             (_bwd_loader, (q_desc, k_desc, v_desc, do_desc, qh_desc, kh_desc, vh_desc, doh_desc, LSE, DELTA, q_smem,
                            k_smem, v_smem, do_smem, qh_smem, kh_smem, vh_smem, doh_smem, lse_smem, delta_smem, kv_bar,
                            q_ready, q_empty, do_ready, do_empty, q_row0, k_row, col, lse_base, sq_left, n_m, STAGES,
                            HC, HW)),
-            (_bwd_dq_writer, (dq_desc, dqh_desc, dq_smem, dqh_smem, dq_ready, dq_empty, q_row0, col, n_m, HC, HW)),
+            (_bwd_writer, (dq_desc, dqh_desc, dq_smem, dqh_smem, dq_ready, dq_empty, dk_desc, dkh_desc, dv_desc,
+                           dvh_desc, q_smem, qh_smem, do_smem, doh_smem, grads_ready, q_row0, k_row, key0, col, SK, n_m,
+                           HC, HW, TMA_GRADS)),
         ], [4, 1, 1], [REGS, 24, 24])
 
 
@@ -421,9 +496,23 @@ def default_stages(d: int) -> int:
     return 4 if d == 64 else 3
 
 
-def constexprs(d: int, stages: int, split: bool) -> dict:
-    """The kernel's compile-time arguments at head dim ``d``."""
-    return dict(D=d, HW=second_chunk(d), STAGES=stages, SPLIT=split, REGS=CONSUMER_REGS)
+# At these head dims, programs sweeping at most TMA_GRADS_MAX_BLOCKS 64-row query blocks store dK and dV through
+# shared memory with TMA (the writer warp issues the stores); the others store them from registers. H200, backward
+# kernel alone, TFLOP/s, registers -> TMA: d128 B4 H12 S1024 (16 blocks per program) 412 -> 434, B4 H12 Sq2048
+# Sk1024 (32) 485 -> 496, B1 H12 S4096 (64) 545 -> 537, B1 H12 S32760 (512) 561 -> 546; d72 B4 H16 S1024 250 -> 262;
+# d96 339 -> 332 and d64 338 -> 332 at B4 S1024. The register stores take ~6 us of a program; the TMA build's
+# consumer loop is scheduled slightly worse by ptxas (same instructions, another order and operand reuse), which a
+# program pays on every block (benchmarks/NOTES-attention.md, session 14).
+TMA_GRADS_HEAD_DIMS = (72, 128)
+TMA_GRADS_MAX_BLOCKS = 32
+
+
+def constexprs(d: int, stages: int, split: bool, tma_grads: bool = False) -> dict:
+    """The kernel's compile-time arguments at head dim ``d``; ``tma_grads`` (not with ``split``): dK and dV leave
+    through shared memory and TMA stores."""
+    if split and tma_grads:
+        raise ValueError("tma_grads needs split=False: split programs add fp32 partial sums from registers")
+    return dict(D=d, HW=second_chunk(d), STAGES=stages, SPLIT=split, REGS=CONSUMER_REGS, TMA_GRADS=tma_grads)
 
 
 def second_chunk(d: int) -> int:
@@ -470,7 +559,8 @@ class Plan:
         self.split = splits > 1
         self.q_shape, self.k_shape, self.dtype = q.shape, k.shape, q.dtype
         self.grid = (n_kb, b * h, splits)
-        self.constexprs = constexprs(d, stages, self.split)
+        tma_grads = not self.split and d in TMA_GRADS_HEAD_DIMS and per <= TMA_GRADS_MAX_BLOCKS
+        self.constexprs = constexprs(d, stages, self.split, tma_grads)
         self.tail = (b, h, sq, sk, scale * 1.4426950408889634, scale, per)
         self.bound = None
 

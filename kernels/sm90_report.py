@@ -86,10 +86,10 @@ def variants():
             name = f"fwd d{d} BLOCK_N={cfg[0]} STAGES={cfg[1]} NW={cfg[2]} PINGPONG={cfg[3]} O_TMA={cx['O_TMA']}"
             yield name, fwd._attn_fwd_sm90, cx, dict(Q=t, K=t, V=t, O=t, LSE="*fp32")
     for d in bwd.HEAD_DIMS:
-        for split in (False, True):
+        for split, tma_grads in ((False, False), (False, True), (True, False)):
             g = "*fp32" if split else t
-            yield (f"bwd d{d} STAGES={bwd.default_stages(d)} SPLIT={split}", bwd._attn_bwd_sm90,
-                   bwd.constexprs(d, bwd.default_stages(d), split),
+            yield (f"bwd d{d} STAGES={bwd.default_stages(d)} SPLIT={split} TMA_GRADS={tma_grads}",
+                   bwd._attn_bwd_sm90, bwd.constexprs(d, bwd.default_stages(d), split, tma_grads),
                    dict(Q=t, K=t, V=t, DO=t, DQA="*fp32", DK=g, DV=g, LSE="*fp32", DELTA="*fp32"))
 
 

@@ -407,6 +407,37 @@ def test_plans_replay_and_follow_the_switches_gpu(monkeypatch):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("d", [64, 72, 96, 128])
+def test_sm90_backward_grad_stores_gpu(d, monkeypatch):
+    """dK and dV leave the one-pass backward either from registers or, in short programs, through shared memory and
+    TMA stores issued by the writer warp: both give the same bits, for whole key blocks, a tail key block (1000 keys)
+    and two sequences in one row view, and the head dims and block threshold pick the path."""
+    from stdit.kernels import attention_sm90_bwd as bwd
+
+    q, k, v, _, do = make_inputs(2, 300, 1000, 3, d, torch.bfloat16, False, seed=d)
+    ka = _sm90_or_skip(q, k, v)
+    o, lse = ka.flash_attention_forward(q, k, v)
+    delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()
+    assert bwd.Plan(q, k, d ** -0.5, splits=1).constexprs["TMA_GRADS"] is (d in bwd.TMA_GRADS_HEAD_DIMS)
+    monkeypatch.setattr(bwd, "TMA_GRADS_HEAD_DIMS", (d,))
+    grads = {}
+    for limit in (0, 1 << 20):
+        monkeypatch.setattr(bwd, "TMA_GRADS_MAX_BLOCKS", limit)
+        plan = bwd.Plan(q, k, d ** -0.5, splits=1)
+        assert plan.constexprs["TMA_GRADS"] is (limit > 0)
+        grads[limit] = plan(do, q, k, v, lse, delta)
+    ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, None, do)
+    low = run(lambda *a: attention_ref(*a, dtype=torch.bfloat16), q, k, v, None, do)
+    for name, a, b, r, lo in zip(("dq", "dk", "dv"), grads[0], grads[1 << 20], ref[1:], low[1:]):
+        check_rule(name, b, r, lo)
+        if name != "dq":  # dQ is summed with atomics, in no fixed order
+            assert torch.equal(a, b), (name, max_err(a, b))
+    with pytest.raises(ValueError, match="split"):
+        bwd.constexprs(d, 3, True, True)
+
+
+@pytest.mark.gpu
+@gpu
 def test_sm90_forward_then_backward_gpu(monkeypatch):
     """Forward on the Hopper kernel, backward on the two-pass kernels from its logsumexp: all gradients right."""
     q, k, v, _, do = make_inputs(2, 1000, 777, 2, 128, torch.bfloat16, False, seed=21)

@@ -39,7 +39,8 @@ def test_every_hopper_kernel_builds_for_sm90(report):
     for d in fwd._CONFIGS:
         assert any(n.startswith(f"fwd d{d} ") for n in names), d
     for d in bwd.HEAD_DIMS:
-        assert {f"bwd d{d} STAGES={bwd.default_stages(d)} SPLIT={s}" for s in (False, True)} <= names, d
+        assert {f"bwd d{d} STAGES={bwd.default_stages(d)} SPLIT={s} TMA_GRADS={t}"
+                for s, t in ((False, False), (False, True), (True, False))} <= names, d
     if not all(r["ptxas"] for r in report.values()):
         pytest.skip("no bundled ptxas reads this Triton's PTX: built, but registers not checked")
     for name, r in report.items():
