@@ -72,3 +72,23 @@ def test_stdit_bench_runs_the_scripts(name, capsys, monkeypatch):
         main(["bench", name, "--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_regional_compile_wraps_the_blocks_and_gives_them_back():
+    """``--compile`` rows: each block is wrapped by torch.compile, and the model gets its eager blocks back for the
+    rows that follow (the eager rows of the next shape must not run compiled)."""
+    import torch
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+    eager = list(model.blocks)
+    bench_model.regional_compile(model, False)  # never compiled: nothing to do
+    assert list(model.blocks) == eager
+    bench_model.regional_compile(model, True)
+    wrapped = list(model.blocks)
+    assert all(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in wrapped)
+    assert [b._orig_mod for b in wrapped] == eager
+    bench_model.regional_compile(model, False)
+    assert list(model.blocks) == eager
+    bench_model.regional_compile(model, True)  # the same wrappers again: compiled code is kept
+    assert list(model.blocks) == wrapped

@@ -56,6 +56,25 @@ def test_triton_backend_matches_eager_bf16_gpu(mode):
         assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, n
 
 
+@pytest.mark.gpu
+def test_triton_backend_under_torch_compile_gpu():
+    """Each block under ``torch.compile`` (inductor) on the triton backend: attention runs as our custom op, the
+    norm chain and the QK norm + RoPE as inductor's own fused kernels; outputs and gradients keep the bf16 rule
+    against the fp32 model."""
+    m = tiny_model(num_attention_heads=4, attention_head_dim=64).cuda().train()
+    inputs32 = _inputs(2, (5, 18, 30), 7, "cuda", torch.float32)
+    ref, ref_g = _forward_backward(m, inputs32, "eager")
+    m16 = m.to(torch.bfloat16)
+    inputs16 = tuple(t.bfloat16() if t.is_floating_point() and t.ndim > 1 else t for t in inputs32)
+    eager, eager_g = _forward_backward(m16, inputs16, "eager")
+    for blk in m16.blocks:
+        blk.compile()
+    out, g = _forward_backward(m16, inputs16, "triton")
+    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-3
+    for n in ref_g:
+        assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, n
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()

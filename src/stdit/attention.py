@@ -338,6 +338,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
     if os.environ.get("STDIT_FUSED_ROPE", "1") == "0" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
+    if torch.compiler.is_compiling():  # inductor fuses the plain norm and rotation (see stdit.ops)
+        return False
     if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     try:
@@ -363,6 +365,7 @@ def qk_norm_rope(
     ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. On CUDA the
     three steps run as one fused Triton kernel whatever the attention backend (norm and RoPE are not attention;
     ``STDIT_FUSED_ROPE=0`` turns it off); on the CPU only with the triton backend under ``TRITON_INTERPRET=1``.
+    Under ``torch.compile`` the plain functions are traced, and inductor fuses them.
     """
     from stdit.rope import apply_rope
 

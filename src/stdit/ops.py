@@ -41,7 +41,9 @@ def add_norm_modulate_torch(x, y, gate=None, shift=None, scale=None, weight=None
 
 
 def _fused_enabled(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    if not x.is_cuda or os.environ.get(ENV_VAR, "1") == "0":
+    # Under torch.compile the plain functions are traced instead: inductor fuses the chain into kernels of its own,
+    # while tracing into our launch path would fail (Dynamo cannot wrap those launches).
+    if not x.is_cuda or os.environ.get(ENV_VAR, "1") == "0" or torch.compiler.is_compiling():
         return False
     from stdit.kernels import adaln
 
