@@ -6,6 +6,7 @@ On the CPU the kernels run in Triton's interpreter on tiny shapes in fp32 and fp
 reductions); bf16 at model sizes runs on the GPU.
 """
 
+import functools
 import importlib
 import os
 
@@ -16,6 +17,7 @@ if not torch.cuda.is_available():
     # Read when a kernel is decorated; set before the kernels are imported.
     os.environ["TRITON_INTERPRET"] = "1"
 
+from stdit import ops  # noqa: E402
 from stdit.kernels import adaln  # noqa: E402
 from stdit.ops import add_norm_modulate_torch, norm_modulate_torch  # noqa: E402
 
@@ -63,7 +65,11 @@ def run(case, inp, fused, upstream_seed, up_dtype):
     residual, _, _, _, _, norm = CASES[case]
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items() if v is not None}
     args = {k: leaves.get(k) for k in ("x", "y", "gate", "shift", "scale", "weight", "bias")}
-    if residual:
+    if fused == "compile":  # the kernels as the custom op that torch.compile sees
+        fn = torch.compile(functools.partial(ops._fused, eps=1e-6, norm=norm), backend="aot_eager", fullgraph=True)
+        h, out = fn(**args)
+        outs = {"out": out} if not residual else ({"h": h} if out is None else {"h": h, "out": out})
+    elif residual:
         fn = adaln.fused_add_norm_modulate if fused else add_norm_modulate_torch
         h, out = fn(**args, eps=1e-6, norm=norm)
         outs = {"h": h} if out is None else {"h": h, "out": out}
@@ -84,12 +90,12 @@ def rel_err(a, ref):
     return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check(case, B, S, D, dtype, ref_dtype, seed, atol, vec_shape=None):
+def check(case, B, S, D, dtype, ref_dtype, seed, atol, vec_shape=None, fused=True):
     inp = make_inputs(case, B, S, D, dtype, seed, vec_shape)
     ref_inp = {k: None if v is None else v.to(torch.promote_types(v.dtype, ref_dtype)) for k, v in inp.items()}
     ref = run(case, ref_inp, fused=False, upstream_seed=seed + 1, up_dtype=dtype)
     low = run(case, inp, fused=False, upstream_seed=seed + 1, up_dtype=dtype)
-    ker = run(case, inp, fused=True, upstream_seed=seed + 1, up_dtype=dtype)
+    ker = run(case, inp, fused=fused, upstream_seed=seed + 1, up_dtype=dtype)
     assert set(ker) == set(ref)
     report = {}
     for k in ref:
@@ -111,6 +117,22 @@ CPU_DTYPES = [torch.float32, torch.float16]
 def test_cases(case, dtype):
     seed = int.from_bytes(os.urandom(2), "little")
     check(case, 2, 77, 72, dtype, torch.float64, seed, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_custom_op_under_compile(case):
+    """Under torch.compile (``fullgraph``: no break) the kernels run as the custom ops ``stdit::adaln_fwd`` /
+    ``adaln_bwd``: every output and gradient as right as the eager kernels'."""
+    check(case, 2, 9, 72, torch.float32, torch.float64, 7, atol=1e-6, fused="compile")
+
+
+def test_custom_op_checks():
+    """The ops' schema, fake (meta) functions and autograd registration agree with what they compute."""
+    for case in ("everything", "residual", "msa_in"):
+        inp = make_inputs(case, 1, 5, 24, torch.float32, 3)
+        inp = {k: None if v is None else v.requires_grad_() for k, v in inp.items()}
+        norm = CASES[case][-1]
+        torch.library.opcheck(ops._adaln_fwd, (*inp.values(), 1e-6, norm))
 
 
 @pytest.mark.parametrize("B,S,D", [(1, 1, 64), (3, 5, 1000), (1, 1000, 64), (1, 77, 1536), (1, 1000, 1000),

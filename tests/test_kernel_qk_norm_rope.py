@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from _kernel_env import HAS_CUDA, check_rule, device, load_kernels, max_err
@@ -67,6 +69,28 @@ def test_qk_norm_rope_matches_model_tables_and_checks_args():
         kernels.qk_norm_rope(q, k, torch.ones(h * d), None, 1e-6, cos, sin, h)
     with pytest.raises(ValueError, match="cos/sin"):
         kernels.qk_norm_rope(q, k, None, None, 1e-6, cos[:5], sin[:5], h)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the model's compile test covers CUDA")
+@pytest.mark.parametrize("weights", [True, False])
+def test_qk_norm_rope_custom_op_under_compile(weights):
+    """Under torch.compile (``fullgraph``: no break) the kernel runs as the custom ops ``stdit::qk_norm_rope_fwd``
+    / ``_bwd``: outputs and every gradient equal to the eager kernel's; schema, fake functions and autograd
+    registration pass torch's op checks."""
+    from stdit.attention import _qk_norm_rope_fwd, qk_norm_rope
+
+    h = 2
+    args = make_inputs(2, 5, h, 8, torch.float32, weights, seed=5)
+    compiled = torch.compile(functools.partial(qk_norm_rope, backend="triton"), backend="aot_eager", fullgraph=True)
+    out = run(lambda *a: compiled(*a), *args, h)
+    ref = run(kernels.qk_norm_rope, *args, h)
+    assert len(out) == len(ref)
+    for x, r in zip(out, ref):
+        assert max_err(x, r) <= 1e-6
+    q, k, wq, wk, cos, sin, _, _ = args
+    torch.library.opcheck(_qk_norm_rope_fwd, (q.detach().requires_grad_(), k.detach().requires_grad_(),
+                                              None if wq is None else wq.requires_grad_(),
+                                              None if wk is None else wk.requires_grad_(), 1e-6, cos, sin, h))
 
 
 def torch_path(q, k, wq, wk, eps, cos, sin, h):

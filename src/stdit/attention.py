@@ -338,8 +338,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
     if os.environ.get("STDIT_FUSED_ROPE", "1") == "0" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if torch.compiler.is_compiling():  # inductor fuses the plain norm and rotation (see stdit.ops)
-        return False
     if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     try:
@@ -347,6 +345,57 @@ def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
     except ImportError:
         return False
     return (q.shape[-1] // num_heads) % 2 == 0
+
+
+@torch.library.custom_op("stdit::qk_norm_rope_fwd", mutates_args=())
+def _qk_norm_rope_fwd(
+    q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None, weight_k: torch.Tensor | None, eps: float,
+    cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from stdit.kernels.qk_norm_rope import qk_norm_rope_forward
+
+    return qk_norm_rope_forward(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+
+
+@_qk_norm_rope_fwd.register_fake
+def _(q, k, weight_q, weight_k, eps, cos, sin, num_heads):
+    b, s, hd = q.shape
+    return q.new_empty(b, s, num_heads, hd // num_heads), k.new_empty(b, s, num_heads, hd // num_heads)
+
+
+@torch.library.custom_op("stdit::qk_norm_rope_bwd", mutates_args=())
+def _qk_norm_rope_bwd(
+    gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None,
+    weight_k: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, d weight_q, d weight_k)``; the weights' grads are empty without weights."""
+    from stdit.kernels.qk_norm_rope import qk_norm_rope_backward
+
+    dq, dk, dwq, dwk = qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+    return dq, dk, q.new_empty(0) if dwq is None else dwq, k.new_empty(0) if dwk is None else dwk
+
+
+@_qk_norm_rope_bwd.register_fake
+def _(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(0) if weight_q is None else weight_q.new_empty(
+        weight_q.shape), k.new_empty(0) if weight_k is None else weight_k.new_empty(weight_k.shape))
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, weight_q, weight_k, eps, cos, sin, num_heads = inputs
+    ctx.save_for_backward(q, k, weight_q, weight_k, cos, sin)
+    ctx.eps, ctx.num_heads = eps, num_heads
+
+
+def _qk_norm_rope_backward(ctx, gq, gk):
+    q, k, weight_q, weight_k, cos, sin = ctx.saved_tensors
+    dq, dk, dwq, dwk = _qk_norm_rope_bwd(gq, gk, q, k, weight_q, weight_k, ctx.eps, cos, sin, ctx.num_heads)
+    if weight_q is None:
+        dwq = dwk = None
+    return dq, dk, dwq, dwk, None, None, None, None
+
+
+_qk_norm_rope_fwd.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
 
 
 def qk_norm_rope(
@@ -365,11 +414,15 @@ def qk_norm_rope(
     ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. On CUDA the
     three steps run as one fused Triton kernel whatever the attention backend (norm and RoPE are not attention;
     ``STDIT_FUSED_ROPE=0`` turns it off); on the CPU only with the triton backend under ``TRITON_INTERPRET=1``.
-    Under ``torch.compile`` the plain functions are traced, and inductor fuses them.
+    Under ``torch.compile`` the kernel runs as the custom op ``stdit::qk_norm_rope_fwd``.
     """
     from stdit.rope import apply_rope
 
     if cos is not None and _fused_norm_rope_ok(q, num_heads, resolve_backend(backend)):
+        if torch.compiler.is_compiling():  # Dynamo cannot trace our launches: one opaque op instead
+            if (weight_q is None) != (weight_k is None):
+                raise ValueError("pass both norm weights or neither")
+            return _qk_norm_rope_fwd(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
         from stdit.kernels import qk_norm_rope as fused
 
         return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)

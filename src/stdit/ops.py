@@ -41,13 +41,110 @@ def add_norm_modulate_torch(x, y, gate=None, shift=None, scale=None, weight=None
 
 
 def _fused_enabled(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    # Under torch.compile the plain functions are traced instead: inductor fuses the chain into kernels of its own,
-    # while tracing into our launch path would fail (Dynamo cannot wrap those launches).
-    if not x.is_cuda or os.environ.get(ENV_VAR, "1") == "0" or torch.compiler.is_compiling():
+    if not x.is_cuda or os.environ.get(ENV_VAR, "1") == "0":
         return False
     from stdit.kernels import adaln
 
     return adaln.supported(x, *tensors)
+
+
+_VECTORS = ("gate", "shift", "scale", "weight", "bias")
+
+
+@torch.library.custom_op("stdit::adaln_fwd", mutates_args=())
+def _adaln_fwd(
+    x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor | None,
+    scale: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, out, mean, rstd)`` of the fused kernel; one that is absent (h without y, the others without the norm)
+    is an empty tensor."""
+    from stdit.kernels import adaln
+
+    x = x.contiguous()
+    y = None if y is None else y.contiguous()
+    res = adaln.adaln_fwd(x, y, *adaln.prepare(x, gate, shift, scale, weight, bias), eps, norm)
+    return tuple(x.new_empty(0, dtype=dt) if t is None else t
+                 for t, dt in zip(res, (x.dtype, x.dtype, torch.float32, torch.float32)))
+
+
+@_adaln_fwd.register_fake
+def _(x, y, gate, shift, scale, weight, bias, eps, norm):
+    rows = x.shape[0] * x.shape[1]
+    return (x.new_empty(x.shape if y is not None else (0,)), x.new_empty(x.shape if norm else (0,)),
+            x.new_empty((rows if norm else 0,), dtype=torch.float32), x.new_empty((rows if norm else 0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("stdit::adaln_bwd", mutates_args=())
+def _adaln_bwd(
+    dout: torch.Tensor | None, dhx: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor | None,
+    gate: torch.Tensor | None, scale: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    mean: torch.Tensor, rstd: torch.Tensor, need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dy, d gate, d shift, d scale, d weight, d bias)``: the vectors' grads as fp32 ``[B, D]`` / ``[D]``
+    sums for those ``need`` asks for. Empty where absent: dx without dout (it is dhx itself), dy without a gate (it
+    is dx), an unneeded vector's grad."""
+    from stdit.kernels import adaln
+
+    h = h.contiguous()
+    gate32, _, scale32, w32, b32 = adaln.prepare(h, gate, None, scale, weight, bias)
+    names = [n for n, on in zip(_VECTORS, need) if on]
+    dx, dy, g = adaln.adaln_bwd(None if dout is None else dout.contiguous(), None if dhx is None else dhx.contiguous(),
+                                h, y, gate32, scale32, w32, b32, mean, rstd, names)
+    if dout is None:
+        dx = None
+    # The per-sample vectors' sums are views of one buffer; returns may not alias each other.
+    vectors = [None if n not in g else g[n].clone() if g[n].dim() == 2 else g[n] for n in _VECTORS]
+    return tuple(h.new_empty(0) if t is None else t for t in (dx, dy, *vectors))
+
+
+@_adaln_bwd.register_fake
+def _(dout, dhx, h, y, gate, scale, weight, bias, mean, rstd, need):
+    b, _, d = h.shape
+    vec = [(b, d)] * 3 + [(d,)] * 2
+    return (h.new_empty(h.shape if dout is not None else (0,)), h.new_empty(h.shape if gate is not None else (0,)),
+            *(h.new_empty(shape if on else (0,), dtype=torch.float32 if on else h.dtype)
+              for shape, on in zip(vec, need)))
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, bias, eps, norm = inputs
+    h, _, mean, rstd = output
+    ctx.save_for_backward(x if y is None else h, y if gate is not None else None, gate, scale, weight, bias, mean,
+                          rstd)
+    ctx.vectors = tuple(None if t is None else (t.shape, t.dtype) for t in (gate, shift, scale, weight, bias))
+    ctx.residual, ctx.norm = y is not None, norm
+    ctx.set_materialize_grads(False)
+
+
+def _adaln_backward(ctx, dh, dout, _dmean, _drstd):
+    from stdit.kernels.adaln import _vec_grad
+
+    h, y, gate, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dh, dout = (dh if ctx.residual else None), (dout if ctx.norm else None)
+    need = [t is not None and ctx.needs_input_grad[2 + i] and (dout is not None or i == 0)
+            for i, t in enumerate(ctx.vectors)]
+    if dout is None and (dh is None or gate is None):  # nothing reaches the kernel: at most a plain residual add
+        return dh, dh if ctx.residual else None, None, None, None, None, None, None, None
+    dx, dy, *g = _adaln_bwd(dout, dh, h, y, gate, scale, weight, bias, mean, rstd, need)
+    dx = dh if dout is None else dx
+    dy = None if not ctx.residual else (dx if gate is None else dy)
+    return (dx, dy, *(_vec_grad(t, meta) if on else None for t, meta, on in zip(g, ctx.vectors, need)), None, None)
+
+
+_adaln_fwd.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+
+
+def _fused(x, y, gate, shift, scale, weight, bias, eps, norm):
+    """The fused kernels: eagerly through their autograd Function (less host time per call), under torch.compile
+    as the custom op. Returns ``(h, normed or None)``; h is x without y."""
+    if torch.compiler.is_compiling():
+        h, out, _, _ = _adaln_fwd(x, y, gate if y is not None else None, shift, scale, weight, bias, eps, norm)
+        return (x if y is None else h), (out if norm else None)
+    from stdit.kernels.adaln import fused_add_norm_modulate, fused_norm_modulate
+
+    if y is None:
+        return x, fused_norm_modulate(x, shift, scale, weight, bias, eps)
+    return fused_add_norm_modulate(x, y, gate, shift, scale, weight, bias, eps, norm)
 
 
 def norm_modulate(
@@ -63,9 +160,7 @@ def norm_modulate(
     x ``[B, S, D]``; shift/scale broadcast against it (``[B, 1, D]``), fp32.
     """
     if _fused_enabled(x, shift, scale):
-        from stdit.kernels.adaln import fused_norm_modulate
-
-        return fused_norm_modulate(x, shift, scale, weight, bias, eps)
+        return _fused(x, None, None, shift, scale, weight, bias, eps, True)[1]
     return norm_modulate_torch(x, shift, scale, weight, bias, eps)
 
 
@@ -85,9 +180,7 @@ def add_norm_modulate(
     Returns ``(h, normed)``; ``normed`` is None when ``norm`` is False.
     """
     if y.shape == x.shape and y.dtype == x.dtype and _fused_enabled(x, gate, shift, scale):
-        from stdit.kernels.adaln import fused_add_norm_modulate
-
-        return fused_add_norm_modulate(x, y, gate, shift, scale, weight, bias, eps, norm)
+        return _fused(x, y, gate, shift, scale, weight, bias, eps, norm)
     return add_norm_modulate_torch(x, y, gate, shift, scale, weight, bias, eps, norm)
 
 
