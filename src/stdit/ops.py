@@ -69,9 +69,9 @@ def _adaln_fwd(
 
 @_adaln_fwd.register_fake
 def _(x, y, gate, shift, scale, weight, bias, eps, norm):
-    rows = x.shape[0] * x.shape[1]
+    stats = (x.shape[0] * x.shape[1] if norm else 0,)
     return (x.new_empty(x.shape if y is not None else (0,)), x.new_empty(x.shape if norm else (0,)),
-            x.new_empty((rows if norm else 0,), dtype=torch.float32), x.new_empty((rows if norm else 0,), dtype=torch.float32))
+            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
 
 
 @torch.library.custom_op("stdit::adaln_bwd", mutates_args=())
