@@ -58,9 +58,9 @@ def test_triton_backend_matches_eager_bf16_gpu(mode):
 
 @pytest.mark.gpu
 def test_triton_backend_under_torch_compile_gpu():
-    """Each block under ``torch.compile`` (inductor) on the triton backend: attention runs as our custom op, the
-    norm chain and the QK norm + RoPE as inductor's own fused kernels; outputs and gradients keep the bf16 rule
-    against the fp32 model."""
+    """Each block under ``torch.compile`` (inductor) on the triton backend, where attention, the norm chain and the
+    QK norm + RoPE run as our custom ops (Dynamo cannot trace our launches): outputs and gradients keep the bf16
+    rule against the fp32 model."""
     m = tiny_model(num_attention_heads=4, attention_head_dim=64).cuda().train()
     inputs32 = _inputs(2, (5, 18, 30), 7, "cuda", torch.float32)
     ref, ref_g = _forward_backward(m, inputs32, "eager")
