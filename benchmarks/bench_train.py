@@ -2,6 +2,7 @@
 WanTransformer3DModel holding the same weights: tokens/s, model FLOP utilization (MFU) and peak memory.
 
     python benchmarks/bench_train.py                      # Wan2.1-T2V-1.3B, 480p x 81 frames (32,760 tokens)
+    python benchmarks/bench_train.py --compile            # add torch.compile rows (per block, both models)
 
 Rows per backend: full recompute; selective checkpointing that keeps each self-attention's output; and one that also
 keeps every matmul output (only elementwise ops recomputed). The fastest stdit row is profiled per op family
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import SHAPES, TEXT_LEN, profile  # noqa: E402
+from bench_model import SHAPES, TEXT_LEN, profile, regional_compile  # noqa: E402
 from common import (RESULTS, GpuClock, bar_plot, bench_ms_clocked, gpu_slug, machine,  # noqa: E402
                     peak_memory_gib, run_on_gpu, write_results)
 from wan_models import model_flops, random_wan_pair  # noqa: E402
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="wan2.1-t2v-1.3b")
     p.add_argument("--shape", default="480p", choices=list(SHAPES))
     p.add_argument("--backends", nargs="+", default=["triton", "sdpa"])
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile rows (regional: each block), after the eager ones")
     p.add_argument("--no-profile", action="store_true")
     return run_on_gpu("bench_train", _run, p.parse_args(argv))
 
@@ -69,15 +72,18 @@ def _run(args, clock: GpuClock) -> int:
     # with matmuls kept too, it runs only the elementwise ops.
     candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, "attention") for b in args.backends]
     candidates += [(f"stdit ({b}, checkpoint keeps attention + matmuls)", ours, b, "matmuls") for b in args.backends]
+    if args.compile:
+        candidates += [(f"{name} + compile", model, backend, keep) for name, model, backend, keep in candidates]
 
-    def setup(model, backend, keep):
+    def setup(model, backend, keep, compiled=False):
+        regional_compile(model, compiled)
         if model is ours:
             ours.set_attention_backend(backend)
             ours.enable_gradient_checkpointing(keep_attention=keep == "attention", keep_matmuls=keep == "matmuls")
 
     best = None
     for name, model, backend, keep in candidates:
-        setup(model, backend, keep)
+        setup(model, backend, keep, name.endswith(" + compile"))
         fn = step(model)
         try:
             fn()
@@ -96,8 +102,8 @@ def _run(args, clock: GpuClock) -> int:
                      "TFLOP/s": flops / ms / 1e9, "MFU": (flops / ms / 1e9 / peak) if peak else None,
                      "peak GiB": mem, **clocked})
         print(rows[-1])
-        if model is ours and (best is None or tps > best[0]):
-            best = (tps, name, model, backend, keep)
+        if model is ours and not name.endswith(" + compile") and (best is None or tps > best[0]):
+            best = (tps, name, model, backend, keep)  # the profile is of the fastest eager row
     name = "train" if args.config == "wan2.1-t2v-1.3b" else f"train-{args.config}"
     if best is not None and not args.no_profile:
         _, best_name, model, backend, keep = best
