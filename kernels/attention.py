@@ -679,6 +679,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
     """Non-causal attention: q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]`` (any strides) -> o ``[B, Sq, H, D]``.
 
     ``key_padding_mask`` ``[B, Sk]`` bool, True = attend; a query whose keys are all masked outputs zeros.
-    ``scale`` defaults to ``1/sqrt(D)``. Differentiable in q, k and v.
+    ``scale`` defaults to ``1/sqrt(D)``. Differentiable in q, k and v. Under ``torch.compile`` it runs as the
+    custom op ``stdit::flash_attention_fwd`` (Dynamo cannot trace the launches).
     """
+    if torch.compiler.is_compiling():
+        from stdit.attention import triton_attention
+
+        return triton_attention(q, k, v, key_padding_mask, scale)
     return FlashAttention.apply(q, k, v, key_padding_mask, scale)

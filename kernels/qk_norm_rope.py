@@ -193,8 +193,13 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None
 
     q and k may be strided views (e.g. slices of a fused projection). ``weight_q``/``weight_k`` ``[H*D]`` or None
     (both or neither). ``cos``/``sin`` ``[S, D/2]`` fp32. Math in fp32, outputs in the inputs' dtype, contiguous.
-    Differentiable in q, k and both weights.
+    Differentiable in q, k and both weights. Under ``torch.compile`` it runs as the custom op
+    ``stdit::qk_norm_rope_fwd`` (Dynamo cannot trace the launches).
     """
     if (weight_q is None) != (weight_k is None):
         raise ValueError("pass both norm weights or neither")
+    if torch.compiler.is_compiling():
+        from stdit.attention import _qk_norm_rope_fwd
+
+        return _qk_norm_rope_fwd(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
     return QKNormRope.apply(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
