@@ -419,11 +419,7 @@ def qk_norm_rope(
     from stdit.rope import apply_rope
 
     if cos is not None and _fused_norm_rope_ok(q, num_heads, resolve_backend(backend)):
-        if torch.compiler.is_compiling():  # Dynamo cannot trace our launches: one opaque op instead
-            if (weight_q is None) != (weight_k is None):
-                raise ValueError("pass both norm weights or neither")
-            return _qk_norm_rope_fwd(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
-        from stdit.kernels import qk_norm_rope as fused
+        from stdit.kernels import qk_norm_rope as fused  # under torch.compile it calls the custom op above
 
         return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
     q = rms_norm(q, weight_q, eps).unflatten(-1, (num_heads, -1))
