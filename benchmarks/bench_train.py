@@ -66,14 +66,16 @@ def _run(args, clock: GpuClock) -> int:
         return fn
 
     rows, base = [], None
-    candidates = [("diffusers Wan", wan, None, "none")]
-    candidates += [(f"stdit ({b})", ours, b, "none") for b in args.backends]
+    candidates = [("diffusers Wan", wan, None, "none", False)]
+    candidates += [(f"stdit ({b})", ours, b, "none", False) for b in args.backends]
     # Selective checkpointing: the recompute skips each self-attention forward (its output is kept instead), and
     # with matmuls kept too, it runs only the elementwise ops.
-    candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, "attention") for b in args.backends]
-    candidates += [(f"stdit ({b}, checkpoint keeps attention + matmuls)", ours, b, "matmuls") for b in args.backends]
+    candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, "attention", False) for b in args.backends]
+    candidates += [(f"stdit ({b}, checkpoint keeps attention + matmuls)", ours, b, "matmuls", False)
+                   for b in args.backends]
     if args.compile:
-        candidates += [(f"{name} + compile", model, backend, keep) for name, model, backend, keep in candidates]
+        candidates += [(f"{name} + compile", model, backend, keep, True)
+                       for name, model, backend, keep, _ in candidates]
 
     def setup(model, backend, keep, compiled=False):
         regional_compile(model, compiled)
@@ -82,8 +84,8 @@ def _run(args, clock: GpuClock) -> int:
             ours.enable_gradient_checkpointing(keep_attention=keep == "attention", keep_matmuls=keep == "matmuls")
 
     best = None
-    for name, model, backend, keep in candidates:
-        setup(model, backend, keep, name.endswith(" + compile"))
+    for name, model, backend, keep, compiled in candidates:
+        setup(model, backend, keep, compiled)
         fn = step(model)
         try:
             fn()
@@ -102,7 +104,7 @@ def _run(args, clock: GpuClock) -> int:
                      "TFLOP/s": flops / ms / 1e9, "MFU": (flops / ms / 1e9 / peak) if peak else None,
                      "peak GiB": mem, **clocked})
         print(rows[-1])
-        if model is ours and not name.endswith(" + compile") and (best is None or tps > best[0]):
+        if model is ours and not compiled and (best is None or tps > best[0]):
             best = (tps, name, model, backend, keep)  # the profile is of the fastest eager row
     name = "train" if args.config == "wan2.1-t2v-1.3b" else f"train-{args.config}"
     if best is not None and not args.no_profile:

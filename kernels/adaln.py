@@ -480,17 +480,17 @@ def fused_norm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1
     """``LN(x) * (1 + scale) + shift`` in one kernel. x ``[B, S, D]``; shift/scale ``[B, 1, D]``; returns x's dtype.
     Under ``torch.compile`` (here and below) the kernels run as the custom ops of :mod:`stdit.ops`."""
     if torch.compiler.is_compiling():
-        from stdit.ops import _fused
+        from stdit.ops import adaln_compiled
 
-        return _fused(x, None, None, shift, scale, weight, bias, eps, True)[1]
+        return adaln_compiled(x, None, None, shift, scale, weight, bias, eps, True)[1]
     return _AdaLN.apply(x, None, None, shift, scale, weight, bias, eps, False, True)
 
 
 def fused_add_norm_modulate(x, y, gate=None, shift=None, scale=None, weight=None, bias=None, eps=1e-6, norm=True):
     """``h = x + gate * y`` then ``norm_modulate(h, ...)`` in one kernel; returns ``(h, normed or None)``."""
     if torch.compiler.is_compiling():
-        from stdit.ops import _fused
+        from stdit.ops import adaln_compiled
 
-        return _fused(x, y, gate, shift, scale, weight, bias, eps, norm)
+        return adaln_compiled(x, y, gate, shift, scale, weight, bias, eps, norm)
     res = _AdaLN.apply(x, y, gate, shift, scale, weight, bias, eps, True, norm)
     return res if norm else (res, None)

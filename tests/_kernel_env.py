@@ -19,12 +19,11 @@ if not HAS_CUDA:
 
 def load_kernels():
     import stdit.kernels
-    import stdit.kernels.adaln
     import stdit.kernels.attention
     import stdit.kernels.qk_norm_rope
 
     if not HAS_CUDA and not stdit.kernels.attention._INTERPRET:
-        for name in ("stdit.kernels.adaln", "stdit.kernels.attention", "stdit.kernels.qk_norm_rope", "stdit.kernels"):
+        for name in ("stdit.kernels.attention", "stdit.kernels.qk_norm_rope", "stdit.kernels"):
             importlib.reload(sys.modules[name])
     return stdit.kernels
 

@@ -91,24 +91,14 @@ def test_flash_attention_interpreter(b, sq, sk, h, d, dtype, mask, layout, atomi
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the model's compile test covers CUDA")
-def test_kernel_apis_under_compile():
-    """The kernels' own functions called inside torch.compile (``fullgraph``: no break; Dynamo cannot trace the
-    launches) run as the custom ops: the same outputs and gradients as eager calls."""
+def test_flash_attention_under_compile():
+    """``flash_attention`` called inside torch.compile (``fullgraph``: no break; Dynamo cannot trace the launches)
+    runs as the custom op: the same output and gradients as an eager call."""
     torch._dynamo.reset()
     q, k, v, kpm, do = make_inputs(1, 21, 19, 2, 64, torch.float32, True, seed=8)
-    compiled = torch.compile(lambda *a: kernels.flash_attention(*a), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(kernels.flash_attention, backend="aot_eager", fullgraph=True)
     for x, y in zip(run(compiled, q, k, v, kpm, do), run(kernels.flash_attention, q, k, v, kpm, do)):
-        assert max_err(x, y) <= 1e-6
-    x = torch.randn(1, 6, 40, device=device())
-    y, shift, scale = torch.randn_like(x), torch.randn(1, 1, 40), torch.randn(1, 1, 40)
-    for fn in (lambda: (kernels.fused_norm_modulate(x, shift, scale),),
-               lambda: kernels.fused_add_norm_modulate(x, y, scale, shift, scale)):
-        for a, b in zip(torch.compile(fn, backend="aot_eager", fullgraph=True)(), fn()):
-            assert max_err(a, b) <= 1e-6
-    cos, sin = torch.rand(6, 4), torch.rand(6, 4)
-    fn = lambda: kernels.qk_norm_rope(x[..., :16], y[..., :16], None, None, 1e-6, cos, sin, 2)  # noqa: E731
-    for a, b in zip(torch.compile(fn, backend="aot_eager", fullgraph=True)(), fn()):
-        assert max_err(a, b) <= 1e-6
+        assert torch.equal(x, y)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the gpu tests cover the plans")

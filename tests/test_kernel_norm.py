@@ -65,19 +65,18 @@ def run(case, inp, fused, upstream_seed, up_dtype):
     residual, _, _, _, _, norm = CASES[case]
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items() if v is not None}
     args = {k: leaves.get(k) for k in ("x", "y", "gate", "shift", "scale", "weight", "bias")}
-    if fused == "compile":  # the kernels as the custom op that torch.compile sees
+    # fused="compile": the kernels under torch.compile (fullgraph: no break), where they run as custom ops
+    wrap = functools.partial(torch.compile, backend="aot_eager", fullgraph=True) if fused == "compile" else None
+    if wrap is not None:
         torch._dynamo.reset()  # one fresh compile per case: other tests may have compiled these frames already
-        fn = torch.compile(functools.partial(ops._fused, eps=1e-6, norm=norm), backend="aot_eager", fullgraph=True)
-        h, out = fn(**args)
-        outs = {"out": out} if not residual else ({"h": h} if out is None else {"h": h, "out": out})
-    elif residual:
+    if residual:
         fn = adaln.fused_add_norm_modulate if fused else add_norm_modulate_torch
-        h, out = fn(**args, eps=1e-6, norm=norm)
+        h, out = (wrap(fn) if wrap else fn)(**args, eps=1e-6, norm=norm)
         outs = {"h": h} if out is None else {"h": h, "out": out}
     else:
         fn = adaln.fused_norm_modulate if fused else norm_modulate_torch
         args.pop("y"), args.pop("gate")
-        outs = {"out": fn(**args, eps=1e-6)}
+        outs = {"out": (wrap(fn) if wrap else fn)(**args, eps=1e-6)}
     g = torch.Generator(device=DEV).manual_seed(upstream_seed)
     ups = [torch.randn(o.shape, generator=g, device=DEV).to(up_dtype).to(o.dtype) for o in outs.values()]
     grads = torch.autograd.grad(list(outs.values()), list(leaves.values()), ups)

@@ -134,17 +134,12 @@ def _adaln_backward(ctx, dh, dout, _dmean, _drstd):
 _adaln_fwd.register_autograd(_adaln_backward, setup_context=_adaln_setup)
 
 
-def _fused(x, y, gate, shift, scale, weight, bias, eps, norm):
-    """The fused kernels: eagerly through their autograd Function (less host time per call), under torch.compile
-    as the custom op. Returns ``(h, normed or None)``; h is x without y."""
-    if torch.compiler.is_compiling():
-        h, out, _, _ = _adaln_fwd(x, y, gate if y is not None else None, shift, scale, weight, bias, eps, norm)
-        return (x if y is None else h), (out if norm else None)
-    from stdit.kernels.adaln import fused_add_norm_modulate, fused_norm_modulate
-
-    if y is None:
-        return x, fused_norm_modulate(x, shift, scale, weight, bias, eps)
-    return fused_add_norm_modulate(x, y, gate, shift, scale, weight, bias, eps, norm)
+def adaln_compiled(x, y, gate, shift, scale, weight, bias, eps, norm):
+    """The fused kernels as the custom op, which is how :func:`stdit.kernels.fused_norm_modulate` and
+    :func:`~stdit.kernels.fused_add_norm_modulate` run under torch.compile. Returns ``(h, normed or None)``; h is x
+    without y."""
+    h, out, _, _ = _adaln_fwd(x, y, gate if y is not None else None, shift, scale, weight, bias, eps, norm)
+    return (x if y is None else h), (out if norm else None)
 
 
 def norm_modulate(
@@ -160,7 +155,9 @@ def norm_modulate(
     x ``[B, S, D]``; shift/scale broadcast against it (``[B, 1, D]``), fp32.
     """
     if _fused_enabled(x, shift, scale):
-        return _fused(x, None, None, shift, scale, weight, bias, eps, True)[1]
+        from stdit.kernels.adaln import fused_norm_modulate
+
+        return fused_norm_modulate(x, shift, scale, weight, bias, eps)
     return norm_modulate_torch(x, shift, scale, weight, bias, eps)
 
 
@@ -180,7 +177,9 @@ def add_norm_modulate(
     Returns ``(h, normed)``; ``normed`` is None when ``norm`` is False.
     """
     if y.shape == x.shape and y.dtype == x.dtype and _fused_enabled(x, gate, shift, scale):
-        return _fused(x, y, gate, shift, scale, weight, bias, eps, norm)
+        from stdit.kernels.adaln import fused_add_norm_modulate
+
+        return fused_add_norm_modulate(x, y, gate, shift, scale, weight, bias, eps, norm)
     return add_norm_modulate_torch(x, y, gate, shift, scale, weight, bias, eps, norm)
 
 
