@@ -115,6 +115,46 @@ def test_gradient_checkpointing_same_grads(mode):
         torch.testing.assert_close(ck[n], ref[n], rtol=1e-5, atol=1e-7)
 
 
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation")
+
+
+def test_compile_blocks_keeps_the_checkpoint_policy():
+    """``compile_blocks`` with selective checkpointing (inductor, as ``train.compile`` runs it): the gradients are
+    the eager model's, and keeping matmuls saves every block's matrix products from the recompute. A compiled block
+    inside an eager checkpoint hides them from the policy, and both policies recompute the same products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t, text = torch.randn(1, 4, 3, 4, 4), torch.tensor([500.0]), torch.randn(1, 5, 24)
+
+    def backward_matmuls(keep, compiled_first):
+        torch._dynamo.reset()
+        m = tiny_model().train()
+        if compiled_first:
+            m.compile_blocks()
+        m.enable_gradient_checkpointing(keep_attention=keep == "attention", keep_matmuls=keep == "matmuls")
+        if not compiled_first:
+            m.compile_blocks()
+            m.compile_blocks()  # again: the checkpointed call is wrapped once
+            assert not hasattr(m._gradient_checkpointing_func._torchdynamo_orig_callable, "_torchdynamo_orig_callable")
+        m(x, t, text).sample.square().mean().backward()  # compiles forward and backward
+        m.zero_grad()
+        out = m(x, t, text).sample
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out.square().mean().backward()
+        return sum(e.name in _MATMULS for e in prof.events()), out.detach(), [p.grad for p in m.parameters()]
+
+    ref = tiny_model().train()
+    ref_out = ref(x, t, text).sample
+    ref_out.square().mean().backward()
+    n_attention, _, _ = backward_matmuls("attention", True)
+    n_matmuls, out, grads = backward_matmuls("matmuls", False)
+    # Each block's projections: q, k, v, o of self- and cross-attention, and the FFN's two.
+    assert n_attention - n_matmuls == 10 * len(ref.blocks), (n_attention, n_matmuls)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    for g, p in zip(grads, ref.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_initialize_weights_starts_at_zero_output():
     m = tiny_model()
     m.initialize_weights()

@@ -1,5 +1,7 @@
 """StDiT on the triton attention backend (our kernels: fused QK-norm + RoPE, flash attention) matches eager."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -10,9 +12,10 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _forward_backward(m, inputs, backend):
+    # backend None: the model's own choice, no attention_backend block (one would break compiled graphs)
     m.zero_grad()
     x, t, text, mask = inputs
-    with attention_backend(backend):
+    with attention_backend(backend) if backend else contextlib.nullcontext():
         out = m(x, t, text, encoder_attention_mask=mask).sample
     out.float().square().mean().backward()
     return out.detach().float(), {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -73,6 +76,36 @@ def test_triton_backend_under_torch_compile_gpu():
     assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-3
     for n in ref_g:
         assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, n
+
+
+@pytest.mark.gpu
+def test_compile_blocks_with_selective_checkpointing_gpu():
+    """``compile_blocks`` with each checkpointing policy on the triton backend (inductor, bf16): outputs and
+    gradients keep the bf16 rule against the fp32 model, and keeping matmuls takes every block's matrix products
+    out of the backward's recompute."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = tiny_model(num_attention_heads=4, attention_head_dim=64).cuda().train()
+    inputs32 = _inputs(2, (5, 18, 30), 7, "cuda", torch.float32)
+    ref, ref_g = _forward_backward(m, inputs32, "eager")
+    m16 = m.to(torch.bfloat16)
+    inputs16 = tuple(t.bfloat16() if t.is_floating_point() and t.ndim > 1 else t for t in inputs32)
+    eager, eager_g = _forward_backward(m16, inputs16, "eager")
+    m16.set_attention_backend("triton")
+    m16.compile_blocks()
+    matmuls = {}
+    for keep in ("attention", "matmuls"):
+        m16.enable_gradient_checkpointing(keep_attention=keep == "attention", keep_matmuls=keep == "matmuls")
+        out, g = _forward_backward(m16, inputs16, None)
+        assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-3, keep
+        for n in ref_g:
+            assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, (keep, n)
+        x, t, text, mask = inputs16
+        loss = m16(x, t, text, encoder_attention_mask=mask).sample.float().square().mean()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss.backward()
+        matmuls[keep] = sum(e.name in ("aten::mm", "aten::addmm", "aten::_addmm_activation") for e in prof.events())
+    assert matmuls["attention"] - matmuls["matmuls"] == 10 * len(m16.blocks), matmuls
 
 
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):

@@ -240,6 +240,7 @@ class StDiT(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
+        self._compile_kwargs: dict | None = None  # set by compile_blocks
 
     # ---- runtime choices (never stored in the config) -------------------------------------------------
     def enable_gradient_checkpointing(self, gradient_checkpointing_func=None, keep_attention: bool = False,
@@ -261,6 +262,29 @@ class StDiT(ModelMixin, ConfigMixin):
         elif policy is not None:
             raise ValueError("pass either gradient_checkpointing_func or keep_attention/keep_matmuls, not both")
         super().enable_gradient_checkpointing(gradient_checkpointing_func)
+        if self._compile_kwargs is not None:
+            self._compile_checkpointing()
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional ``torch.compile`` (``compile_kwargs`` go to it): each transformer block, and while activation
+        checkpointing is on (now or enabled later), the checkpointed call of a block as well. The blocks share one
+        code object, so Dynamo compiles it once for all of them.
+
+        Compiling the checkpointed call puts the selective-checkpointing policy inside the compiled region, where
+        Dynamo applies it to the traced graph. A compiled block inside an eager checkpoint would hide its matrix
+        products from the policy (inductor calls them as its own kernels): ``keep_matmuls`` would then recompute
+        them, as slow as ``keep_attention``.
+        """
+        self._compile_kwargs = dict(compile_kwargs)
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        if self.gradient_checkpointing:
+            self._compile_checkpointing()
+
+    def _compile_checkpointing(self) -> None:
+        func = self._gradient_checkpointing_func
+        func = getattr(func, "_torchdynamo_orig_callable", func)  # compile_blocks again: wrap the eager function once
+        self._gradient_checkpointing_func = torch.compile(func, **self._compile_kwargs)
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Pick the attention backend for every attention of this model (None: ``STDIT_ATTENTION`` / default)."""

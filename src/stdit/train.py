@@ -182,8 +182,7 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
         model.enable_sequence_parallel(new_sp_group(sp))
     model.to(device)
     if tc.compile:
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
     mesh = None
     if mode == "fsdp":
         mesh = data_parallel_mesh(info, cfg.parallel.sp, cfg.parallel.dp_shard, cfg.parallel.dp_replicate)
