@@ -380,6 +380,17 @@ def write_results(rows, fused, info, out_dir: Path, host=None):
     return out_dir / f"attention-{slug}.md"
 
 
+def merge_earlier(rows, fused, old):
+    """This run's rows plus an earlier results JSON's rows for the shapes not run now, in the table's shape order;
+    returns (rows, fused-op rows, the shapes taken from the earlier run)."""
+    done = {r["shape"] for r in rows}
+    order = [sh[0] for sh in SHAPES]
+    rows = sorted(rows + [r for r in old["attention"] if r["shape"] not in done], key=lambda r: order.index(r["shape"]))
+    fused = sorted(fused + [f for f in old.get("norm_rope_attention", []) if f["shape"] not in done],
+                   key=lambda f: order.index(f["shape"]))
+    return rows, fused, sorted({r["shape"] for r in rows} - done)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two short shapes, no FlexAttention")
@@ -401,6 +412,8 @@ def main(argv=None):
     impls = implementations(flex=not (args.quick or args.no_flex), tune=args.tune)
     dtype = torch.bfloat16
     rows, fused = [], []
+    # Read before the first shape's results overwrite it (the merge source is usually the default output file).
+    old = json.loads(args.merge.read_text()) if args.merge and args.merge.exists() else None
     t0 = time.time()
     host = host_overhead(impls, dtype)  # before the clock's sampling thread starts: it would take host time
     with GpuClock() as clock:
@@ -412,14 +425,8 @@ def main(argv=None):
                 fused.append(run_fused_op(name, b, h, s, d, dtype, max(sd, key=sd.get)))
             # After every shape, so a run cut short still leaves its finished rows.
             path = write_results(rows, fused, info, args.out, host)
-    if args.merge and args.merge.exists():
-        old = json.loads(args.merge.read_text())
-        done = {r["shape"] for r in rows}
-        order = [sh[0] for sh in SHAPES]
-        rows = sorted(rows + [r for r in old["attention"] if r["shape"] not in done], key=lambda r: order.index(r["shape"]))
-        fused = sorted(fused + [f for f in old.get("norm_rope_attention", []) if f["shape"] not in done],
-                       key=lambda f: order.index(f["shape"]))
-        info["merged_from_earlier_run"] = sorted({r["shape"] for r in rows} - done)
+    if old is not None:
+        rows, fused, info["merged_from_earlier_run"] = merge_earlier(rows, fused, old)
         path = write_results(rows, fused, info, args.out, host)
     print(f"\nwrote {path} ({time.time() - t0:.0f} s)\n")
     print(path.read_text())

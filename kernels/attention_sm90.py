@@ -13,7 +13,8 @@ specialization, and this kernel uses them:
   others' matrix products instead of all softmaxes at once;
 * persistent: ``min(tiles, SMs)`` programs walk the output tiles, and the load warp fetches the next tile's
   blocks during this tile's last products and epilogue (no tail wave, no cold start per tile);
-* at d=128 Q is the score products' register operand, read from shared memory once per tile;
+* at d=128 Q is the score products' register operand, read from shared memory once per tile; at d=64 the
+  softmax's row sums run on the tensor cores (P times a ones tile), not as adds;
 * epilogue: a whole 64-row block of O goes to a shared-memory staging tile and leaves with an asynchronous TMA
   store, so the consumer starts its next tile without issuing a store per register pair (masked stores remain for
   a block that ends past Sq, the overlapping d=72 tail chunk, and d=128 with three stages, where no staging fits).
@@ -167,10 +168,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                  v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK, n_m,
+                  v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H, SQ, SK, n_m,
                   n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr,
-                  QREG: gl.constexpr):
+                  QREG: gl.constexpr, SUM_MMA: gl.constexpr):
         # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
         # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
         # and the other consumers' products keep the tensor cores busy.
@@ -199,6 +200,15 @@ if HAVE_GLUON:
             NPV: gl.constexpr = 2
         else:
             NPV: gl.constexpr = 1
+        if SUM_MMA:
+            # Row sums of P on the tensor cores: P times a ones tile, an 8-column accumulator rescaled with O.
+            l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                               instr_shape=[16, 8, 16])
+            pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
+            lrow_layout: gl.constexpr = gl.SliceLayout(1, l_layout)
+            NPV_ALL: gl.constexpr = NPV + 1
+        else:
+            NPV_ALL: gl.constexpr = NPV
         q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -233,10 +243,13 @@ if HAVE_GLUON:
                 s = _last_key_block(s, q_empty, WG, last_cols, SK, QREG)
             m_i = gl.max(s, 1) * qk_scale
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
-            l_i = gl.sum(p, 1)
+            if not SUM_MMA:
+                l_i = gl.sum(p, 1)
             if QREG:  # P crosses the loop edge as 16-bit values: its fp32 copy is dead before the next products
                 p = p.to(dtype)
             acc = gl.zeros([WG_ROWS, D0], gl.float32, o_layout)
+            if SUM_MMA:
+                acc_l = gl.zeros([WG_ROWS, 8], gl.float32, l_layout)
             if DT > 0:
                 acc_t = gl.zeros([WG_ROWS, DT], gl.float32, ot_layout)
             for j in range(1, n_kv):
@@ -254,23 +267,30 @@ if HAVE_GLUON:
                 if DT > 0:
                     acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(pslot), acc_t,
                                           is_async=True)
+                if SUM_MMA:
+                    acc_l = warpgroup_mma(gl.convert_layout(p16, pl_layout), ones_smem.permute((1, 0)), acc_l,
+                                          is_async=True)
                 _turn_pass(turn, WG, NW, PINGPONG)
                 k += 1
-                # Groups retire in order: NPV outstanding means S_j is done and P_{j-1} V_{j-1} may still run.
-                s = warpgroup_mma_wait(NPV, deps=[s])
+                # Groups retire in order: NPV_ALL outstanding means S_j is done and P_{j-1} V_{j-1} may still run.
+                s = warpgroup_mma_wait(NPV_ALL, deps=[s])
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 if j == n_kv - 1:
                     s = _last_key_block(s, q_empty, WG, last_cols, SK, QREG)
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
                 alpha = gl.exp2(m_i - m_new)
-                l_i = l_i * alpha + gl.sum(p, 1)
+                if not SUM_MMA:
+                    l_i = l_i * alpha + gl.sum(p, 1)
                 m_i = m_new
                 if QREG:
                     p = p.to(dtype)
                 if DT > 0:
                     acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
                     acc_t = acc_t * gl.expand_dims(gl.convert_layout(alpha, otrow_layout), 1)
+                elif SUM_MMA:
+                    acc, acc_l = warpgroup_mma_wait(0, deps=[acc, acc_l])
+                    acc_l = acc_l * gl.expand_dims(gl.convert_layout(alpha, lrow_layout), 1)
                 else:
                     acc = warpgroup_mma_wait(0, deps=[acc])
                 mbarrier.arrive(v_empty.index(pslot), count=1)
@@ -283,10 +303,16 @@ if HAVE_GLUON:
             acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(lslot), acc, is_async=True)
             if DT > 0:
                 acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(lslot), acc_t, is_async=True)
+            if SUM_MMA:
+                acc_l = warpgroup_mma(gl.convert_layout(p16, pl_layout), ones_smem.permute((1, 0)), acc_l,
+                                      is_async=True)
             _turn_pass(turn, WG, NW, PINGPONG)
             k += 1
             if DT > 0:
                 acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
+            elif SUM_MMA:
+                acc, acc_l = warpgroup_mma_wait(0, deps=[acc, acc_l])
+                l_i = gl.convert_layout(gl.max(acc_l, 1), row_layout)
             else:
                 acc = warpgroup_mma_wait(0, deps=[acc])
             mbarrier.arrive(v_empty.index(lslot), count=1)
@@ -341,7 +367,7 @@ if HAVE_GLUON:
     def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
                        D: gl.constexpr, D0: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr, REGS: gl.constexpr,
-                       O_TMA: gl.constexpr, QREG: gl.constexpr):
+                       O_TMA: gl.constexpr, QREG: gl.constexpr, SUM_MMA: gl.constexpr):
         # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
         # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
         # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
@@ -368,6 +394,13 @@ if HAVE_GLUON:
             ot_desc, ot_smem = _tiles(O, B * SQ, H * D, sos, WG_ROWS, DT, NW)
         else:
             ot_desc, ot_smem = o_desc, o_smem
+        if SUM_MMA:  # ones, read as the [BLOCK_N, 8] B operand (K-major) of the row-sum products
+            ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+            fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+            ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_layout,
+                                                  gl.full([8, BLOCK_N], 1.0, dtype, fill_layout))
+        else:
+            ones_smem = q_smem  # placeholder, never read
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
         q_ready = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
         q_empty = gl.allocate_shared_memory(gl.int64, [NW, 1], bar_layout)
@@ -397,11 +430,13 @@ if HAVE_GLUON:
         if NW == 2:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H,
+                             SQ, SK,
+                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H,
+                             SQ, SK,
+                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -409,14 +444,17 @@ if HAVE_GLUON:
         else:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H,
+                             SQ, SK,
+                             n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H,
+                             SQ, SK,
+                             n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
-                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, sob, sos, soh, H, SQ, SK,
-                             n_m, n_tiles, qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG)),
+                             k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H,
+                             SQ, SK,
+                             n_m, n_tiles, qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -446,6 +484,14 @@ CONSUMER_REGS = {2: 240, 3: 160}
 # text keys. Only a head dim read as one chunk can take it (Q's slot is freed once Q is in registers, and the tail
 # chunk of d=72-96 is read from there); d=64's three consumers have 160 registers each, no room for Q's 32.
 Q_IN_REGISTERS = (128,)
+# Head dims whose softmax row sums run on the tensor cores: the 16-bit P times a ones tile, into an 8-column
+# accumulator rescaled with O, instead of 64 FADDs and the shuffles per key block per thread. The softmax's
+# instruction count bounds the forward (benchmarks/NOTES-attention.md, Session 16). H200, B1 H24 S16384 d64,
+# sustained: 490-491 -> 503-504 TFLOP/s (three runs). At d=128, where the matrix work per softmax is twice
+# as large, the extra products cost more than the adds: 607-621 -> 579-591 at S32760, 3-4% lost at S4096 and with
+# text keys. The row sums are then of the rounded P that the P V product uses, so the logsumexp differs from an
+# fp32 sum's by up to log2(1 + 2^-9) (bf16).
+SUM_MMA_HEAD_DIMS = (64,)
 
 
 def supports(q, k, v, key_padding_mask) -> bool:
@@ -479,7 +525,8 @@ def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
     d0, dt = chunks(d)
     smem = 2 * (d0 + dt) * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
     return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw],
-                O_TMA=o_row_view and smem <= _SMEM_BYTES, QREG=d in Q_IN_REGISTERS and dt == 0)
+                O_TMA=o_row_view and smem <= _SMEM_BYTES, QREG=d in Q_IN_REGISTERS and dt == 0,
+                SUM_MMA=d in SUM_MMA_HEAD_DIMS and dt == 0)
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):

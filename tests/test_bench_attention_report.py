@@ -39,6 +39,23 @@ def test_report_tables_and_ratios(tmp_path):
     assert not any(t.startswith("Mean SM clock") for t in titles)  # no clock samples, no table
 
 
+def test_merge_keeps_the_earlier_rows_of_the_shapes_not_run(tmp_path):
+    """``--merge``: this run's rows replace the earlier run's for the same shapes, the others stay, in table order,
+    and the report names the shapes that came from the earlier run."""
+    names = [s[0] for s in bench_attention.SHAPES]
+    old = {"attention": [_row(n, 600.0 + i, 560.0, 350.0) for i, n in enumerate(names)],
+           "norm_rope_attention": [{"shape": n, "old": True} for n in names]}
+    new = [_row(names[3], 700.0, 555.0, 340.0)]
+    rows, fused, merged = bench_attention.merge_earlier(new, [{"shape": names[3], "old": False}], old)
+    assert [r["shape"] for r in rows] == names and rows[3]["fwd_tflops"]["ours"] == 700.0
+    assert rows[0]["fwd_tflops"]["ours"] == 600.0 and [f["old"] for f in fused] == [n != names[3] for n in names]
+    assert merged == sorted(set(names) - {names[3]})
+    info = {"gpu": "NVIDIA Test GPU", "torch": "t", "triton": "tr", "cuda": "c", "cudnn": 1,
+            "merged_from_earlier_run": merged}
+    md = bench_attention.write_results(rows, [], info, tmp_path).read_text()
+    assert "Rows from an earlier run on this GPU" in md and f"| {names[3]} | 700 | 555 | 340 |" in md
+
+
 def test_report_clock_table(tmp_path):
     info = {"gpu": "NVIDIA Test GPU", "torch": "t", "triton": "tr", "cuda": "c", "cudnn": 1, "power limit W": 700.0,
             "max SM MHz": 1980}

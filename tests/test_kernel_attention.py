@@ -334,10 +334,12 @@ def test_sm90_forward_every_config_gpu(b, sq, sk, h, d, dtype, layout, monkeypat
         o = torch.full((b, sq, h, d), float("nan"), device="cuda", dtype=dtype)
         lse = torch.full((b, h, sq), float("nan"), device="cuda")
         ka._sm90._launch(cfg, q, k, v, o, lse, d ** -0.5 * ka._LOG2E)
+        # Row sums on the tensor cores add the rounded P: up to log2(1 + 2^-9) = 2.8e-3 from an fp32 sum at bf16.
+        lse_tol = 3e-3 if d in ka._sm90.SUM_MMA_HEAD_DIMS else 1e-3
         try:
             check_rule("o", o, ref, low)
             assert torch.isfinite(lse).all()
-            assert max_err(lse, lse_general) < 1e-3
+            assert max_err(lse, lse_general) < lse_tol
         except AssertionError as e:
             raise AssertionError(f"{e} with config {cfg}") from None
 
