@@ -29,6 +29,25 @@ def _inputs(b, thw, text_len, device, dtype):
     return x, torch.tensor([30.0, 800.0][:b], device=device), torch.randn(b, text_len, 24, generator=g).to(device, dtype), mask.to(device)
 
 
+def _bf16_against_fp32(**model_kw):
+    """A GPU model's fp32 outputs and gradients (the reference), then the model in bf16 and its eager-attention
+    outputs and gradients (what the rule compares against): (m16, inputs16, ref, eager)."""
+    m = tiny_model(num_attention_heads=4, attention_head_dim=64, **model_kw).cuda().train()
+    inputs32 = _inputs(2, (5, 18, 30), 7, "cuda", torch.float32)
+    ref = _forward_backward(m, inputs32, "eager")
+    m16 = m.to(torch.bfloat16)
+    inputs16 = tuple(t.bfloat16() if t.is_floating_point() and t.ndim > 1 else t for t in inputs32)
+    return m16, inputs16, ref, _forward_backward(m16, inputs16, "eager")
+
+
+def _check_bf16_rule(got, ref, eager, tag=""):
+    # the flash-attention rule: error vs fp32 at most 2x the error of the same math in torch at bf16, + atol
+    (out, g), (ref_out, ref_g), (eager_out, eager_g) = got, ref, eager
+    assert rel_err(out, ref_out) <= 2 * rel_err(eager_out, ref_out) + 1e-3, tag
+    for n in ref_g:
+        assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, (tag, n)
+
+
 @pytest.mark.parametrize("mode", ["full", "factorized"])
 def test_triton_backend_matches_eager_on_cpu_interpreter(mode):
     if HAS_CUDA:
@@ -46,17 +65,8 @@ def test_triton_backend_matches_eager_on_cpu_interpreter(mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["full", "factorized"])
 def test_triton_backend_matches_eager_bf16_gpu(mode):
-    m = tiny_model(num_attention_heads=4, attention_head_dim=64, attention_mode=mode).cuda().train()
-    inputs32 = _inputs(2, (5, 18, 30), 7, "cuda", torch.float32)
-    ref, ref_g = _forward_backward(m, inputs32, "eager")  # fp32 reference
-    m16 = m.to(torch.bfloat16)
-    inputs16 = tuple(t.bfloat16() if t.is_floating_point() and t.ndim > 1 else t for t in inputs32)
-    eager, eager_g = _forward_backward(m16, inputs16, "eager")
-    out, g = _forward_backward(m16, inputs16, "triton")
-    # the flash-attention rule: error vs fp32 at most 2x the error of the same math in torch at bf16, + atol
-    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-3
-    for n in ref_g:
-        assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, n
+    m16, inputs16, ref, eager = _bf16_against_fp32(attention_mode=mode)
+    _check_bf16_rule(_forward_backward(m16, inputs16, "triton"), ref, eager)
 
 
 @pytest.mark.gpu
@@ -64,18 +74,10 @@ def test_triton_backend_under_torch_compile_gpu():
     """Each block under ``torch.compile`` (inductor) on the triton backend, where attention, the norm chain and the
     QK norm + RoPE run as our custom ops (Dynamo cannot trace our launches): outputs and gradients keep the bf16
     rule against the fp32 model."""
-    m = tiny_model(num_attention_heads=4, attention_head_dim=64).cuda().train()
-    inputs32 = _inputs(2, (5, 18, 30), 7, "cuda", torch.float32)
-    ref, ref_g = _forward_backward(m, inputs32, "eager")
-    m16 = m.to(torch.bfloat16)
-    inputs16 = tuple(t.bfloat16() if t.is_floating_point() and t.ndim > 1 else t for t in inputs32)
-    eager, eager_g = _forward_backward(m16, inputs16, "eager")
+    m16, inputs16, ref, eager = _bf16_against_fp32()
     for blk in m16.blocks:
         blk.compile()
-    out, g = _forward_backward(m16, inputs16, "triton")
-    assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-3
-    for n in ref_g:
-        assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, n
+    _check_bf16_rule(_forward_backward(m16, inputs16, "triton"), ref, eager)
 
 
 @pytest.mark.gpu
@@ -85,21 +87,13 @@ def test_compile_blocks_with_selective_checkpointing_gpu():
     out of the backward's recompute."""
     from torch.profiler import ProfilerActivity, profile
 
-    m = tiny_model(num_attention_heads=4, attention_head_dim=64).cuda().train()
-    inputs32 = _inputs(2, (5, 18, 30), 7, "cuda", torch.float32)
-    ref, ref_g = _forward_backward(m, inputs32, "eager")
-    m16 = m.to(torch.bfloat16)
-    inputs16 = tuple(t.bfloat16() if t.is_floating_point() and t.ndim > 1 else t for t in inputs32)
-    eager, eager_g = _forward_backward(m16, inputs16, "eager")
+    m16, inputs16, ref, eager = _bf16_against_fp32()
     m16.set_attention_backend("triton")
     m16.compile_blocks()
     matmuls = {}
     for keep in ("attention", "matmuls"):
         m16.enable_gradient_checkpointing(keep_attention=keep == "attention", keep_matmuls=keep == "matmuls")
-        out, g = _forward_backward(m16, inputs16, None)
-        assert rel_err(out, ref) <= 2 * rel_err(eager, ref) + 1e-3, keep
-        for n in ref_g:
-            assert rel_err(g[n], ref_g[n]) <= 2 * rel_err(eager_g[n], ref_g[n]) + 2e-3, (keep, n)
+        _check_bf16_rule(_forward_backward(m16, inputs16, None), ref, eager, keep)
         x, t, text, mask = inputs16
         loss = m16(x, t, text, encoder_attention_mask=mask).sample.float().square().mean()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
