@@ -76,35 +76,19 @@ def _run(args, clock: GpuClock) -> int:
     candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, "attention", False) for b in args.backends]
     candidates += [(f"stdit ({b}, checkpoint keeps attention + matmuls)", ours, b, "matmuls", False)
                    for b in args.backends]
-    if args.compile:
-        candidates += [(f"{name} + compile", model, backend, keep, True)
-                       for name, model, backend, keep, _ in candidates]
+    # Compiled rows come last: compiling our blocks has no way back.
+    compiled_rows = [(f"{name} + compile", model, backend, keep, True)
+                     for name, model, backend, keep, _ in candidates] if args.compile else []
 
     def setup(model, backend, keep, compiled=False):
-        if model is ours:
-            if compiled and ours._compile_kwargs is None:
-                # As ``train.compile`` does: the blocks and the checkpointed calls, so that the selective
-                # checkpointing policy applies inside the compiled region (compiled rows come last: no way back).
-                ours.compile_blocks()
+        if model is ours:  # compiled: by compile_blocks, once, before the compiled rows
             ours.set_attention_backend(backend)
             ours.enable_gradient_checkpointing(keep_attention=keep == "attention", keep_matmuls=keep == "matmuls")
         else:
             regional_compile(model, compiled)  # diffusers: each block compiled inside its (eager) checkpoint
 
-    def profile_best():
-        _, best_name, model, backend, keep = best
-        setup(model, backend, keep)
-        slug = gpu_slug(machine()["gpu"])
-        profile(step(model), RESULTS / f"{name}-profile-{slug}.txt", what=f"one training step, {best_name}",
-                clock=clock)
-        for p_ in params:
-            p_.grad = None
-
-    name = "train" if args.config == "wan2.1-t2v-1.3b" else f"train-{args.config}"
-    best = None
-    for i, (row_name, model, backend, keep, compiled) in enumerate(candidates):
-        if compiled and not candidates[i - 1][4] and best is not None and not args.no_profile:
-            profile_best()  # the fastest eager row, before any block of ours is compiled
+    def time_row(row_name, model, backend, keep, compiled):
+        nonlocal base
         setup(model, backend, keep, compiled)
         fn = step(model)
         try:
@@ -114,7 +98,7 @@ def _run(args, clock: GpuClock) -> int:
         except Exception as e:
             rows.append({"impl": row_name, "error": f"{type(e).__name__}: {e}"[:200]})
             print(f"{row_name}: FAILED {e}")
-            continue
+            return None
         finally:
             for p_ in params:
                 p_.grad = None
@@ -124,10 +108,27 @@ def _run(args, clock: GpuClock) -> int:
                      "TFLOP/s": flops / ms / 1e9, "MFU": (flops / ms / 1e9 / peak) if peak else None,
                      "peak GiB": mem, **clocked})
         print(rows[-1])
-        if model is ours and not compiled and (best is None or tps > best[0]):
-            best = (tps, row_name, model, backend, keep)  # the profile is of the fastest eager row
-    if best is not None and not args.no_profile and not args.compile:
-        profile_best()
+        return tps
+
+    name = "train" if args.config == "wan2.1-t2v-1.3b" else f"train-{args.config}"
+    best = None
+    for row_name, model, backend, keep, _ in candidates:
+        tps = time_row(row_name, model, backend, keep, False)
+        if model is ours and tps is not None and (best is None or tps > best[0]):
+            best = (tps, row_name, backend, keep)
+    if best is not None and not args.no_profile:  # the fastest eager row, before any block of ours is compiled
+        _, best_name, backend, keep = best
+        setup(ours, backend, keep)
+        profile(step(ours), RESULTS / f"{name}-profile-{gpu_slug(machine()['gpu'])}.txt",
+                what=f"one training step, {best_name}", clock=clock)
+        for p_ in params:
+            p_.grad = None
+    if compiled_rows:
+        # As ``train.compile`` does: the blocks and the checkpointed calls, so that the selective checkpointing
+        # policy applies inside the compiled region.
+        ours.compile_blocks()
+    for row in compiled_rows:
+        time_row(*row)
     md = write_results(
         name, f"Training step (fwd+bwd, activation checkpointing), {args.config}, {args.shape}, bf16", rows,
         ["impl", "tokens", "step ms", "tokens/s", "vs diffusers", "TFLOP/s", "MFU", "peak GiB", "SM MHz", "W", "error"],

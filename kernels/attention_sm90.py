@@ -487,11 +487,12 @@ Q_IN_REGISTERS = (128,)
 # Head dims whose softmax row sums run on the tensor cores: the 16-bit P times a ones tile, into an 8-column
 # accumulator rescaled with O, instead of 64 FADDs and the shuffles per key block per thread. The softmax's
 # instruction count bounds the forward (benchmarks/NOTES-attention.md, Session 16). H200, B1 H24 S16384 d64,
-# sustained: 490-491 -> 503-504 TFLOP/s (three runs). At d=128, where the matrix work per softmax is twice
-# as large, the extra products cost more than the adds: 607-621 -> 579-591 at S32760, 3-4% lost at S4096 and with
-# text keys. The row sums are then of the rounded P that the P V product uses, so the logsumexp differs from an
-# fp32 sum's by up to log2(1 + 2^-9) (bf16). Measured with Triton 3.6, whose build has no spills. Triton 3.9's build
-# of it spills 396 bytes (68 without it) and has not run on a GPU, so newer Tritons keep the adds.
+# sustained at the power limit: 490-491 -> 503-514 TFLOP/s (three runs). At d=128, where the matrix work per
+# softmax is twice as large, the extra products cost more than the adds: 607-621 -> 579-591 at S32760, 3-4% lost
+# at S4096 and with text keys. The row sums are then of the rounded P that the P V product uses, so the logsumexp
+# differs from an fp32 sum's by up to log2(1 + 2^-8) (bf16's unit roundoff). Measured with Triton 3.6, whose build
+# has no spills. Triton 3.9's build of it spills 396 bytes (68 without it) and has not run on a GPU, so newer
+# Tritons keep the adds.
 SUM_MMA_HEAD_DIMS = (64,) if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) else ()
 
 
