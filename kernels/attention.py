@@ -1,9 +1,9 @@
 """Flash attention (non-causal) in Triton: forward and backward over q/k/v read strided as ``[B, S, H, D]``.
 
 Forward: online softmax in base 2 (log2(e) folded into the scale), fp32 accumulators, an unmasked main loop
-over whole key blocks plus one masked tail block, logsumexp (base 2) saved for the backward. Backward: a
-``delta = rowsum(dO * O)`` preprocess, one pass that owns a key block and sweeps the queries (dK, dV), and one
-that owns a query block and sweeps the keys (dQ), so no atomics are needed and the result is deterministic.
+over whole key blocks plus one masked tail block, logsumexp (base 2) saved for the backward. Backward: the two-pass
+kernels of :mod:`.attention_bwd` (dK/dV, then dQ; no atomics, deterministic). This module holds the forward kernel,
+the host side of both directions (checks, dispatch, plans), the ``autograd.Function`` and the functional API.
 
 Head dims that are not powers of two (72, 96) are padded to the next power of two inside these kernels with
 masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA), and at
@@ -27,62 +27,12 @@ import triton.language as tl
 from . import attention_sm90 as _sm90
 from . import attention_sm90_bwd as _sm90_bwd
 from ._launch import DEFAULT_OPTIONS, cdiv, launch, next_pow2
+from .attention_bwd import _DKDV, _DQ, _attn_bwd_preprocess
+from .attention_tiles import (_INTERPRET, _configs, _load_tile, _make_desc, _off, _pick, _store_tile, _stream_tile,
+                              _tuned)
 
 SUPPORTED_HEAD_DIMS = frozenset({32, 48, 64, 72, 80, 96, 128})
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _off(b, stride_b, h, stride_h, ALIGN: tl.constexpr):
-    # Triton proves alignment only for strides divisible by 16; a head stride such as 72 hides that every
-    # (batch, head) slice still starts on a 16-byte boundary, and without that proof the loads go scalar.
-    return tl.multiple_of(b * stride_b + h * stride_h, ALIGN)
-
-
-@triton.jit
-def _load_tile(base, offs_r, offs_d, stride_r, stride_d, n_rows,
-               D: tl.constexpr, D_PAD: tl.constexpr, ROW_MASK: tl.constexpr):
-    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
-    if ROW_MASK:
-        mask = offs_r[:, None] < n_rows
-        if D != D_PAD:
-            mask = mask & (offs_d[None, :] < D)
-        x = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        if D != D_PAD:
-            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
-def _store_tile(base, x, offs_r, offs_d, stride_r, stride_d, n_rows, D: tl.constexpr, D_PAD: tl.constexpr):
-    mask = offs_r[:, None] < n_rows
-    if D != D_PAD:
-        mask = mask & (offs_d[None, :] < D)
-    tl.store(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, x, mask=mask)
-
-
-@triton.jit
-def _stream_tile(desc, base, start, offs_r0, offs_d, stride_r, stride_d, n_rows,
-                 D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, USE_TMA: tl.constexpr):
-    # The tensor descriptor zero-fills rows past n_rows, so the tail needs no mask on that path.
-    if USE_TMA:
-        x = desc.load([start, 0])
-    else:
-        x = _load_tile(base, start + offs_r0, offs_d, stride_r, stride_d, n_rows, D, D_PAD, TAIL)
-    return x
-
-
-@triton.jit
-def _make_desc(base, n_rows, stride_r, BLOCK: tl.constexpr, D: tl.constexpr, USE_TMA: tl.constexpr):
-    if USE_TMA:
-        desc = tl.make_tensor_descriptor(base, shape=[n_rows, D], strides=[stride_r, 1], block_shape=[BLOCK, D])
-    else:
-        desc = base
-    return desc
 
 
 @triton.jit
@@ -159,216 +109,11 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
     _store_tile(O, o.to(O.dtype.element_ty), offs_m, offs_d, sos, sod, SQ, D, D_PAD)
     tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=offs_m < SQ)
 
-
-@triton.jit
-def _attn_bwd_preprocess(O, DO, DELTA, DQA, sob, sos, soh, sod, sdb, sds, sdh, sdd, H, SQ,
-                         D: tl.constexpr, D_PAD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-                         ZERO_DQ: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    o = _load_tile(O + _off(b, sob, h, soh, ALIGN), offs_m, offs_d, sos, sod, SQ, D, D_PAD, True)
-    do = _load_tile(DO + _off(b, sdb, h, sdh, ALIGN), offs_m, offs_d, sds, sdd, SQ, D, D_PAD, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * SQ + offs_m, delta, mask=offs_m < SQ)
-    if ZERO_DQ:
-        # The one-pass backward adds dQ into a contiguous fp32 [B, SQ, H, D] buffer: zero its rows here, which
-        # saves the host a fill launch per call.
-        zeros = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        _store_tile(DQA + ((b * SQ) * H + h) * D, zeros, offs_m, offs_d, H * D, 1, SQ, D, D_PAD)
-
-
-@triton.jit
-def _dkdv_step(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
-               offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, HAS_MASK: tl.constexpr,
-               PREC: tl.constexpr, USE_TMA: tl.constexpr):
-    """One query block's share of dK and dV for this key block (shared with the one-pass atomic backward, which
-    also takes dS^T for its dQ); ``keep`` (with HAS_MASK) zeroes the masked keys' probabilities. Returns
-    ``(dk, dv, dS^T in q's dtype)``."""
-    offs_m = start_m + offs_m0
-    q = _stream_tile(q_desc, Q, start_m, offs_m0, offs_d, sqs, sqd, SQ, D, D_PAD, TAIL, USE_TMA)
-    if TAIL:
-        lse = tl.load(LSE + offs_m, mask=offs_m < SQ, other=float("inf"))
-        delta = tl.load(DELTA + offs_m, mask=offs_m < SQ, other=0.0)
-    else:
-        lse = tl.load(LSE + offs_m)
-        delta = tl.load(DELTA + offs_m)
-    st = tl.dot(k, tl.trans(q), input_precision=PREC)
-    pt = tl.math.exp2(st * qk_scale - lse[None, :])
-    if HAS_MASK:
-        pt = tl.where(keep[:, None], pt, 0.0)
-    do = _stream_tile(do_desc, DO, start_m, offs_m0, offs_d, sds, sdd, SQ, D, D_PAD, TAIL, USE_TMA)
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-    dk = tl.dot(dst, q, dk, input_precision=PREC)
-    return dk, dv, dst
-
-
-@triton.jit
-def _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
-                offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, PREC: tl.constexpr,
-                USE_TMA: tl.constexpr):
-    dk, dv, _ = _dkdv_step(dk, dv, k, v, offs_m0, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds,
-                           sdd, qk_scale, offs_m0, offs_d, D, D_PAD, TAIL, False, PREC, USE_TMA)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
-                   sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
-                   sgb, sgs, sgh, sgd, smb, sms,
-                   H, SQ, SK, qk_scale, sm_scale, SQ_KEY, SK_KEY,
-                   D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                   USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    Q += _off(b, sqb, h, sqh, ALIGN)
-    DO += _off(b, sdb, h, sdh, ALIGN)
-    LSE += pid_bh.to(tl.int64) * SQ
-    DELTA += pid_bh.to(tl.int64) * SQ
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    q_desc = _make_desc(Q, SQ, sqs, BLOCK_M, D, USE_TMA)
-    do_desc = _make_desc(DO, SQ, sds, BLOCK_M, D, USE_TMA)
-    # Key rows past SK load as zeros; whatever they accumulate is never stored.
-    k = _load_tile(K + _off(b, skb, h, skh, ALIGN), offs_n, offs_d, sks, skd, SK, D, D_PAD, True)
-    v = _load_tile(V + _off(b, svb, h, svh, ALIGN), offs_n, offs_d, svs, svd, SK, D, D_PAD, True)
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    sq_full = (SQ // BLOCK_M) * BLOCK_M
-    for start_m in range(0, sq_full, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd,
-                             qk_scale, offs_m0, offs_d, D, D_PAD, False, PREC, USE_TMA)
-    if sq_full < SQ:
-        dk, dv = _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, sq_full, SQ, sqs, sqd, sds, sdd,
-                             qk_scale, offs_m0, offs_d, D, D_PAD, True, PREC, USE_TMA)
-    dk = dk * sm_scale
-    if HAS_MASK:
-        # A padded key gets no probability, so its gradients are exactly zero.
-        keep = tl.load(KPM + b * smb + offs_n * sms, mask=offs_n < SK, other=0) != 0
-        dk = tl.where(keep[:, None], dk, 0.0)
-        dv = tl.where(keep[:, None], dv, 0.0)
-    DK += _off(b, sgb, h, sgh, ALIGN)
-    DV += _off(b, sgb, h, sgh, ALIGN)
-    _store_tile(DK, dk.to(DK.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
-    _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, offs_d, sgs, sgd, SK, D, D_PAD)
-
-
-@triton.jit
-def _dq_block(dq, q, do, lse, delta, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd, sms, qk_scale,
-              offs_n0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, HAS_MASK: tl.constexpr,
-              PREC: tl.constexpr, USE_TMA: tl.constexpr):
-    k = _stream_tile(k_desc, K, start_n, offs_n0, offs_d, sks, skd, SK, D, D_PAD, TAIL, USE_TMA)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    p = tl.math.exp2(s * qk_scale - lse[:, None])
-    if TAIL or HAS_MASK:
-        offs_n = start_n + offs_n0
-        valid = offs_n < SK
-        if HAS_MASK:
-            valid = valid & (tl.load(KPM + offs_n * sms, mask=valid, other=0) != 0)
-        p = tl.where(valid[None, :], p, 0.0)
-    v = _stream_tile(v_desc, V, start_n, offs_n0, offs_d, svs, svd, SK, D, D_PAD, TAIL, USE_TMA)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM,
-                 sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
-                 sgb, sgs, sgh, sgd, smb, sms,
-                 H, SQ, SK, qk_scale, sm_scale, SQ_KEY, SK_KEY,
-                 D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                 USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    K += _off(b, skb, h, skh, ALIGN)
-    V += _off(b, svb, h, svh, ALIGN)
-    KPM += b * smb
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    k_desc = _make_desc(K, SK, sks, BLOCK_N, D, USE_TMA)
-    v_desc = _make_desc(V, SK, svs, BLOCK_N, D, USE_TMA)
-    q = _load_tile(Q + _off(b, sqb, h, sqh, ALIGN), offs_m, offs_d, sqs, sqd, SQ, D, D_PAD, True)
-    do = _load_tile(DO + _off(b, sdb, h, sdh, ALIGN), offs_m, offs_d, sds, sdd, SQ, D, D_PAD, True)
-    row = pid_bh.to(tl.int64) * SQ + offs_m
-    lse = tl.load(LSE + row, mask=offs_m < SQ, other=float("inf"))
-    delta = tl.load(DELTA + row, mask=offs_m < SQ, other=0.0)
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    sk_full = (SK // BLOCK_N) * BLOCK_N
-    for start_n in range(0, sk_full, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd, sms,
-                       qk_scale, offs_n0, offs_d, D, D_PAD, False, HAS_MASK, PREC, USE_TMA)
-    if sk_full < SK:
-        dq = _dq_block(dq, q, do, lse, delta, k_desc, v_desc, K, V, KPM, sk_full, SK, sks, skd, svs, svd, sms,
-                       qk_scale, offs_n0, offs_d, D, D_PAD, True, HAS_MASK, PREC, USE_TMA)
-    dq = dq * sm_scale
-    _store_tile(DQ + _off(b, sgb, h, sgh, ALIGN), dq.to(DQ.dtype.element_ty), offs_m, offs_d, sgs, sgd, SQ, D, D_PAD)
-
-
-def _configs(pairs, **extra):
-    """Autotune space: (outer block, inner block, warps, stages); one small config under the interpreter."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **extra}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-def _make_prune(single: bool):
-    def prune(configs, named_args, **kwargs):
-        # fp32 tiles need twice the shared memory and registers; keep the small blocks for them.
-        wide = named_args["Q"].element_size() > 2
-        kept = [c for c in configs if not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-        # Warp specialization is built around the tensor-descriptor loads.
-        if not named_args.get("USE_TMA", kwargs.get("USE_TMA")):
-            kept = [c for c in kept if not c.kwargs.get("WS")]
-        kept = kept or configs[-1:]
-        return kept[:1] if single else kept
-    return prune
-
-
-_KEY = ["D", "HAS_MASK", "PREC", "USE_TMA", "SQ_KEY", "SK_KEY"]
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5),
                          (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)], WS=False)
 if os.environ.get("STDIT_ATTN_WS") == "1" and not _INTERPRET:
     _FWD_CONFIGS += _configs([(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)], WS=True)
-_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4), (32, 128, 4, 3), (32, 128, 4, 5),
-                          (32, 128, 8, 4), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (128, 32, 4, 5),
-                        (64, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
-
-
-def _tuned(kernel, configs, key=_KEY, reset=None):
-    """(autotuned over ``configs``, one fixed config); ``STDIT_AUTOTUNE=0`` picks the second at launch.
-
-    The fixed variant takes the first config, or the last (the smallest) for fp32 inputs.
-    """
-    # ``reset``: outputs accumulated with atomics, zeroed before each timed run of the autotuner.
-    return (triton.autotune(configs, key=key, reset_to_zero=reset,
-                            prune_configs_by={"early_config_prune": _make_prune(False)})(kernel),
-            triton.autotune(configs[:1] + configs[-1:], key=key, reset_to_zero=reset,
-                            prune_configs_by={"early_config_prune": _make_prune(True)})(kernel))
-
-
 _FWD = _tuned(_attn_fwd, _FWD_CONFIGS)
-_DKDV = _tuned(_attn_bwd_dkdv, _DKDV_CONFIGS)
-_DQ = _tuned(_attn_bwd_dq, _DQ_CONFIGS)
-
-
-def _pick(kernels):
-    return kernels[1] if os.environ.get("STDIT_AUTOTUNE", "1") == "0" else kernels[0]
 
 
 def _launch(kernels, key: tuple, grid, args: tuple, kwargs: dict) -> None:
@@ -687,3 +432,4 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
 
         return triton_attention(q, k, v, key_padding_mask, scale)
     return FlashAttention.apply(q, k, v, key_padding_mask, scale)
+

@@ -5,7 +5,7 @@ and dP are computed once per tile pair (5 matrix products instead of the two-pas
 measured slower than the two passes (the kernel holds dK, dV and a dQ partial in registers and pays the dQ reduction
 traffic; see ``benchmarks/NOTES-attention.md``), and on Hopper the Gluon one-pass backward of
 :mod:`.attention_sm90_bwd` is the default at head dims 64 and 128, so this stays a switch. It shares the tiles,
-launch helpers and autotuning of :mod:`.attention`.
+launch helpers and autotuning of :mod:`.attention_tiles`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv
-from .attention import (_KEY, _configs, _dkdv_step, _load_tile, _make_desc, _off, _pick, _store_tile, _tma_allowed,
-                        _tuned)
+from .attention import _tma_allowed
+from .attention_bwd import _dkdv_step
+from .attention_tiles import _KEY, _configs, _load_tile, _make_desc, _off, _pick, _store_tile, _tuned
 
 
 @triton.jit

@@ -23,7 +23,9 @@ def load_kernels():
     import stdit.kernels.qk_norm_rope
 
     if not HAS_CUDA and not stdit.kernels.attention._INTERPRET:
-        for name in ("stdit.kernels.attention", "stdit.kernels.qk_norm_rope", "stdit.kernels"):
+        # Dependencies first: the attention module takes the reloaded tiles, configs and backward kernels.
+        for name in ("stdit.kernels.attention_tiles", "stdit.kernels.attention_bwd", "stdit.kernels.attention",
+                     "stdit.kernels.qk_norm_rope", "stdit.kernels"):
             importlib.reload(sys.modules[name])
     return stdit.kernels
 

@@ -210,20 +210,22 @@ def test_every_tuning_config_gpu(d, monkeypatch):
     """Each config the autotuner may pick, forward and backward, so a miscompiled config cannot hide behind
     the one the tuning happened to choose (tails on both lengths, a key padding mask, a padded head dim)."""
     from stdit.kernels import attention as ka
+    from stdit.kernels import attention_bwd as kb
+    from stdit.kernels import attention_tiles as kt
 
     q, k, v, kpm, do = make_inputs(2, 1000, 777, 2, d, torch.bfloat16, True, seed=d)
     ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, kpm, do)
     low = run(lambda *a: attention_ref(*a, dtype=torch.bfloat16), q, k, v, kpm, do)
     flags = {"USE_TMA": ka._tma_allowed(q, k, v)}
-    spaces = {name: (kernel, ka._make_prune(False)(configs, {"Q": q}, **flags))
+    spaces = {name: (kernel, kt._make_prune(False)(configs, {"Q": q}, **flags))
               for name, kernel, configs in (("_FWD", ka._attn_fwd, ka._FWD_CONFIGS),
-                                            ("_DKDV", ka._attn_bwd_dkdv, ka._DKDV_CONFIGS),
-                                            ("_DQ", ka._attn_bwd_dq, ka._DQ_CONFIGS))}
+                                            ("_DKDV", kb._attn_bwd_dkdv, kb._DKDV_CONFIGS),
+                                            ("_DQ", kb._attn_bwd_dq, kb._DQ_CONFIGS))}
     for i in range(max(len(allowed) for _, allowed in spaces.values())):
         picked = {}
         for name, (kernel, allowed) in spaces.items():
             picked[name] = allowed[i % len(allowed)]
-            monkeypatch.setattr(ka, name, ka._tuned(kernel, [picked[name]]))
+            monkeypatch.setattr(ka, name, kt._tuned(kernel, [picked[name]]))
         out = run(kernels.flash_attention, q, k, v, kpm, do)
         for name, x, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
             try:
