@@ -43,8 +43,7 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.language.nvidia.hopper import (warpgroup_mma, warpgroup_mma_init,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
     # Renamed between Triton releases (3.6: async_copy_global_to_shared; later: async_load).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -141,7 +140,6 @@ if HAVE_GLUON:
     def _zero_leading_cols(tile, N: gl.constexpr):
         # Zero the first N columns of a [rows, cols] shared-memory tile that this warpgroup reads next with wgmma:
         # every thread stores its part, fences it for the async proxy, and the warpgroup syncs.
-        ROWS: gl.constexpr = tile.shape[0]
         COLS: gl.constexpr = tile.shape[1]
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // COLS, COLS // 8], [4, 1], [1, 0])
         x = tile.load(layout)

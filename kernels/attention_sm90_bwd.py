@@ -304,7 +304,6 @@ if HAVE_GLUON:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, HB, 16])
         key_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
-        qry_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
         dk_lo = gl.zeros([HB, HB], gl.float32, acc_layout)
         dv_lo = gl.zeros([HB, HB], gl.float32, acc_layout)
         if HW > 0 and HW < HB:
