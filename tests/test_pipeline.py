@@ -152,10 +152,6 @@ def test_progress_bar_can_be_switched(capsys):
 
 
 def test_pipeline_save_and_load(tmp_path):
-    import stdit
-
-    if not hasattr(stdit, "StDiT"):
-        pytest.skip("stdit does not export StDiT")
     p = pipe(model(num_classes=2))
     p.save_pretrained(tmp_path)
     q = StDiTPipeline.from_pretrained(tmp_path)
