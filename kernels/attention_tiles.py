@@ -1,6 +1,6 @@
-"""Tile loads and stores, and the autotune space, shared by the general Triton attention kernels: the forward
+"""Tile loads and stores, and the autotuning helpers, shared by the general Triton attention kernels: the forward
 (:mod:`.attention`), the two-pass backward (:mod:`.attention_bwd`) and the opt-in atomic one
-(:mod:`.attention_bwd_atomic`).
+(:mod:`.attention_bwd_atomic`). Each of those modules lists its own configs.
 
 Tiles are ``[rows, D_PAD]`` slices of one (batch, head) of a ``[B, S, H, D]`` tensor read with any strides; a head
 dim that is not a power of two is padded to ``D_PAD`` with masked loads. On Hopper the tiles that the inner loops
