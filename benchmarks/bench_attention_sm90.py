@@ -27,7 +27,8 @@ from common import bench_ms, write_results  # noqa: E402
 
 # (BLOCK_N, STAGES, consumer warpgroups, ping-pong, persistent grid), as in attention_sm90._CONFIGS.
 ABLATION = {
-    128: [(128, 2, 2, True, True), (128, 3, 2, True, True), (128, 2, 2, False, True), (128, 2, 2, True, False)],
+    128: [(128, 2, 2, True, True), (128, 3, 2, True, True), (128, 2, 2, False, True), (128, 2, 2, True, False),
+          (128, 2, 3, True, True)],
     64: [(128, 3, 3, True, True), (128, 3, 2, True, True), (128, 3, 3, False, True)],
 }
 

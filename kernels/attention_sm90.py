@@ -7,14 +7,15 @@ specialization, and this kernel uses them:
 
 * a one-warp load partition streams each tile's Q blocks and K, V through ``STAGES``-deep shared-memory rings
   (TMA completing on "ready" mbarriers; a slot is refilled after every consumer arrived on its "empty" mbarrier);
-* ``NW`` consumer warpgroups (2 at d=128, 3 at d=64) each own 64 query rows. Per key block a consumer issues
-  ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` back to back, then runs the softmax of ``S_j`` under them;
+* ``NW`` consumer warpgroups (2 or 3 at d=128, 3 at d=64) each own 64 query rows. Per key block a consumer issues
+  ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` back to back, then runs the softmax of ``S_j`` under them. Three
+  consumers at d=128 have no registers left for P: it reaches the P V product through their O staging tiles;
 * ping-pong: the consumers take turns to issue (a ring of "turn" mbarriers), so one's softmax runs under the
   others' matrix products instead of all softmaxes at once;
 * persistent: ``min(tiles, SMs)`` programs walk the output tiles, and the load warp fetches the next tile's
   blocks during this tile's last products and epilogue (no tail wave, no cold start per tile);
-* at d=128 Q is the score products' register operand, read from shared memory once per tile; at d=64 the
-  softmax's row sums run on the tensor cores (P times a ones tile), not as adds;
+* at d=128 with two consumers Q is the score products' register operand, read from shared memory once per tile;
+  at d=64 the softmax's row sums run on the tensor cores (P times a ones tile), not as adds;
 * epilogue: a whole 64-row block of O goes to a shared-memory staging tile and leaves with an asynchronous TMA
   store, so the consumer starts its next tile without issuing a store per register pair (masked stores remain for
   a block that ends past Sq, the overlapping d=72 tail chunk, and d=128 with three stages, where no staging fits).
@@ -129,12 +130,18 @@ if HAVE_GLUON:
             mbarrier.arrive(turn.index((WG + 1) % NW), count=1)
 
     @gluon.jit
-    def _last_key_block(s, q_empty, WG: gl.constexpr, last_cols, SK, QREG: gl.constexpr):
+    def _last_key_block(s, q_empty, WG: gl.constexpr, last_cols, n_left, SK, QREG: gl.constexpr,
+                        LOCAL_COLS: gl.constexpr):
         # Q is free for the next tile (with QREG it was freed when read into registers), and only this block reaches
         # past SK (those K, V rows are zeros or the next sequence's; their probabilities are set to 0).
         if not QREG:
             mbarrier.arrive(q_empty.index(WG), count=1)
-        return gl.where(gl.expand_dims(last_cols < SK, 0), s, -1.0e30)
+        if LOCAL_COLS:  # the column indices made here, not held across the key loop (registers: P_SMEM)
+            cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+            keep = cols < n_left
+        else:
+            keep = last_cols < SK
+        return gl.where(gl.expand_dims(keep, 0), s, -1.0e30)
 
     @gluon.jit
     def _zero_leading_cols(tile, N: gl.constexpr):
@@ -145,6 +152,16 @@ if HAVE_GLUON:
         x = tile.load(layout)
         cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
         tile.store(gl.where(gl.expand_dims(cols >= N, 0), x, gl.zeros_like(x)))
+        fence_async_shared()
+        _cta_barrier()
+
+    @gluon.jit
+    def _stage_p(p, p_smem, O_TMA: gl.constexpr):
+        # P_SMEM: this warpgroup's 16-bit P into its staging tile, the A operand of the next P V product (which the
+        # caller has made sure is past reading the previous P; with O_TMA the tile may still be an O block leaving).
+        if O_TMA:
+            tma.store_wait(0)
+        p_smem.store(p)
         fence_async_shared()
         _cta_barrier()
 
@@ -169,7 +186,7 @@ if HAVE_GLUON:
                   v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H, SQ, SK, n_m,
                   n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr,
-                  QREG: gl.constexpr, SUM_MMA: gl.constexpr):
+                  QREG: gl.constexpr, SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr):
         # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
         # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
         # and the other consumers' products keep the tensor cores busy.
@@ -209,9 +226,12 @@ if HAVE_GLUON:
             NPV_ALL: gl.constexpr = NPV
         q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
-        cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         n_kv = gl.cdiv(SK, BLOCK_N)
-        last_cols = (n_kv - 1) * BLOCK_N + cols0
+        n_left = SK - (n_kv - 1) * BLOCK_N  # valid keys in the last key block
+        if P_SMEM:
+            last_cols = n_left  # placeholder, unused
+        else:
+            last_cols = (n_kv - 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         t = 0
         tc = 0
         k = 0
@@ -238,13 +258,15 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(0, deps=[s])
             mbarrier.arrive(k_empty.index(slot), count=1)
             if n_kv == 1:
-                s = _last_key_block(s, q_empty, WG, last_cols, SK, QREG)
+                s = _last_key_block(s, q_empty, WG, last_cols, n_left, SK, QREG, P_SMEM)
             m_i = gl.max(s, 1) * qk_scale
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
             if not SUM_MMA:
                 l_i = gl.sum(p, 1)
             if QREG:  # P crosses the loop edge as 16-bit values: its fp32 copy is dead before the next products
                 p = p.to(dtype)
+            if P_SMEM:  # P crosses the loop edge in shared memory, as the P V products' A operand
+                _stage_p(p.to(dtype), o_smem.index(WG), O_TMA)
             acc = gl.zeros([WG_ROWS, D0], gl.float32, o_layout)
             if SUM_MMA:
                 acc_l = gl.zeros([WG_ROWS, 8], gl.float32, l_layout)
@@ -260,8 +282,11 @@ if HAVE_GLUON:
                 s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 if DT > 0:
                     s = warpgroup_mma(qt_smem.index(WG), kt_smem.index(slot).permute((1, 0)), s, is_async=True)
-                p16 = p.to(dtype)  # a no-op with QREG (converted at the end of the softmax)
-                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(pslot), acc, is_async=True)
+                if P_SMEM:
+                    acc = warpgroup_mma(o_smem.index(WG), v_smem.index(pslot), acc, is_async=True)
+                else:
+                    p16 = p.to(dtype)  # a no-op with QREG (converted at the end of the softmax)
+                    acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(pslot), acc, is_async=True)
                 if DT > 0:
                     acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(pslot), acc_t,
                                           is_async=True)
@@ -274,7 +299,7 @@ if HAVE_GLUON:
                 s = warpgroup_mma_wait(NPV_ALL, deps=[s])
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 if j == n_kv - 1:
-                    s = _last_key_block(s, q_empty, WG, last_cols, SK, QREG)
+                    s = _last_key_block(s, q_empty, WG, last_cols, n_left, SK, QREG, P_SMEM)
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
                 alpha = gl.exp2(m_i - m_new)
@@ -293,12 +318,17 @@ if HAVE_GLUON:
                     acc = warpgroup_mma_wait(0, deps=[acc])
                 mbarrier.arrive(v_empty.index(pslot), count=1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+                if P_SMEM:  # P_{j-1} V_{j-1} is done with the staging tile
+                    _stage_p(p.to(dtype), o_smem.index(WG), False)
 
             lslot = (t + n_kv - 1) % STAGES
             mbarrier.wait(v_ready.index(lslot), ((t + n_kv - 1) // STAGES) & 1)
             _turn_wait(turn, WG, k, PINGPONG)
-            p16 = p.to(dtype)
-            acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(lslot), acc, is_async=True)
+            if P_SMEM:
+                acc = warpgroup_mma(o_smem.index(WG), v_smem.index(lslot), acc, is_async=True)
+            else:
+                p16 = p.to(dtype)
+                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(lslot), acc, is_async=True)
             if DT > 0:
                 acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(lslot), acc_t, is_async=True)
             if SUM_MMA:
@@ -365,7 +395,7 @@ if HAVE_GLUON:
     def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
                        D: gl.constexpr, D0: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr, REGS: gl.constexpr,
-                       O_TMA: gl.constexpr, QREG: gl.constexpr, SUM_MMA: gl.constexpr):
+                       O_TMA: gl.constexpr, QREG: gl.constexpr, SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr):
         # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
         # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
         # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
@@ -386,6 +416,10 @@ if HAVE_GLUON:
         # row view). At d=72 the tail chunk overlaps the first and is stored from registers.
         if O_TMA:
             o_desc, o_smem = _tiles(O, B * SQ, H * D, sos, WG_ROWS, D0, NW)
+        elif P_SMEM:  # the P staging tiles (BLOCK_N = D0 columns)
+            o_desc = q_desc
+            o_smem = gl.allocate_shared_memory(dtype, [NW, WG_ROWS, D0],
+                                               gl.NVMMASharedLayout.get_default_for([WG_ROWS, D0], dtype))
         else:  # placeholders, never read
             o_desc, o_smem = q_desc, q_smem
         if O_TMA and DT > 0 and D0 + DT == D:
@@ -430,11 +464,11 @@ if HAVE_GLUON:
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
                              H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA)),
+                             SUM_MMA, P_SMEM)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
                              H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA)),
+                             SUM_MMA, P_SMEM)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -444,15 +478,15 @@ if HAVE_GLUON:
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
                              H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA)),
+                             SUM_MMA, P_SMEM)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
                              H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA)),
+                             SUM_MMA, P_SMEM)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
                              H, SQ, SK, n_m, n_tiles, qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA)),
+                             SUM_MMA, P_SMEM)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
                            NW, D, DT, BLOCK_N, STAGES)),
@@ -462,6 +496,7 @@ if HAVE_GLUON:
 # Config: (BLOCK_N, STAGES, consumer warpgroups NW, ping-pong, persistent grid); BLOCK_M = 64 * NW. On an H200
 # (TFLOP/s, B1 H12 S32760 / S4096 d128): 2 stages 600 / 598, 3 stages 590 / 589, no ping-pong 598 / 594, one
 # program per tile 602 / 563 (its best case is the long 40-head shape); BLOCK_N = 64 measured 17% slower.
+_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _CONFIGS = {
     128: [(128, 2, 2, True, True), (128, 2, 2, True, False), (128, 3, 2, True, True)],
     64: [(128, 3, 3, True, True)],
@@ -470,6 +505,14 @@ _CONFIGS = {
     80: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
     96: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
 }
+# d=128 with three consumers (192 x 128 tiles, 160 registers each, so P reaches the P V products through the O
+# staging tiles: P_SMEM). H200, sustained 0.7 s loops, three rounds, against the first config (TFLOP/s): B1 H12
+# S75600 616-620 -> 628-635, H40 S32760 620 -> 625-626, S32760 616-620 -> 620-622, S4096 even, 512 text keys
+# 537-546 -> 532-534, B4 S1024 501-506 -> 355 (the tuner keeps the first there). Measured with Triton 3.6 (124 B of
+# spills, none in the key loop); Triton 3.9's build spills 520 B and has not run on a GPU, so newer Tritons leave it
+# out.
+if _TRITON < (3, 7):
+    _CONFIGS[128].append((128, 2, 3, True, True))
 _TUNED = {}
 # Registers per thread of each consumer warpgroup (setmaxnreg), by consumer count; the load warp keeps 24. Two
 # consumers: 240 rather than 232 measured +3-4% at d=128 (H200, B1 H12 / H40 S32760: 610-617 -> 630-640 TFLOP/s)
@@ -491,7 +534,7 @@ Q_IN_REGISTERS = (128,)
 # differs from an fp32 sum's by up to log2(1 + 2^-8) (bf16's unit roundoff). Measured with Triton 3.6, whose build
 # has no spills. Triton 3.9's build of it spills 396 bytes (68 without it) and has not run on a GPU, so newer
 # Tritons keep the adds.
-SUM_MMA_HEAD_DIMS = (64,) if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) else ()
+SUM_MMA_HEAD_DIMS = (64,) if _TRITON < (3, 7) else ()
 
 
 def supports(q, k, v, key_padding_mask) -> bool:
@@ -524,9 +567,13 @@ def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
     block_n, stages, nw, pingpong, _ = cfg
     d0, dt = chunks(d)
     smem = 2 * (d0 + dt) * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
+    # Three consumers at d=128 have no registers for P (160 each; O and S take 128): P goes through the O staging
+    # tiles, which are then there for O as well.
+    p_smem = d == 128 and nw == 3
     return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw],
-                O_TMA=o_row_view and smem <= _SMEM_BYTES, QREG=d in Q_IN_REGISTERS and dt == 0,
-                SUM_MMA=d in SUM_MMA_HEAD_DIMS and dt == 0)
+                O_TMA=o_row_view and (smem <= _SMEM_BYTES or p_smem),
+                QREG=d in Q_IN_REGISTERS and dt == 0 and not p_smem,
+                SUM_MMA=d in SUM_MMA_HEAD_DIMS and dt == 0, P_SMEM=p_smem)
 
 
 def _launch(cfg, q, k, v, o, lse, qk_scale):
