@@ -505,14 +505,17 @@ _CONFIGS = {
     80: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
     96: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
 }
-# d=128 with three consumers (192 x 128 tiles, 160 registers each, so P reaches the P V products through the O
-# staging tiles: P_SMEM). H200, sustained 0.7 s loops, three rounds, against the first config (TFLOP/s): B1 H12
-# S75600 616-620 -> 628-635, H40 S32760 620 -> 625-626, S32760 616-620 -> 620-622, S4096 even, 512 text keys
-# 537-546 -> 532-534, B4 S1024 501-506 -> 355 (the tuner keeps the first there). Measured with Triton 3.6 (124 B of
-# spills, none in the key loop); Triton 3.9's build spills 520 B and has not run on a GPU, so newer Tritons leave it
-# out.
-if _TRITON < (3, 7):
-    _CONFIGS[128].append((128, 2, 3, True, True))
+# Long sequences take a config by length, not by the tuner: at d=128 three consumers (192 x 128 tiles, 160 registers
+# each, so P reaches the P V products through the O staging tiles: P_SMEM). H200, sustained 0.7 s loops at the power
+# limit, three rounds, against the first config (TFLOP/s): B1 H12 S75600 616-620 -> 628-635, H40 S32760 620 ->
+# 625-626, S32760 616-620 -> 620-622, S4096 even, 512 text keys 537-546 -> 532-534, B4 S1024 501-506 -> 355. The
+# tuner's short timings run below the power limit, where the two are even, and it never picked this one. Measured with
+# Triton 3.6 (124 B of spills, none in the key loop); Triton 3.9's build spills 520 B and has not run on a GPU, so
+# newer Tritons leave it out.
+LONG_CONFIGS = {128: (128, 2, 3, True, True)} if _TRITON < (3, 7) else {}
+LONG_MIN = 16384  # queries and keys
+for _d, _cfg in LONG_CONFIGS.items():
+    _CONFIGS[_d].append(_cfg)  # built and tested with the others (sm90_report, the every-config GPU test)
 _TUNED = {}
 # Registers per thread of each consumer warpgroup (setmaxnreg), by consumer count; the load warp keeps 24. Two
 # consumers: 240 rather than 232 measured +3-4% at d=128 (H200, B1 H12 / H40 S32760: 610-617 -> 630-640 TFLOP/s)
@@ -593,14 +596,18 @@ def _launch(cfg, q, k, v, o, lse, qk_scale):
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True):
-    """Write ``o`` and ``lse`` (base 2) for ``q [B, Sq, H, D]``, ``k, v [B, Sk, H, D]``; picks its config once per
-    (head dim, dtype, length bucket) by timing the candidates, or takes the first with ``tune=False``. Returns
-    the launch's replay (see :func:`_launch`)."""
+    """Write ``o`` and ``lse`` (base 2) for ``q [B, Sq, H, D]``, ``k, v [B, Sk, H, D]``. Long sequences at a head dim
+    of :data:`LONG_CONFIGS` take that config; otherwise the config is picked once per (head dim, dtype, length
+    bucket) by timing the candidates, or is the first with ``tune=False``. Returns the launch's replay (see
+    :func:`_launch`)."""
     d = q.shape[-1]
+    long_cfg = LONG_CONFIGS.get(d)
+    if long_cfg is not None and min(q.shape[1], k.shape[1]) >= LONG_MIN:
+        return _launch(long_cfg, q, k, v, o, lse, qk_scale)
     key = (d, q.dtype, next_pow2(q.shape[1]), next_pow2(k.shape[1]))
     cfg = _TUNED.get(key)
     if cfg is None:
-        cands = _CONFIGS[d]
+        cands = [c for c in _CONFIGS[d] if c != long_cfg]
         if tune and len(cands) > 1:
             times = [triton.testing.do_bench(lambda c=c: _launch(c, q, k, v, o, lse, qk_scale), warmup=5, rep=20)
                      for c in cands]

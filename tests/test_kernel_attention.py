@@ -286,6 +286,33 @@ def test_sm90_output_tma_store_scope():
     assert sm90._CONFIGS[128][0][1] == 2  # the d=128 default keeps the TMA store
 
 
+def test_sm90_long_sequences_take_their_config(monkeypatch):
+    """Long sequences run the length-picked config without tuning; shorter ones are tuned among the others only
+    (the length-picked one is far slower there: B4 S1024)."""
+    sm90 = kernels.attention_sm90
+    short, long_cfg = (128, 2, 2, True, True), (128, 2, 3, True, True)
+    monkeypatch.setattr(sm90, "LONG_CONFIGS", {128: long_cfg})
+    monkeypatch.setattr(sm90, "_CONFIGS", {128: [short, (128, 3, 2, True, True), long_cfg]})
+    monkeypatch.setattr(sm90, "_TUNED", {})
+    launched = []
+    monkeypatch.setattr(sm90, "_launch", lambda cfg, *args: launched.append(cfg))
+    # The tuner's timings: the length-picked config would win if it were a candidate.
+    monkeypatch.setattr(sm90.triton.testing, "do_bench", lambda fn, **kw: (fn(), 0.5 if launched[-1] == long_cfg
+                                                                           else 1.0)[1])
+
+    def run(sq, sk, tune=True):
+        q, k = torch.empty(1, sq, 2, 128, device="meta"), torch.empty(1, sk, 2, 128, device="meta")
+        launched.clear()
+        sm90.forward(q, k, k, None, None, 1.0, tune=tune)
+        return launched[-1], launched[:-1]
+
+    assert run(sm90.LONG_MIN, sm90.LONG_MIN) == (long_cfg, [])
+    assert run(75600, 32760, tune=False) == (long_cfg, [])
+    picked, timed = run(1024, 1024)
+    assert long_cfg not in timed and set(timed) == {short, (128, 3, 2, True, True)} and picked in timed
+    assert run(sm90.LONG_MIN, 512, tune=False)[0] == short  # text keys: short on one side
+
+
 def test_sm90_head_dim_chunks():
     """Head dims 72, 80, 96 are read as a 64-column chunk and a tail chunk: together they cover every column, the
     tail is a power of two of at least 16 columns (one wgmma K step) and starts on a 16-byte boundary (TMA), and
