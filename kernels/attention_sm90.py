@@ -506,9 +506,9 @@ _CONFIGS = {
     96: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
 }
 # Long sequences take a config by length, not by the tuner: at d=128 three consumers (192 x 128 tiles, 160 registers
-# each, so P reaches the P V products through the O staging tiles: P_SMEM). H200, sustained 0.7 s loops at the power
-# limit, three rounds, against the first config (TFLOP/s): B1 H12 S75600 616-620 -> 628-635, H40 S32760 620 ->
-# 625-626, S32760 616-620 -> 620-622, S4096 even, 512 text keys 537-546 -> 532-534, B4 S1024 501-506 -> 355. The
+# each, so P reaches the P V products through the O staging tiles: P_SMEM). H200, sustained 0.6-0.7 s loops at the
+# power limit, two runs, against the first config (TFLOP/s): B1 H12 S75600 616-626 -> 628-640, H40 S32760 620-625 ->
+# 625-630, S32760 610-626 -> 610-622, S4096 even, 512 text keys 537-546 -> 528-534, B4 S1024 501-506 -> 355. The
 # tuner's short timings run below the power limit, where the two are even, and it never picked this one. Measured with
 # Triton 3.6 (124 B of spills, none in the key loop); Triton 3.9's build spills 520 B and has not run on a GPU, so
 # newer Tritons leave it out.
