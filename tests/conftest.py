@@ -1,11 +1,15 @@
 """Test setup: offline Hub in a private cache, Triton's CPU interpreter when there is no GPU, fixed threads."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Read by huggingface_hub / diffusers at import time, so set before anything imports them.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="stdit-test-hub-")
+_HUB_CACHE = tempfile.mkdtemp(prefix="stdit-test-hub-")
+os.environ["HF_HUB_CACHE"] = _HUB_CACHE
+atexit.register(shutil.rmtree, _HUB_CACHE, ignore_errors=True)  # one private cache per run, removed at exit
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.pop("STDIT_ATTENTION", None)
 

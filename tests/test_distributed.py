@@ -16,7 +16,9 @@ from test_train import tiny, write_config
 
 
 def _torchrun(cfg_path: Path, out_dir: Path, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stdit.train",
+    # The launcher's own logs go under the test's directory (by default it leaves a torchelastic_* dir in /tmp).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--log-dir={out_dir.parent / (out_dir.name + '-logs')}", "-m", "stdit.train",
            "--config", str(cfg_path), f"train.output_dir={out_dir}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
