@@ -69,7 +69,12 @@ def implementations(flex: bool, tune: bool = False):
         pass
     if flex:
         try:
+            import torch._dynamo
             from torch.nn.attention.flex_attention import flex_attention
+            # One compiled graph per shape and grad mode: past Dynamo's recompile limit (8) it would fall back to
+            # the unfused eager flex_attention, which materializes the S x S scores.
+            knob = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, knob, 64)
             compiled = torch.compile(flex_attention, dynamic=False)
             impls["flex"] = lambda q, k, v: compiled(q.transpose(1, 2), k.transpose(1, 2),
                                                      v.transpose(1, 2)).transpose(1, 2)
