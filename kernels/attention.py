@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import attention_sm90 as _sm90
 from . import attention_sm90_bwd as _sm90_bwd
-from ._launch import DEFAULT_OPTIONS, cdiv, launch, next_pow2
+from ._launch import DEFAULT_OPTIONS, cdiv, current_device, launch, next_pow2
 from .attention_bwd import _DKDV, _DQ, _attn_bwd_preprocess
 from .attention_tiles import (_INTERPRET, _configs, _load_tile, _make_desc, _off, _pick, _store_tile, _stream_tile,
                               _tuned)
@@ -257,14 +257,10 @@ def _prec(dtype: torch.dtype) -> str:
 
 # Plans: a call repeating an earlier one's signature (shapes, strides, dtypes, 16-byte alignment, scale, and the
 # switches that pick a kernel) replays the Hopper kernels' bound launches, skipping the checks and the dispatch in
-# between: at 4k tokens and below the host sets the pace (benchmarks/NOTES-attention.md, session 12).
+# between: at 4k tokens and below the host sets the pace (benchmarks/NOTES-attention.md, session 12). launch() binds
+# to the current device: plans key on it, and are kept only where it is the inputs' own.
 _PLANS: dict = {}
 _MAX_PLANS = 1024
-
-
-def _current_device() -> int:
-    # launch() binds to the current device: plans key on it, and are kept only where it is the inputs' own.
-    return torch.cuda.current_device()
 
 
 def _remember(key, plan) -> None:
@@ -307,7 +303,7 @@ def _forward(q, k, v, key_padding_mask, scale):
     key = None
     if key_padding_mask is None and q.is_cuda:
         key = ("fwd", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
-               q.get_device(), _current_device(), scale, (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15,
+               q.get_device(), current_device(), scale, (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15,
                os.environ.get("STDIT_ATTN_SM90"), os.environ.get("STDIT_ATTN_TMA"))
         plan = _PLANS.get(key)
         if plan is not None:
@@ -322,7 +318,7 @@ def _forward(q, k, v, key_padding_mask, scale):
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     if _sm90_allowed(q, k, v, key_padding_mask):
         run = _sm90.forward(q, k, v, o, lse, scale * _LOG2E, tune=os.environ.get("STDIT_AUTOTUNE", "1") != "0")
-        if key is not None and run is not None and q.get_device() == _current_device():
+        if key is not None and run is not None and q.get_device() == current_device():
             _remember(key, _forward_plan(run, o.shape, lse.shape))
         return o, lse, True
     kpm, smb, sms, has_mask = _mask_arg(key_padding_mask, q)
@@ -354,7 +350,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     key = None
     if key_padding_mask is None and q.is_cuda:
         key = ("bwd", q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), o.stride(), lse.stride(),
-               q.dtype, k.dtype, v.dtype, do.dtype, o.dtype, q.get_device(), _current_device(), scale,
+               q.dtype, k.dtype, v.dtype, do.dtype, o.dtype, q.get_device(), current_device(), scale,
                (do.data_ptr() | q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr() | lse.data_ptr()) & 15,
                forward_sm90,
                torch.are_deterministic_algorithms_enabled(), os.environ.get("STDIT_ATTN_SM90_BWD"),
@@ -378,7 +374,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     if one_pass:
         bwd = _sm90_bwd.Plan(q, k, scale)
         grads = bwd(do, q, k, v, lse, delta, dqa)
-        if key is not None and pre is not None and bwd.bound is not None and q.get_device() == _current_device():
+        if key is not None and pre is not None and bwd.bound is not None and q.get_device() == current_device():
             _remember(key, _backward_plan(pre, pre_scalars, bwd))
         return grads
     dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
