@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_attention  # noqa: E402
 
@@ -79,3 +81,18 @@ def test_gpu_clock_window_means_only_the_samples_inside():
     assert clock.window(20.0, 30.0) == {}
     clock.samples.append((time.time() - 0.1, 1500.0, 699.0))  # the last 0.5 s hold only this sample
     assert clock.last(0.5) == {"SM MHz": 1500.0, "W": 699.0}
+
+
+def test_flex_peer_keeps_its_compiled_graphs(monkeypatch):
+    """FlexAttention compiles one graph per shape and grad mode; past Dynamo's default recompile limit (8) it would
+    fall back to the eager flex_attention, so the benchmark raises the limit when it times FlexAttention."""
+    import torch._dynamo
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    knob = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, knob, 8)
+    assert "flex" not in bench_attention.implementations(flex=False)
+    assert getattr(torch._dynamo.config, knob) == 8
+    impls = bench_attention.implementations(flex=True)
+    assert "flex" in impls
+    assert getattr(torch._dynamo.config, knob) >= 2 * len(bench_attention.SHAPES)
