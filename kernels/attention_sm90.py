@@ -33,8 +33,11 @@ general kernel, the ``gpu`` tests this one.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
+import triton.language as tl
 import triton.testing
 
 from ._device import num_sms
@@ -81,39 +84,90 @@ if HAVE_GLUON:
         _tma_load(desc, [row, col], bar, dst)
 
     @gluon.jit
+    def _full_tiles(n_tiles, PART: gl.constexpr):
+        # The whole tiles a launch walks, program by program in turn (pid, pid + G, ...): all of them (PART 0), or
+        # only the whole rounds (PART 1, a split launch's first part: the last, partial round is left to PART 2).
+        if PART == 1:
+            return (n_tiles // gl.num_programs(0)) * gl.num_programs(0)
+        else:
+            return n_tiles
+
+    @gluon.jit
+    def _tail_range(n_tiles, n_kv):
+        # A split launch's second part (PART 2): this program's share of the last round's key blocks. Those
+        # (n_tiles - n_full) x n_kv blocks, tile after tile, are cut into G even contiguous ranges [u0, u1), one per
+        # program, so the programs end within a key block of each other instead of a whole tile apart. A range is
+        # shorter than a tile, so it spans at most two tiles: n_seg segments. (:func:`split_ranges` is the same
+        # arithmetic on the host.)
+        G = gl.num_programs(0)
+        pid = gl.program_id(0)
+        n_full = (n_tiles // G) * G  # the first part's whole rounds, on as many programs
+        L = (n_tiles - n_full) * n_kv
+        u0 = pid * L // G
+        u1 = (pid + 1) * L // G
+        n_seg = gl.where(u1 > u0, (u1 - 1) // n_kv - u0 // n_kv + 1, 0)
+        return n_full, L, u0, u1, n_seg
+
+    @gluon.jit
+    def _segment(i, n_full, u0, u1, n_kv):
+        # Segment i (0 or 1) of this program's tail range: (tile, first key block, key blocks).
+        ti = u0 // n_kv + i
+        j0 = gl.where(i == 0, u0 - ti * n_kv, 0)
+        return n_full + ti, j0, gl.minimum(n_kv, u1 - ti * n_kv) - j0
+
+    @gluon.jit
+    def _load_tile(q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem,
+                   q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, tile, j0, n_blk, t, tc,
+                   NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        # One output tile's Q blocks (one per consumer), then its key blocks j0 .. j0 + n_blk - 1 through the rings.
+        WG_ROWS: gl.constexpr = q_smem.shape[1]
+        CT: gl.constexpr = D - DT
+        bh = tile // n_m
+        b = bh // H
+        col = (bh % H) * D
+        q_row = b * SQ + (tile % n_m) * (NW * WG_ROWS)
+        for w in gl.static_range(NW):
+            # A fresh barrier is in phase 0, so waiting on parity 1 passes: the first round needs no release.
+            mbarrier.wait(q_empty.index(w), (tc & 1) ^ 1)
+            _load_block(q_desc, qt_desc, q_row + w * WG_ROWS, col, col + CT, q_ready.index(w), q_smem.index(w),
+                        qt_smem.index(w), DT > 0)
+        for j in range(n_blk):
+            slot = t % STAGES
+            free = ((t // STAGES) & 1) ^ 1
+            row = b * SK + (j0 + j) * BLOCK_N
+            mbarrier.wait(k_empty.index(slot), free)
+            _load_block(k_desc, kt_desc, row, col, col + CT, k_ready.index(slot), k_smem.index(slot),
+                        kt_smem.index(slot), DT > 0)
+            mbarrier.wait(v_empty.index(slot), free)
+            _load_block(v_desc, vt_desc, row, col, col + CT, v_ready.index(slot), v_smem.index(slot),
+                        vt_smem.index(slot), DT > 0)
+            t += 1
+        return t, tc + 1
+
+    @gluon.jit
     def _loader(q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem,
                 q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles, NW: gl.constexpr,
-                D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                PART: gl.constexpr):
         # One warp issues every TMA load: per output tile one Q block per consumer, then K and V through the rings.
         # The rings' slot counter runs on across tiles, so the next tile's first blocks load under this tile's end.
         # DT > 0: each block also has a tail chunk (columns D - DT .. D - 1), loaded on the same barrier.
-        WG_ROWS: gl.constexpr = q_smem.shape[1]
-        CT: gl.constexpr = D - DT
         n_kv = gl.cdiv(SK, BLOCK_N)
         t = 0
         tc = 0
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            bh = tile // n_m
-            b = bh // H
-            col = (bh % H) * D
-            q_row = b * SQ + (tile % n_m) * (NW * WG_ROWS)
-            for w in gl.static_range(NW):
-                # A fresh barrier is in phase 0, so waiting on parity 1 passes: the first round needs no release.
-                mbarrier.wait(q_empty.index(w), (tc & 1) ^ 1)
-                _load_block(q_desc, qt_desc, q_row + w * WG_ROWS, col, col + CT, q_ready.index(w), q_smem.index(w),
-                            qt_smem.index(w), DT > 0)
-            for j in range(n_kv):
-                slot = t % STAGES
-                free = ((t // STAGES) & 1) ^ 1
-                row = b * SK + j * BLOCK_N
-                mbarrier.wait(k_empty.index(slot), free)
-                _load_block(k_desc, kt_desc, row, col, col + CT, k_ready.index(slot), k_smem.index(slot),
-                            kt_smem.index(slot), DT > 0)
-                mbarrier.wait(v_empty.index(slot), free)
-                _load_block(v_desc, vt_desc, row, col, col + CT, v_ready.index(slot), v_smem.index(slot),
-                            vt_smem.index(slot), DT > 0)
-                t += 1
-            tc += 1
+        if PART < 2:
+            n_full = _full_tiles(n_tiles, PART)
+            for tile in range(gl.program_id(0), n_full, gl.num_programs(0)):
+                t, tc = _load_tile(q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem,
+                                   kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK,
+                                   n_m, tile, 0, n_kv, t, tc, NW, D, DT, BLOCK_N, STAGES)
+        else:
+            n_full, L, u0, u1, n_seg = _tail_range(n_tiles, n_kv)
+            for i in range(n_seg):
+                tile, j0, n_blk = _segment(i, n_full, u0, u1, n_kv)
+                t, tc = _load_tile(q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem,
+                                   qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H,
+                                   SQ, SK, n_m, tile, j0, n_blk, t, tc, NW, D, DT, BLOCK_N, STAGES)
 
     @gluon.jit
     def _turn_wait(turn, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
@@ -131,17 +185,20 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _last_key_block(s, q_empty, WG: gl.constexpr, last_cols, n_left, SK, QREG: gl.constexpr,
-                        LOCAL_COLS: gl.constexpr):
-        # Q is free for the next tile (with QREG it was freed when read into registers), and only this block reaches
-        # past SK (those K, V rows are zeros or the next sequence's; their probabilities are set to 0).
+                        LOCAL_COLS: gl.constexpr, masked):
+        # The tile's last key block: Q is free for the next tile (with QREG it was freed when read into registers).
+        # With ``masked`` the block is the sequence's last, and only it reaches past SK (those K, V rows are zeros
+        # or the next sequence's; their probabilities are set to 0).
         if not QREG:
             mbarrier.arrive(q_empty.index(WG), count=1)
-        if LOCAL_COLS:  # the column indices made here, not held across the key loop (registers: P_SMEM)
-            cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
-            keep = cols < n_left
-        else:
-            keep = last_cols < SK
-        return gl.where(gl.expand_dims(keep, 0), s, -1.0e30)
+        if masked:
+            if LOCAL_COLS:  # the column indices made here, not held across the key loop (registers: P_SMEM)
+                cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+                keep = cols < n_left
+            else:
+                keep = last_cols < SK
+            s = gl.where(gl.expand_dims(keep, 0), s, -1.0e30)
+        return s
 
     @gluon.jit
     def _zero_leading_cols(tile, N: gl.constexpr):
@@ -182,18 +239,32 @@ if HAVE_GLUON:
             _store_rows(ptr + CT, out_t, row0, row_stride, SQ, OV)
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                  v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H, SQ, SK, n_m,
-                  n_tiles, qk_scale, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr,
-                  QREG: gl.constexpr, SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr):
-        # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
-        # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
-        # and the other consumers' products keep the tensor cores busy.
-        # DT > 0 (head dims 72, 80, 96): the head dim is a 64-column chunk plus a DT-column tail chunk at column
-        # CT = D - DT; every product is two (S = Q K^T + Qt Kt^T; O and its tail Ot = P Vt are two accumulators).
-        # At d=72 the chunks overlap by OV = 8 columns: those are zeroed in the tail of Q, so S counts them once,
-        # and the tail of O is stored without them. QREG (one chunk only): Q is the score products' register operand.
+    def _store_partial(acc, m_i, l_i, WS, tile, n_full, u0, n_kv, WG: gl.constexpr, NW: gl.constexpr):
+        # A segment of a cut tile (PART 2): this warpgroup's unnormalized O rows, row maxima and row sums go to the
+        # program's slot for its first or second segment; :func:`_merge_tail` combines the segments after the launch.
+        o_layout: gl.constexpr = acc.type.layout
+        row_layout: gl.constexpr = m_i.type.layout
+        ROWS: gl.constexpr = acc.shape[0]
+        D0: gl.constexpr = acc.shape[1]
+        ml = gl.num_programs(0) * (2 * NW * ROWS * D0)  # the (max, sum) rows follow the O rows
+        slot = (2 * gl.program_id(0) + tile - n_full - u0 // n_kv) * NW + WG
+        orows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+        ocols = gl.arange(0, D0, layout=gl.SliceLayout(0, o_layout))
+        gl.store(WS + slot * (ROWS * D0) + gl.expand_dims(orows, 1) * D0 + gl.expand_dims(ocols, 0), acc)
+        rows = gl.arange(0, ROWS, layout=row_layout)
+        gl.store(WS + ml + slot * (2 * ROWS) + rows, m_i)
+        gl.store(WS + ml + slot * (2 * ROWS) + ROWS + rows, l_i)
+
+    @gluon.jit
+    def _consume_tile(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                      v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H, SQ, SK, n_m,
+                      qk_scale, tile, n_blk, masked, t, tc, k, s_zero, last_cols, n_left, WS, n_full, u0, n_kv,
+                      WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr, QREG: gl.constexpr, SUM_MMA:
+                      gl.constexpr, P_SMEM: gl.constexpr, PARTIAL: gl.constexpr):
+        # One output tile's rows of this warpgroup over key blocks t .. t + n_blk - 1 of the rings (the tile's
+        # blocks j0 .. j0 + n_blk - 1; ``masked``: the last is the sequence's last). PARTIAL: a segment of a cut
+        # tile, whose partial result goes to the workspace WS instead of O.
         dtype: gl.constexpr = q_smem.dtype
         WG_ROWS: gl.constexpr = q_smem.shape[1]
         D0: gl.constexpr = q_smem.shape[2]
@@ -225,126 +296,118 @@ if HAVE_GLUON:
         else:
             NPV_ALL: gl.constexpr = NPV
         q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-        s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
-        n_kv = gl.cdiv(SK, BLOCK_N)
-        n_left = SK - (n_kv - 1) * BLOCK_N  # valid keys in the last key block
-        if P_SMEM:
-            last_cols = n_left  # placeholder, unused
+        mbarrier.wait(q_ready.index(WG), tc & 1)
+        if OV > 0:
+            _zero_leading_cols(qt_smem.index(WG), OV)
+        if QREG:
+            # Q as the score products' register operand (a third less shared-memory traffic per score product):
+            # read from shared memory once per tile, and its slot is free for the next tile's Q at once. The 32
+            # registers it takes fit because P also crosses the loop edge in 16 bits (see below).
+            q = q_smem.index(WG).load(q_layout)
+            mbarrier.arrive(q_empty.index(WG), count=1)
         else:
-            last_cols = (n_kv - 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        t = 0
-        tc = 0
-        k = 0
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            mbarrier.wait(q_ready.index(WG), tc & 1)
-            if OV > 0:
-                _zero_leading_cols(qt_smem.index(WG), OV)
-            if QREG:
-                # Q as the score products' register operand (a third less shared-memory traffic per score product):
-                # read from shared memory once per tile, and its slot is free for the next tile's Q at once. The 32
-                # registers it takes fit because P also crosses the loop edge in 16 bits (see below).
-                q = q_smem.index(WG).load(q_layout)
-                mbarrier.arrive(q_empty.index(WG), count=1)
-            else:
-                q = q_smem.index(WG)
-            slot = t % STAGES
-            mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+            q = q_smem.index(WG)
+        slot = t % STAGES
+        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+        _turn_wait(turn, WG, k, PINGPONG)
+        s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if DT > 0:
+            s = warpgroup_mma(qt_smem.index(WG), kt_smem.index(slot).permute((1, 0)), s, is_async=True)
+        _turn_pass(turn, WG, NW, PINGPONG)
+        k += 1
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        if n_blk == 1:
+            s = _last_key_block(s, q_empty, WG, last_cols, n_left, SK, QREG, P_SMEM, masked)
+        m_i = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+        if not SUM_MMA:
+            l_i = gl.sum(p, 1)
+        if QREG:  # P crosses the loop edge as 16-bit values: its fp32 copy is dead before the next products
+            p = p.to(dtype)
+        if P_SMEM:  # P crosses the loop edge in shared memory, as the P V products' A operand
+            _stage_p(p.to(dtype), o_smem.index(WG), O_TMA)
+        acc = gl.zeros([WG_ROWS, D0], gl.float32, o_layout)
+        if SUM_MMA:
+            acc_l = gl.zeros([WG_ROWS, 8], gl.float32, l_layout)
+        if DT > 0:
+            acc_t = gl.zeros([WG_ROWS, DT], gl.float32, ot_layout)
+        for j in range(1, n_blk):
+            tj = t + j
+            slot = tj % STAGES
+            pslot = (tj - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), (tj // STAGES) & 1)
+            mbarrier.wait(v_ready.index(pslot), ((tj - 1) // STAGES) & 1)
             _turn_wait(turn, WG, k, PINGPONG)
             s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             if DT > 0:
                 s = warpgroup_mma(qt_smem.index(WG), kt_smem.index(slot).permute((1, 0)), s, is_async=True)
-            _turn_pass(turn, WG, NW, PINGPONG)
-            k += 1
-            s = warpgroup_mma_wait(0, deps=[s])
-            mbarrier.arrive(k_empty.index(slot), count=1)
-            if n_kv == 1:
-                s = _last_key_block(s, q_empty, WG, last_cols, n_left, SK, QREG, P_SMEM)
-            m_i = gl.max(s, 1) * qk_scale
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
-            if not SUM_MMA:
-                l_i = gl.sum(p, 1)
-            if QREG:  # P crosses the loop edge as 16-bit values: its fp32 copy is dead before the next products
-                p = p.to(dtype)
-            if P_SMEM:  # P crosses the loop edge in shared memory, as the P V products' A operand
-                _stage_p(p.to(dtype), o_smem.index(WG), O_TMA)
-            acc = gl.zeros([WG_ROWS, D0], gl.float32, o_layout)
-            if SUM_MMA:
-                acc_l = gl.zeros([WG_ROWS, 8], gl.float32, l_layout)
-            if DT > 0:
-                acc_t = gl.zeros([WG_ROWS, DT], gl.float32, ot_layout)
-            for j in range(1, n_kv):
-                tj = t + j
-                slot = tj % STAGES
-                pslot = (tj - 1) % STAGES
-                mbarrier.wait(k_ready.index(slot), (tj // STAGES) & 1)
-                mbarrier.wait(v_ready.index(pslot), ((tj - 1) // STAGES) & 1)
-                _turn_wait(turn, WG, k, PINGPONG)
-                s = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                if DT > 0:
-                    s = warpgroup_mma(qt_smem.index(WG), kt_smem.index(slot).permute((1, 0)), s, is_async=True)
-                if P_SMEM:
-                    acc = warpgroup_mma(o_smem.index(WG), v_smem.index(pslot), acc, is_async=True)
-                else:
-                    p16 = p.to(dtype)  # a no-op with QREG (converted at the end of the softmax)
-                    acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(pslot), acc, is_async=True)
-                if DT > 0:
-                    acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(pslot), acc_t,
-                                          is_async=True)
-                if SUM_MMA:
-                    acc_l = warpgroup_mma(gl.convert_layout(p16, pl_layout), ones_smem.permute((1, 0)), acc_l,
-                                          is_async=True)
-                _turn_pass(turn, WG, NW, PINGPONG)
-                k += 1
-                # Groups retire in order: NPV_ALL outstanding means S_j is done and P_{j-1} V_{j-1} may still run.
-                s = warpgroup_mma_wait(NPV_ALL, deps=[s])
-                mbarrier.arrive(k_empty.index(slot), count=1)
-                if j == n_kv - 1:
-                    s = _last_key_block(s, q_empty, WG, last_cols, n_left, SK, QREG, P_SMEM)
-                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-                p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-                alpha = gl.exp2(m_i - m_new)
-                if not SUM_MMA:
-                    l_i = l_i * alpha + gl.sum(p, 1)
-                m_i = m_new
-                if QREG:
-                    p = p.to(dtype)
-                if DT > 0:
-                    acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
-                    acc_t = acc_t * gl.expand_dims(gl.convert_layout(alpha, otrow_layout), 1)
-                elif SUM_MMA:
-                    acc, acc_l = warpgroup_mma_wait(0, deps=[acc, acc_l])
-                    acc_l = acc_l * gl.expand_dims(gl.convert_layout(alpha, lrow_layout), 1)
-                else:
-                    acc = warpgroup_mma_wait(0, deps=[acc])
-                mbarrier.arrive(v_empty.index(pslot), count=1)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-                if P_SMEM:  # P_{j-1} V_{j-1} is done with the staging tile
-                    _stage_p(p.to(dtype), o_smem.index(WG), False)
-
-            lslot = (t + n_kv - 1) % STAGES
-            mbarrier.wait(v_ready.index(lslot), ((t + n_kv - 1) // STAGES) & 1)
-            _turn_wait(turn, WG, k, PINGPONG)
             if P_SMEM:
-                acc = warpgroup_mma(o_smem.index(WG), v_smem.index(lslot), acc, is_async=True)
+                acc = warpgroup_mma(o_smem.index(WG), v_smem.index(pslot), acc, is_async=True)
             else:
-                p16 = p.to(dtype)
-                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(lslot), acc, is_async=True)
+                p16 = p.to(dtype)  # a no-op with QREG (converted at the end of the softmax)
+                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(pslot), acc, is_async=True)
             if DT > 0:
-                acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(lslot), acc_t, is_async=True)
+                acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(pslot), acc_t,
+                                      is_async=True)
             if SUM_MMA:
                 acc_l = warpgroup_mma(gl.convert_layout(p16, pl_layout), ones_smem.permute((1, 0)), acc_l,
                                       is_async=True)
             _turn_pass(turn, WG, NW, PINGPONG)
             k += 1
+            # Groups retire in order: NPV_ALL outstanding means S_j is done and P_{j-1} V_{j-1} may still run.
+            s = warpgroup_mma_wait(NPV_ALL, deps=[s])
+            mbarrier.arrive(k_empty.index(slot), count=1)
+            if j == n_blk - 1:
+                s = _last_key_block(s, q_empty, WG, last_cols, n_left, SK, QREG, P_SMEM, masked)
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            if not SUM_MMA:
+                l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            if QREG:
+                p = p.to(dtype)
             if DT > 0:
                 acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
+                acc_t = acc_t * gl.expand_dims(gl.convert_layout(alpha, otrow_layout), 1)
             elif SUM_MMA:
                 acc, acc_l = warpgroup_mma_wait(0, deps=[acc, acc_l])
-                l_i = gl.convert_layout(gl.max(acc_l, 1), row_layout)
+                acc_l = acc_l * gl.expand_dims(gl.convert_layout(alpha, lrow_layout), 1)
             else:
                 acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(v_empty.index(lslot), count=1)
+            mbarrier.arrive(v_empty.index(pslot), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+            if P_SMEM:  # P_{j-1} V_{j-1} is done with the staging tile
+                _stage_p(p.to(dtype), o_smem.index(WG), False)
 
+        lslot = (t + n_blk - 1) % STAGES
+        mbarrier.wait(v_ready.index(lslot), ((t + n_blk - 1) // STAGES) & 1)
+        _turn_wait(turn, WG, k, PINGPONG)
+        if P_SMEM:
+            acc = warpgroup_mma(o_smem.index(WG), v_smem.index(lslot), acc, is_async=True)
+        else:
+            p16 = p.to(dtype)
+            acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_smem.index(lslot), acc, is_async=True)
+        if DT > 0:
+            acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), vt_smem.index(lslot), acc_t, is_async=True)
+        if SUM_MMA:
+            acc_l = warpgroup_mma(gl.convert_layout(p16, pl_layout), ones_smem.permute((1, 0)), acc_l,
+                                  is_async=True)
+        _turn_pass(turn, WG, NW, PINGPONG)
+        k += 1
+        if DT > 0:
+            acc, acc_t = warpgroup_mma_wait(0, deps=[acc, acc_t])
+        elif SUM_MMA:
+            acc, acc_l = warpgroup_mma_wait(0, deps=[acc, acc_l])
+            l_i = gl.convert_layout(gl.max(acc_l, 1), row_layout)
+        else:
+            acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(lslot), count=1)
+
+        if PARTIAL:
+            _store_partial(acc, m_i, l_i, WS, tile, n_full, u0, n_kv, WG, NW)
+        else:
             # Epilogue, under the loads of the next tile's first blocks.
             bh = tile // n_m
             row0 = (tile % n_m) * (NW * WG_ROWS) + WG * WG_ROWS
@@ -378,8 +441,51 @@ if HAVE_GLUON:
                 _store_o(O + base, out, out_t, row0, sos, SQ, CT, OV, DT)
             rows = row0 + gl.arange(0, WG_ROWS, layout=row_layout)
             gl.store(LSE + bh.to(gl.int64) * SQ + rows, m_i + gl.log2(l_i), mask=rows < SQ)
-            t += n_kv
-            tc += 1
+        return t + n_blk, tc + 1, k
+
+    @gluon.jit
+    def _consumer(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                  v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H, SQ, SK, n_m,
+                  n_tiles, qk_scale, WS, WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr, QREG:
+                  gl.constexpr, SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr, PART: gl.constexpr):
+        # One warpgroup, WG_ROWS query rows of each tile. Per key block j it issues S_j = Q K_j^T and
+        # O += P_{j-1} V_{j-1} back to back (in its ping-pong turn), then runs the softmax of S_j while O's product
+        # and the other consumers' products keep the tensor cores busy.
+        # DT > 0 (head dims 72, 80, 96): the head dim is a 64-column chunk plus a DT-column tail chunk at column
+        # CT = D - DT; every product is two (S = Q K^T + Qt Kt^T; O and its tail Ot = P Vt are two accumulators).
+        # At d=72 the chunks overlap by OV = 8 columns: those are zeroed in the tail of Q, so S counts them once,
+        # and the tail of O is stored without them. QREG (one chunk only): Q is the score products' register operand.
+        WG_ROWS: gl.constexpr = q_smem.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
+        n_kv = gl.cdiv(SK, BLOCK_N)
+        n_left = SK - (n_kv - 1) * BLOCK_N  # valid keys in the last key block
+        if P_SMEM:
+            last_cols = n_left  # placeholder, unused
+        else:
+            last_cols = (n_kv - 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        t = 0
+        tc = 0
+        k = 0
+        if PART < 2:
+            n_full = _full_tiles(n_tiles, PART)
+            for tile in range(gl.program_id(0), n_full, gl.num_programs(0)):
+                t, tc, k = _consume_tile(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready,
+                                         v_ready, k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem,
+                                         ones_smem, sob, sos, soh, H, SQ, SK, n_m, qk_scale, tile, n_kv, True, t, tc,
+                                         k, s_zero, last_cols, n_left, WS, n_full, 0, n_kv, WG, NW, D, DT, BLOCK_N,
+                                         STAGES, PINGPONG, O_TMA, QREG, SUM_MMA, P_SMEM, False)
+        else:
+            n_full, L, u0, u1, n_seg = _tail_range(n_tiles, n_kv)
+            for i in range(n_seg):
+                tile, j0, n_blk = _segment(i, n_full, u0, u1, n_kv)
+                t, tc, k = _consume_tile(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready,
+                                         v_ready, k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem,
+                                         ones_smem, sob, sos, soh, H, SQ, SK, n_m, qk_scale, tile, n_blk,
+                                         j0 + n_blk == n_kv, t, tc, k, s_zero, last_cols, n_left, WS, n_full, u0, n_kv,
+                                         WG, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA, P_SMEM, True)
         if O_TMA:
             tma.store_wait(0)
 
@@ -392,10 +498,11 @@ if HAVE_GLUON:
         return desc, gl.allocate_shared_memory(X.dtype.element_ty, [COUNT, BLOCK, WIDTH], layout)
 
     @gluon.jit
-    def _attn_fwd_sm90(Q, K, V, O, LSE, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
+    def _attn_fwd_sm90(Q, K, V, O, LSE, WS, sqs, sks, svs, sob, sos, soh, B, H, SQ, SK, qk_scale,
                        D: gl.constexpr, D0: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, NW: gl.constexpr, PINGPONG: gl.constexpr, REGS: gl.constexpr,
-                       O_TMA: gl.constexpr, QREG: gl.constexpr, SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr):
+                       O_TMA: gl.constexpr, QREG: gl.constexpr, SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr,
+                       PART: gl.constexpr):
         # Persistent: program i takes output tiles i, i + grid, ... (tiles of one head are consecutive, so the
         # programs running at once share K and V in L2). Q, K, V are read through descriptors on their
         # [B * S, H * D] views (rows of a batch are S-strided, heads D apart: checked by the host).
@@ -463,33 +570,33 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
-                             H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA, P_SMEM)),
+                             H, SQ, SK, n_m, n_tiles, qk_scale, WS, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG,
+                             O_TMA, QREG, SUM_MMA, P_SMEM, PART)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
-                             H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA, P_SMEM)),
+                             H, SQ, SK, n_m, n_tiles, qk_scale, WS, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG,
+                             O_TMA, QREG, SUM_MMA, P_SMEM, PART)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
-                           NW, D, DT, BLOCK_N, STAGES)),
+                           NW, D, DT, BLOCK_N, STAGES, PART)),
             ], [4, 1], [REGS, 24])
         else:
             gl.warp_specialize([
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
-                             H, SQ, SK, n_m, n_tiles, qk_scale, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA, P_SMEM)),
+                             H, SQ, SK, n_m, n_tiles, qk_scale, WS, WG0, NW, D, DT, BLOCK_N, STAGES, PINGPONG,
+                             O_TMA, QREG, SUM_MMA, P_SMEM, PART)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
-                             H, SQ, SK, n_m, n_tiles, qk_scale, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA, P_SMEM)),
+                             H, SQ, SK, n_m, n_tiles, qk_scale, WS, WG1, NW, D, DT, BLOCK_N, STAGES, PINGPONG,
+                             O_TMA, QREG, SUM_MMA, P_SMEM, PART)),
                 (_consumer, (q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready,
                              k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh,
-                             H, SQ, SK, n_m, n_tiles, qk_scale, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG,
-                             SUM_MMA, P_SMEM)),
+                             H, SQ, SK, n_m, n_tiles, qk_scale, WS, WG2, NW, D, DT, BLOCK_N, STAGES, PINGPONG,
+                             O_TMA, QREG, SUM_MMA, P_SMEM, PART)),
                 (_loader, (q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem, qt_smem, kt_smem,
                            vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK, n_m, n_tiles,
-                           NW, D, DT, BLOCK_N, STAGES)),
+                           NW, D, DT, BLOCK_N, STAGES, PART)),
             ], [4, 4, 1], [REGS, REGS, 24])
 
 
@@ -538,6 +645,88 @@ Q_IN_REGISTERS = (128,)
 # has no spills. Triton 3.9's build of it spills 396 bytes (68 without it) and has not run on a GPU, so newer
 # Tritons keep the adds.
 SUM_MMA_HEAD_DIMS = (64,) if _TRITON < (3, 7) else ()
+# The last round of a persistent launch: T tiles on G programs take ceil(T / G) rounds, and the last keeps only
+# T mod G of the programs busy (B1 H12 S32760 d128: 2,052 tiles of 192 rows on 132 SMs, 15 whole rounds and 72 tiles,
+# 55%). A split launch runs the whole rounds (PART 1), then cuts the key blocks of the last round's tiles into one
+# even range per program (PART 2: each program writes the unnormalized O rows, row maxima and sums of its one or two
+# pieces of tiles to a workspace), and :func:`_merge_tail` combines the pieces of each tile into O and the logsumexp.
+# A partial round is not all loss: with SMs idle the busy ones run faster (at S16384 d128 a last round of 108 tiles
+# took 0.71 of a whole round's time), and the split's pieces, merge and two more launches cost about 100 us at the
+# board's power limit. H200, sustained loops, TFLOP/s, unsplit -> split: S32760 d128 614 -> 624 (last round 55% busy),
+# B1 H24 S16384 d64 505 -> 511 (64%), S16384 d128 623 -> 613 (82%), S8192 d128 609 -> 599 (82%), S75600 d128
+# 634 -> 617 (82%), S4096 d128 610 -> 559 (91%, 32 key blocks). So only a last round under SPLIT_TAIL_MAX busy, with
+# long rounds, is split (benchmarks/NOTES-attention.md, Session 19).
+SPLIT_HEAD_DIMS = (64, 128)  # read as one chunk: a piece is one fp32 O accumulator per row
+SPLIT_TAIL_MAX = 0.7  # split where the last round keeps less than this share of the programs busy
+SPLIT_MIN_BLOCKS = 128  # key blocks per tile (16,384 keys): shorter rounds gain less than the split costs
+# STDIT_ATTN_SPLIT: "auto" (the rule above), "0" never, "1" wherever a launch can (for tests and A/B runs).
+SPLIT_MODE = os.environ.get("STDIT_ATTN_SPLIT", "auto")
+
+
+def splits(cfg, d: int, n_tiles: int, n_kv: int, sms: int) -> bool:
+    """Whether a launch of ``cfg`` with ``n_tiles`` tiles of ``n_kv`` key blocks on ``sms`` SMs splits its last
+    round (see :data:`SPLIT_TAIL_MAX`)."""
+    if SPLIT_MODE == "0" or not cfg[4] or d not in SPLIT_HEAD_DIMS or n_tiles % sms == 0:
+        return False
+    return SPLIT_MODE == "1" or (n_kv >= SPLIT_MIN_BLOCKS and n_tiles % sms < SPLIT_TAIL_MAX * sms)
+
+
+def split_ranges(n_tiles: int, n_kv: int, programs: int) -> list[list[tuple[int, int, int]]]:
+    """Per program of a split launch's second part, its pieces ``(tile, first key block, key blocks)``: the kernel's
+    arithmetic (``_tail_range``, ``_segment``), for the tests and for reading."""
+    n_full = n_tiles // programs * programs
+    total = (n_tiles - n_full) * n_kv
+    out = []
+    for p in range(programs):
+        u0, u1 = p * total // programs, (p + 1) * total // programs
+        pieces = []
+        u = u0
+        while u < u1:
+            ti, j0 = divmod(u, n_kv)
+            n = min(n_kv - j0, u1 - u)
+            pieces.append((n_full + ti, j0, n))
+            u += n
+        out.append(pieces)
+    return out
+
+
+@triton.jit
+def _merge_tail(WS, O, LSE, sob, sos, soh, H, SQ, n_m, n_tiles, n_kv, G, NW: tl.constexpr, D0: tl.constexpr,
+                ROWS: tl.constexpr):
+    # One program per (tile of the last round, consumer warpgroup's ROWS rows): the pieces of the tile, from the
+    # programs whose key-block ranges meet it (the first holds its first key block, the last its last; a program with
+    # an empty range wrote nothing), merged in program order, into O and the logsumexp (base 2).
+    ti = tl.program_id(0)
+    wg = tl.program_id(1)
+    n_full = n_tiles // G * G
+    total = (n_tiles - n_full) * n_kv
+    p_first = ((ti * n_kv + 1) * G - 1) // total
+    p_last = ((ti + 1) * n_kv * G - 1) // total
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, D0)
+    ml = G * (2 * NW * ROWS * D0)  # the (max, sum) rows follow the O rows
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for p in range(p_first, p_last + 1):
+        pu0 = p * total // G
+        if (p + 1) * total // G > pu0:
+            sp = (2 * p + ti - pu0 // n_kv) * NW + wg
+            m = tl.maximum(m, tl.load(WS + ml + sp * (2 * ROWS) + rows))
+    acc = tl.zeros([ROWS, D0], tl.float32)
+    l_sum = tl.zeros([ROWS], tl.float32)
+    for p in range(p_first, p_last + 1):
+        pu0 = p * total // G
+        if (p + 1) * total // G > pu0:
+            sp = (2 * p + ti - pu0 // n_kv) * NW + wg
+            w = tl.exp2(tl.load(WS + ml + sp * (2 * ROWS) + rows) - m)
+            l_sum += w * tl.load(WS + ml + sp * (2 * ROWS) + ROWS + rows)
+            acc += tl.load(WS + sp * (ROWS * D0) + rows[:, None] * D0 + cols[None, :]) * w[:, None]
+    tile = n_full + ti
+    bh = tile // n_m
+    row = (tile % n_m) * (NW * ROWS) + wg * ROWS + rows
+    keep = row < SQ
+    out = O + (bh // H).to(tl.int64) * sob + (bh % H) * soh + row[:, None] * sos + cols[None, :]
+    tl.store(out, (acc / l_sum[:, None]).to(O.dtype.element_ty), mask=keep[:, None])
+    tl.store(LSE + bh.to(tl.int64) * SQ + row, m + tl.log2(l_sum), mask=keep)
 
 
 def supports(q, k, v, key_padding_mask) -> bool:
@@ -562,7 +751,7 @@ def row_view(t, d: int) -> bool:
 _SMEM_BYTES = 220 * 1024
 
 
-def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
+def constexprs(cfg, d: int, o_row_view: bool = True, part: int = 0) -> dict:
     """The kernel's compile-time arguments for config ``cfg`` at head dim ``d`` (the persistent flag only sets the
     grid). ``o_row_view``: O reads as a ``[B * Sq, H * D]`` row view, so whole blocks of it can be stored with TMA
     (where the staging tiles fit beside the Q tiles and the K, V rings). The host passes False below 64 queries,
@@ -576,23 +765,61 @@ def constexprs(cfg, d: int, o_row_view: bool = True) -> dict:
     return dict(D=d, D0=d0, DT=dt, BLOCK_N=block_n, STAGES=stages, NW=nw, PINGPONG=pingpong, REGS=CONSUMER_REGS[nw],
                 O_TMA=o_row_view and (smem <= _SMEM_BYTES or p_smem),
                 QREG=d in Q_IN_REGISTERS and dt == 0 and not p_smem,
-                SUM_MMA=d in SUM_MMA_HEAD_DIMS and dt == 0, P_SMEM=p_smem)
+                SUM_MMA=d in SUM_MMA_HEAD_DIMS and dt == 0, P_SMEM=p_smem, PART=part)
 
 
-def _launch(cfg, q, k, v, o, lse, qk_scale):
+def _launch(cfg, q, k, v, o, lse, qk_scale, split: bool | None = None, programs: int | None = None):
     """Launch config ``cfg``; returns ``run(q, k, v, o, lse)``, which repeats this launch on new tensors of the same
-    shapes, strides, dtypes and alignment (None where launches are not cached)."""
+    shapes, strides, dtypes and alignment (None where launches are not cached). ``split``: split the last round
+    (None: :func:`splits` decides); ``programs``: the persistent grid (default: one program per SM)."""
     b, sq, h, d = q.shape
-    n_tiles = cdiv(sq, 64 * cfg[2]) * b * h
-    if cfg[4]:  # persistent
-        n_tiles = min(n_tiles, num_sms(q.device.index))
+    block_n, _, nw, _, persistent = cfg
+    n_m = cdiv(sq, 64 * nw)
+    n_tiles = n_m * b * h
+    n_kv = cdiv(k.shape[1], block_n)
+    sms = programs or num_sms(q.device.index)
+    if split is None:
+        split = splits(cfg, d, n_tiles, n_kv, sms)
     scalars = (q.stride(1), k.stride(1), v.stride(1), o.stride(0), o.stride(1), o.stride(2), b, h, sq, k.shape[1],
                qk_scale)
-    bound = launch(_attn_fwd_sm90, (n_tiles,), (q, k, v, o, lse, *scalars),
-                   constexprs(cfg, d, row_view(o, d) and sq >= 64), num_warps=4)
-    if bound is None:
+    o_tma = row_view(o, d) and sq >= 64
+    if not split:
+        grid = min(n_tiles, sms) if persistent else n_tiles
+        bound = launch(_attn_fwd_sm90, (grid,), (q, k, v, o, lse, lse, *scalars), constexprs(cfg, d, o_tma),
+                       num_warps=4)
+        if bound is None:
+            return None
+        return lambda q, k, v, o, lse: bound(q, k, v, o, lse, lse, *scalars)
+    if not persistent or d not in SPLIT_HEAD_DIMS or n_tiles % sms == 0:
+        raise ValueError(f"config {cfg} at d={d} with {n_tiles} tiles on {sms} programs has no last round to split")
+    n_tail = n_tiles % sms
+    # Per program of the second part: two pieces' O rows, row maxima and sums (fp32), per consumer warpgroup.
+    ws_size = sms * 2 * nw * 64 * (d + 2)
+    merge_args = (o.stride(0), o.stride(1), o.stride(2), h, sq, n_m, n_tiles, n_kv, sms)
+    merge_cx = dict(NW=nw, D0=d, ROWS=64)
+
+    def run(q, k, v, o, lse):
+        ws = torch.empty(ws_size, device=q.device, dtype=torch.float32)
+        bounds = []
+        if n_tiles >= sms:  # the whole rounds
+            bounds.append(launch(_attn_fwd_sm90, (sms,), (q, k, v, o, lse, ws, *scalars),
+                                 constexprs(cfg, d, o_tma, part=1), num_warps=4))
+        bounds.append(launch(_attn_fwd_sm90, (sms,), (q, k, v, o, lse, ws, *scalars), constexprs(cfg, d, o_tma, part=2),
+                             num_warps=4))
+        bounds.append(launch(_merge_tail, (n_tail, nw), (ws, o, lse, *merge_args), merge_cx, num_warps=4))
+        return bounds
+
+    bounds = run(q, k, v, o, lse)
+    if any(x is None for x in bounds):
         return None
-    return lambda q, k, v, o, lse: bound(q, k, v, o, lse, *scalars)
+
+    def replay(q, k, v, o, lse):
+        ws = torch.empty(ws_size, device=q.device, dtype=torch.float32)
+        for x in bounds[:-1]:
+            x(q, k, v, o, lse, ws, *scalars)
+        bounds[-1](ws, o, lse, *merge_args)
+
+    return replay
 
 
 def forward(q, k, v, o, lse, qk_scale: float, tune: bool = True):

@@ -24,7 +24,8 @@ def load_kernels():
 
     if not HAS_CUDA and not stdit.kernels.attention._INTERPRET:
         # Dependencies first: the attention module takes the reloaded tiles, configs and backward kernels.
-        for name in ("stdit.kernels.attention_tiles", "stdit.kernels.attention_bwd", "stdit.kernels.attention",
+        for name in ("stdit.kernels.attention_tiles", "stdit.kernels.attention_bwd", "stdit.kernels.attention_sm90",
+                     "stdit.kernels.attention",
                      "stdit.kernels.qk_norm_rope", "stdit.kernels"):
             importlib.reload(sys.modules[name])
     return stdit.kernels

@@ -415,6 +415,134 @@ def test_sm90_forward_growing_row_maxima_gpu(d):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("b,sq,sk,h,d,programs", [
+    (1, 1000, 1000, 3, 128, 5),  # 8 key blocks a tile; whole rounds, then 4 tiles cut over 5 programs
+    (2, 300, 777, 2, 128, 7),  # ragged queries and keys
+    (1, 512, 4097, 2, 128, 3),  # a 1-key last block; ranges of 22 blocks across tile ends
+    (1, 40, 1000, 2, 128, 9),  # under 64 queries: O from registers; fewer tiles than programs
+    (1, 256, 640, 3, 128, 11),  # 5 key blocks a tile on 11 programs: empty ranges, tiles cut in several places
+    (2, 1000, 1000, 3, 64, 7),  # three consumers
+])
+def test_sm90_forward_split_gpu(b, sq, sk, h, d, programs):
+    """A split launch (the whole rounds, then the last round's key blocks cut into one range per program, then the
+    pieces merged) against the fp32 reference and the unsplit launch, for every config that can split, on small
+    grids so that tiles are cut in several places, ragged lengths; the same bits run to run and from the replay."""
+    q, k, v, _, _ = make_inputs(b, sq, sk, h, d, torch.bfloat16, False, seed=sq + sk + programs)
+    ka = _sm90_or_skip(q, k, v)
+    sm90 = ka._sm90
+    ref = attention_ref(q, k, v, None, dtype=torch.float32)
+    low = attention_ref(q, k, v, None, dtype=torch.bfloat16)
+    scale = d ** -0.5 * ka._LOG2E
+    cfgs = [c for c in sm90._CONFIGS[d] if c[4] and triton.cdiv(sq, 64 * c[2]) * b * h % programs]
+    assert cfgs and d in sm90.SPLIT_HEAD_DIMS
+    for cfg in cfgs:
+        runs = []
+        for split in (False, True, True):
+            o = torch.full((b, sq, h, d), float("nan"), device="cuda", dtype=q.dtype)
+            lse = torch.full((b, h, sq), float("nan"), device="cuda")
+            run = sm90._launch(cfg, q, k, v, o, lse, scale, split=split, programs=programs)
+            runs.append((o, lse))
+        o3, lse3 = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
+        run(q, k, v, o3, lse3)  # the replay of the last launch
+        (o0, lse0), (o1, lse1), (o2, lse2) = runs
+        try:
+            check_rule("o", o1, ref, low)
+            # Row sums on the tensor cores (SUM_MMA) add the rounded P: pieces round differently.
+            assert max_err(lse1, lse0) < 1e-4 + (math.log2(1 + 2 ** -8) if d in sm90.SUM_MMA_HEAD_DIMS else 0)
+            assert max_err(o1, o0) <= 2 * max_err(o0, ref) + 1e-3
+            assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+            assert torch.equal(o1, o3) and torch.equal(lse1, lse3)
+        except AssertionError as e:
+            raise AssertionError(f"{e} with config {cfg}") from None
+
+
+def test_sm90_split_rule(monkeypatch):
+    """Which launches split their last round: persistent configs at d=64 and 128 with long rounds (at least 128 key
+    blocks a tile) whose last round keeps under 70% of the SMs busy (B1 H12 S32760 d128: 72 of 2,052 tiles of 192
+    rows on 132 SMs, 55%); where it keeps more, the busy SMs run fast enough that a split does not pay."""
+    sm90 = kernels.attention_sm90
+    monkeypatch.setattr(sm90, "SPLIT_MODE", "auto")
+    two, three, unpersistent = (128, 2, 2, True, True), (128, 2, 3, True, True), (128, 2, 2, True, False)
+    assert sm90.splits(three, 128, 2052, 256, 132) and sm90.splits(two, 128, 3072, 256, 132)  # 55%, 27%
+    assert sm90.splits(three, 64, 2064, 128, 132)  # B1 H24 S16384 d64: 84 of 132
+    assert sm90.splits(three, 128, 50, 256, 132)  # fewer tiles than SMs: spread over all of them
+    assert not sm90.splits(three, 128, 1032, 128, 132)  # B1 H12 S16384: 108 of 132
+    assert not sm90.splits(three, 128, 4728, 591, 132)  # S75600: 108 of 132
+    assert not sm90.splits(two, 128, 384 + 60, 32, 132)  # short rounds
+    assert not sm90.splits(two, 128, 264 * 8, 256, 132)  # whole rounds
+    assert not sm90.splits(unpersistent, 128, 2052, 256, 132)
+    assert not sm90.splits(two, 96, 2052, 256, 132)  # two column chunks
+    monkeypatch.setattr(sm90, "SPLIT_MODE", "0")
+    assert not sm90.splits(three, 128, 2052, 256, 132)
+    monkeypatch.setattr(sm90, "SPLIT_MODE", "1")
+    assert sm90.splits(two, 128, 384, 32, 132) and not sm90.splits(two, 128, 264, 32, 132)
+
+
+@pytest.mark.parametrize("n_tiles,n_kv,programs", [(6, 3, 4), (24, 8, 5), (4, 5, 11), (7, 1, 3), (2052, 256, 132)])
+def test_sm90_split_ranges(n_tiles, n_kv, programs):
+    """The second part's pieces cover every key block of the last round's tiles exactly once, in order; the
+    programs' ranges are even to within a block, and each spans at most two tiles."""
+    sm90 = kernels.attention_sm90
+    ranges = sm90.split_ranges(n_tiles, n_kv, programs)
+    n_full = n_tiles // programs * programs
+    covered = [(t, j) for pieces in ranges for t, j0, n in pieces for j in range(j0, j0 + n)]
+    assert covered == [(t, j) for t in range(n_full, n_tiles) for j in range(n_kv)]
+    sizes = [sum(n for _, _, n in pieces) for pieces in ranges]
+    assert max(sizes) - min(sizes) <= 1 and all(len(p) <= 2 and all(n > 0 for _, _, n in p) for p in ranges)
+
+
+@pytest.mark.parametrize("programs", [4, 5])
+def test_sm90_merge_tail(programs):
+    """The split launch's merge (a plain Triton kernel, so it runs here): pieces of the last round's tiles, made in
+    torch the way the second part writes them (unnormalized O rows, row maxima and sums, base 2, in the slot of the
+    program's first or second piece), merge into O and the logsumexp over all keys; no other row is written."""
+    sm90 = kernels.attention_sm90
+    from stdit.kernels._launch import launch
+
+    b, sq, sk, h, d, nw, rows = 1, 200, 300, 3, 64, 2, 64
+    g = torch.Generator().manual_seed(programs)
+    q, k, v = (torch.randn(b, s, h, d, generator=g) for s in (sq, sk, sk))
+    scale = d ** -0.5 * math.log2(math.e)
+    n_m = triton.cdiv(sq, rows * nw)
+    n_tiles, n_kv = n_m * b * h, triton.cdiv(sk, 128)
+    n_full = n_tiles // programs * programs
+    ws = torch.full((programs * 2 * nw * rows * (d + 2),), float("nan"))
+    ml = programs * 2 * nw * rows * d
+    for p, pieces in enumerate(sm90.split_ranges(n_tiles, n_kv, programs)):
+        for i, (tile, j0, n) in enumerate(pieces):
+            bh, m_blk = divmod(tile, n_m)
+            keys = slice(j0 * 128, min((j0 + n) * 128, sk))
+            for wg in range(nw):
+                r0 = m_blk * rows * nw + wg * rows
+                qr = torch.zeros(rows, d)  # rows past Sq: zeros, as TMA reads them past the tensor's end
+                qr[:max(0, min(rows, sq - r0))] = q[bh // h, r0:r0 + rows, bh % h]
+                s = qr @ k[bh // h, keys, bh % h].T * scale
+                m = s.max(1).values
+                pr = torch.exp2(s - m[:, None])
+                slot = (2 * p + i) * nw + wg
+                ws[slot * rows * d:(slot + 1) * rows * d] = (pr @ v[bh // h, keys, bh % h]).flatten()
+                ws[ml + slot * 2 * rows:ml + slot * 2 * rows + rows] = m
+                ws[ml + slot * 2 * rows + rows:ml + (slot + 1) * 2 * rows] = pr.sum(1)
+    o = torch.full((b, sq, h, d), float("nan"))
+    lse = torch.full((b, h, sq), float("nan"))
+    launch(sm90._merge_tail, (n_tiles - n_full, nw),
+           (ws, o, lse, *o.stride()[:3], h, sq, n_m, n_tiles, n_kv, programs), dict(NW=nw, D0=d, ROWS=rows))
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    ref_o = torch.einsum("bhqk,bkhd->bhqd", torch.softmax(logits * math.log(2), -1), v.double())
+    ref_lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)
+    written = torch.zeros(b, h, sq, dtype=torch.bool)
+    for tile in range(n_full, n_tiles):
+        bh, m_blk = divmod(tile, n_m)
+        written[bh // h, bh % h, m_blk * rows * nw:(m_blk + 1) * rows * nw] = True
+    assert written.any() and not written.all()
+    torch.testing.assert_close(lse[written], ref_lse[written].float(), atol=1e-4, rtol=1e-5)
+    o_bh = o.transpose(1, 2)
+    torch.testing.assert_close(o_bh[written], ref_o[written].float(), atol=1e-4, rtol=1e-4)
+    assert torch.isnan(lse[~written]).all() and torch.isnan(o_bh[~written]).all()
+
+
+@pytest.mark.gpu
+@gpu
 def test_plans_replay_and_follow_the_switches_gpu(monkeypatch):
     """Repeated calls replay the Hopper kernels' bound launches (plans) and stay right on new data; a call that
     differs in alignment, in a kernel switch or in deterministic mode takes the path it would take without plans."""

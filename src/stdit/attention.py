@@ -152,12 +152,16 @@ def xformers_attention(q, k, v, key_padding_mask=None, scale=None):
             "The 'xformers' attention backend needs xformers: pip install 'stdit[xformers]' "
             "(or choose another backend: triton, sdpa, eager)."
         ) from e
-    bias = None
-    if key_padding_mask is not None:
-        b, sk = key_padding_mask.shape
-        bias = torch.zeros(b, q.shape[2], q.shape[1], sk, device=q.device, dtype=q.dtype)
-        bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+    if key_padding_mask is None:
+        return xops.memory_efficient_attention(q, k, v, scale=scale)
+    b, sk = key_padding_mask.shape
+    # xformers reads the bias with rows aligned to 8 elements: allocate padded keys and pass a view.
+    padded = -(-sk // 8) * 8
+    bias = torch.zeros(b, q.shape[2], q.shape[1], padded, device=q.device, dtype=q.dtype)[..., :sk]
+    bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+    # A batch whose keys are all masked gives zeros, as the other backends do (not NaN).
+    return out.masked_fill(~key_padding_mask.any(dim=1)[:, None, None, None], 0.0)
 
 
 @torch.library.custom_op("stdit::flash_attention_fwd", mutates_args=())
