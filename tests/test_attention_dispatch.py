@@ -19,6 +19,15 @@ def qkv(b=2, sq=24, sk=24, h=2, d=64, dtype=torch.float32, seed=0):
     return [torch.randn(b, s, h, d, generator=g).to(device(), dtype) for s in (sq, sk, sk)]
 
 
+def key_mask(sk, seed, mask=True):
+    """A random [2, sk] key padding mask whose second batch has every key masked (None without ``mask``)."""
+    if not mask:
+        return None
+    kpm = torch.rand(2, sk, generator=torch.Generator().manual_seed(seed)) > 0.5
+    kpm[1] = False
+    return kpm.to(device())
+
+
 def test_unknown_backend_is_one_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="Unknown attention backend"):
         A.check_backend("flash3")
@@ -48,11 +57,7 @@ def test_xformers_backend_matches_eager_gpu(mask):
     bias rows must be aligned), and a batch whose keys are all masked (zeros, like the other backends)."""
     pytest.importorskip("xformers.ops")
     q, k, v = qkv(sq=77, sk=100, d=64, dtype=torch.bfloat16)
-    kpm = None
-    if mask:
-        kpm = torch.rand(2, 100, generator=torch.Generator().manual_seed(2)) > 0.5
-        kpm[1] = False
-        kpm = kpm.to(device())
+    kpm = key_mask(100, 2, mask)
     out = A.attention(q, k, v, key_padding_mask=kpm, backend="xformers")
     ref = A.attention(q.float(), k.float(), v.float(), key_padding_mask=kpm, backend="eager")
     low = A.attention(q, k, v, key_padding_mask=kpm, backend="eager")
@@ -65,11 +70,7 @@ def test_xformers_backend_matches_eager_gpu(mask):
 @pytest.mark.parametrize("mask", [False, True])
 def test_triton_backend_matches_eager(mask):
     q, k, v = qkv(sq=19, sk=33, d=72)
-    kpm = None
-    if mask:
-        kpm = torch.rand(2, 33, generator=torch.Generator().manual_seed(1)) > 0.5
-        kpm[1] = False
-        kpm = kpm.to(device())
+    kpm = key_mask(33, 1, mask)
     out = A.attention(q, k, v, key_padding_mask=kpm, backend="triton")
     ref = A.attention(q, k, v, key_padding_mask=kpm, backend="eager")
     assert max_err(out, ref) < 1e-4
