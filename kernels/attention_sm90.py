@@ -13,7 +13,9 @@ specialization, and this kernel uses them:
 * ping-pong: the consumers take turns to issue (a ring of "turn" mbarriers), so one's softmax runs under the
   others' matrix products instead of all softmaxes at once;
 * persistent: ``min(tiles, SMs)`` programs walk the output tiles, and the load warp fetches the next tile's
-  blocks during this tile's last products and epilogue (no tail wave, no cold start per tile);
+  blocks during this tile's last products and epilogue (no cold start per tile). Where the last round of tiles
+  would leave many SMs idle, the launch is split (``PART``; :data:`SPLIT_TAIL_MAX`, ``STDIT_ATTN_SPLIT=0`` turns it
+  off): the whole rounds, then the last round's key blocks in one even range per program, merged after;
 * at d=128 with two consumers Q is the score products' register operand, read from shared memory once per tile;
   at d=64 the softmax's row sums run on the tensor cores (P times a ones tile), not as adds;
 * epilogue: a whole 64-row block of O goes to a shared-memory staging tile and leaves with an asynchronous TMA
