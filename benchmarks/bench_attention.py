@@ -57,6 +57,13 @@ def sdpa_fn(backend):
     return fn
 
 
+def dynamo_recompile_knob() -> str:
+    """The name of Dynamo's per-function recompile limit in this torch (renamed from ``cache_size_limit``)."""
+    import torch._dynamo
+
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def implementations(flex: bool, tune: bool = False):
     impls = {"ours": lambda q, k, v: flash_attention(q, k, v)}
     if tune:
@@ -73,8 +80,7 @@ def implementations(flex: bool, tune: bool = False):
             from torch.nn.attention.flex_attention import flex_attention
             # One compiled graph per shape and grad mode: past Dynamo's recompile limit (8) it would fall back to
             # the unfused eager flex_attention, which materializes the S x S scores.
-            knob = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            setattr(torch._dynamo.config, knob, 64)
+            setattr(torch._dynamo.config, dynamo_recompile_knob(), 64)
             compiled = torch.compile(flex_attention, dynamic=False)
             impls["flex"] = lambda q, k, v: compiled(q.transpose(1, 2), k.transpose(1, 2),
                                                      v.transpose(1, 2)).transpose(1, 2)

@@ -108,7 +108,7 @@ if HAVE_GLUON:
         u0 = pid * L // G
         u1 = (pid + 1) * L // G
         n_seg = gl.where(u1 > u0, (u1 - 1) // n_kv - u0 // n_kv + 1, 0)
-        return n_full, L, u0, u1, n_seg
+        return n_full, u0, u1, n_seg
 
     @gluon.jit
     def _segment(i, n_full, u0, u1, n_kv):
@@ -164,7 +164,7 @@ if HAVE_GLUON:
                                    kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, H, SQ, SK,
                                    n_m, tile, 0, n_kv, t, tc, NW, D, DT, BLOCK_N, STAGES)
         else:
-            n_full, L, u0, u1, n_seg = _tail_range(n_tiles, n_kv)
+            n_full, u0, u1, n_seg = _tail_range(n_tiles, n_kv)
             for i in range(n_seg):
                 tile, j0, n_blk = _segment(i, n_full, u0, u1, n_kv)
                 t, tc = _load_tile(q_desc, k_desc, v_desc, qt_desc, kt_desc, vt_desc, q_smem, k_smem, v_smem,
@@ -241,15 +241,16 @@ if HAVE_GLUON:
             _store_rows(ptr + CT, out_t, row0, row_stride, SQ, OV)
 
     @gluon.jit
-    def _store_partial(acc, m_i, l_i, WS, tile, n_full, u0, n_kv, WG: gl.constexpr, NW: gl.constexpr):
-        # A segment of a cut tile (PART 2): this warpgroup's unnormalized O rows, row maxima and row sums go to the
-        # program's slot for its first or second segment; :func:`_merge_tail` combines the segments after the launch.
+    def _store_partial(acc, m_i, l_i, WS, seg, WG: gl.constexpr, NW: gl.constexpr):
+        # Segment ``seg`` (0 or 1) of this program's range, a piece of a cut tile (PART 2): this warpgroup's
+        # unnormalized O rows, row maxima and row sums go to the program's slot for it; :func:`_merge_tail` combines
+        # the pieces after the launch.
         o_layout: gl.constexpr = acc.type.layout
         row_layout: gl.constexpr = m_i.type.layout
         ROWS: gl.constexpr = acc.shape[0]
         D0: gl.constexpr = acc.shape[1]
         ml = gl.num_programs(0) * (2 * NW * ROWS * D0)  # the (max, sum) rows follow the O rows
-        slot = (2 * gl.program_id(0) + tile - n_full - u0 // n_kv) * NW + WG
+        slot = (2 * gl.program_id(0) + seg) * NW + WG
         orows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
         ocols = gl.arange(0, D0, layout=gl.SliceLayout(0, o_layout))
         gl.store(WS + slot * (ROWS * D0) + gl.expand_dims(orows, 1) * D0 + gl.expand_dims(ocols, 0), acc)
@@ -260,13 +261,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _consume_tile(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                       v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem, ones_smem, sob, sos, soh, H, SQ, SK, n_m,
-                      qk_scale, tile, n_blk, masked, t, tc, k, s_zero, last_cols, n_left, WS, n_full, u0, n_kv,
+                      qk_scale, tile, n_blk, masked, t, tc, k, s_zero, last_cols, n_left, WS, seg,
                       WG: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, PINGPONG: gl.constexpr, O_TMA: gl.constexpr, QREG: gl.constexpr, SUM_MMA:
                       gl.constexpr, P_SMEM: gl.constexpr, PARTIAL: gl.constexpr):
         # One output tile's rows of this warpgroup over key blocks t .. t + n_blk - 1 of the rings (the tile's
-        # blocks j0 .. j0 + n_blk - 1; ``masked``: the last is the sequence's last). PARTIAL: a segment of a cut
-        # tile, whose partial result goes to the workspace WS instead of O.
+        # blocks j0 .. j0 + n_blk - 1; ``masked``: the last is the sequence's last). PARTIAL: segment ``seg`` of the
+        # program's range, a piece of a cut tile, whose partial result goes to the workspace WS instead of O.
         dtype: gl.constexpr = q_smem.dtype
         WG_ROWS: gl.constexpr = q_smem.shape[1]
         D0: gl.constexpr = q_smem.shape[2]
@@ -408,7 +409,7 @@ if HAVE_GLUON:
         mbarrier.arrive(v_empty.index(lslot), count=1)
 
         if PARTIAL:
-            _store_partial(acc, m_i, l_i, WS, tile, n_full, u0, n_kv, WG, NW)
+            _store_partial(acc, m_i, l_i, WS, seg, WG, NW)
         else:
             # Epilogue, under the loads of the next tile's first blocks.
             bh = tile // n_m
@@ -477,17 +478,17 @@ if HAVE_GLUON:
                 t, tc, k = _consume_tile(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready,
                                          v_ready, k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem,
                                          ones_smem, sob, sos, soh, H, SQ, SK, n_m, qk_scale, tile, n_kv, True, t, tc,
-                                         k, s_zero, last_cols, n_left, WS, n_full, 0, n_kv, WG, NW, D, DT, BLOCK_N,
-                                         STAGES, PINGPONG, O_TMA, QREG, SUM_MMA, P_SMEM, False)
+                                         k, s_zero, last_cols, n_left, WS, 0, WG, NW, D, DT, BLOCK_N, STAGES,
+                                         PINGPONG, O_TMA, QREG, SUM_MMA, P_SMEM, False)
         else:
-            n_full, L, u0, u1, n_seg = _tail_range(n_tiles, n_kv)
+            n_full, u0, u1, n_seg = _tail_range(n_tiles, n_kv)
             for i in range(n_seg):
                 tile, j0, n_blk = _segment(i, n_full, u0, u1, n_kv)
                 t, tc, k = _consume_tile(q_smem, k_smem, v_smem, qt_smem, kt_smem, vt_smem, q_ready, q_empty, k_ready,
                                          v_ready, k_empty, v_empty, turn, O, LSE, o_desc, o_smem, ot_desc, ot_smem,
                                          ones_smem, sob, sos, soh, H, SQ, SK, n_m, qk_scale, tile, n_blk,
-                                         j0 + n_blk == n_kv, t, tc, k, s_zero, last_cols, n_left, WS, n_full, u0, n_kv,
-                                         WG, NW, D, DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA, P_SMEM, True)
+                                         j0 + n_blk == n_kv, t, tc, k, s_zero, last_cols, n_left, WS, i, WG, NW, D,
+                                         DT, BLOCK_N, STAGES, PINGPONG, O_TMA, QREG, SUM_MMA, P_SMEM, True)
         if O_TMA:
             tma.store_wait(0)
 
@@ -652,9 +653,9 @@ SUM_MMA_HEAD_DIMS = (64,) if _TRITON < (3, 7) else ()
 # 55%). A split launch runs the whole rounds (PART 1), then cuts the key blocks of the last round's tiles into one
 # even range per program (PART 2: each program writes the unnormalized O rows, row maxima and sums of its one or two
 # pieces of tiles to a workspace), and :func:`_merge_tail` combines the pieces of each tile into O and the logsumexp.
-# A partial round is not all loss: with SMs idle the busy ones run faster (at S16384 d128 a last round of 108 tiles
-# took 0.71 of a whole round's time), and the split's pieces, merge and two more launches cost about 100 us at the
-# board's power limit. H200, sustained loops, TFLOP/s, unsplit -> split: S32760 d128 614 -> 624 (last round 55% busy),
+# A partial round is not all loss: with SMs idle the busy ones run faster (at S16384 d128 the unsplit launch took 216
+# us past the whole rounds' 2,121, a whole round 303, while the pieces ran at a whole round's pace, 267 us for 82%
+# of one, plus the merge, 8 us, and the launch gaps, 3 us; torch profiler, below the power limit). H200, sustained loops, TFLOP/s, unsplit -> split: S32760 d128 614 -> 624 (last round 55% busy),
 # B1 H24 S16384 d64 505 -> 511 (64%), S16384 d128 623 -> 613 (82%), S8192 d128 609 -> 599 (82%), S75600 d128
 # 634 -> 617 (82%), S4096 d128 610 -> 559 (91%, 32 key blocks). So only a last round under SPLIT_TAIL_MAX busy, with
 # long rounds, is split (benchmarks/NOTES-attention.md, Session 19).
@@ -800,18 +801,11 @@ def _launch(cfg, q, k, v, o, lse, qk_scale, split: bool | None = None, programs:
     merge_args = (o.stride(0), o.stride(1), o.stride(2), h, sq, n_m, n_tiles, n_kv, sms)
     merge_cx = dict(NW=nw, D0=d, ROWS=64)
 
-    def run(q, k, v, o, lse):
-        ws = torch.empty(ws_size, device=q.device, dtype=torch.float32)
-        bounds = []
-        if n_tiles >= sms:  # the whole rounds
-            bounds.append(launch(_attn_fwd_sm90, (sms,), (q, k, v, o, lse, ws, *scalars),
-                                 constexprs(cfg, d, o_tma, part=1), num_warps=4))
-        bounds.append(launch(_attn_fwd_sm90, (sms,), (q, k, v, o, lse, ws, *scalars), constexprs(cfg, d, o_tma, part=2),
-                             num_warps=4))
-        bounds.append(launch(_merge_tail, (n_tail, nw), (ws, o, lse, *merge_args), merge_cx, num_warps=4))
-        return bounds
-
-    bounds = run(q, k, v, o, lse)
+    ws = torch.empty(ws_size, device=q.device, dtype=torch.float32)
+    parts = (1, 2) if n_tiles >= sms else (2,)  # the whole rounds (if any), then the pieces
+    bounds = [launch(_attn_fwd_sm90, (sms,), (q, k, v, o, lse, ws, *scalars), constexprs(cfg, d, o_tma, part=p),
+                     num_warps=4) for p in parts]
+    bounds.append(launch(_merge_tail, (n_tail, nw), (ws, o, lse, *merge_args), merge_cx, num_warps=4))
     if any(x is None for x in bounds):
         return None
 

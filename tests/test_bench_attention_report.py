@@ -89,7 +89,7 @@ def test_flex_peer_keeps_its_compiled_graphs(monkeypatch):
     import torch._dynamo
 
     pytest.importorskip("torch.nn.attention.flex_attention")
-    knob = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    knob = bench_attention.dynamo_recompile_knob()
     monkeypatch.setattr(torch._dynamo.config, knob, 8)
     assert "flex" not in bench_attention.implementations(flex=False)
     assert getattr(torch._dynamo.config, knob) == 8

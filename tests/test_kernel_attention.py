@@ -491,6 +491,37 @@ def test_sm90_split_ranges(n_tiles, n_kv, programs):
     assert max(sizes) - min(sizes) <= 1 and all(len(p) <= 2 and all(n > 0 for _, _, n in p) for p in ranges)
 
 
+@pytest.mark.parametrize("sq,h,parts", [(1000, 3, (1, 2)), (300, 1, (2,))])
+def test_sm90_split_launch_sequence(sq, h, parts, monkeypatch):
+    """A split launch issues the whole rounds (only if there are any), then the pieces, on one program per SM with
+    one workspace, then the merge over the last round's tiles and consumers; its replay issues the same launches
+    again with a fresh workspace (the kernels themselves are checked by test_sm90_forward_split_gpu)."""
+    sm90 = kernels.attention_sm90
+    calls = []
+
+    def launch(fn, grid, args, constexprs, **options):
+        calls.append((fn, grid, args, constexprs.get("PART")))
+        return lambda *a: calls.append((fn, grid, a, constexprs.get("PART")))
+
+    monkeypatch.setattr(sm90, "launch", launch)
+    cfg, programs = (128, 2, 2, True, True), 5
+    q = torch.empty(1, sq, h, 128, device="meta", dtype=torch.bfloat16)
+    o = torch.empty_like(q)
+    lse = torch.empty(1, h, sq, device="meta")
+    n_tiles = triton.cdiv(sq, 128) * h
+    replay = sm90._launch(cfg, q, q, q, o, lse, 1.0, split=True, programs=programs)
+    for rnd in range(2):
+        issued, calls[:] = list(calls), []
+        assert [(c[0], c[1], c[3]) for c in issued] == (
+            [(sm90._attn_fwd_sm90, (programs,), p) for p in parts] + [(sm90._merge_tail, (n_tiles % programs, 2), None)])
+        ws = issued[-1][2][0]
+        assert ws.numel() == programs * 2 * 2 * 64 * (128 + 2)
+        assert all(c[2][5] is ws for c in issued[:-1])
+        replay(q, q, q, o, lse)
+    with pytest.raises(ValueError, match="no last round"):
+        sm90._launch(cfg, q, q, q, o, lse, 1.0, split=True, programs=n_tiles)
+
+
 @pytest.mark.parametrize("programs", [4, 5])
 def test_sm90_merge_tail(programs):
     """The split launch's merge (a plain Triton kernel, so it runs here): pieces of the last round's tiles, made in
