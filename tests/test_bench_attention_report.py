@@ -83,16 +83,20 @@ def test_gpu_clock_window_means_only_the_samples_inside():
     assert clock.last(0.5) == {"SM MHz": 1500.0, "W": 699.0}
 
 
-def test_flex_peer_keeps_its_compiled_graphs(monkeypatch):
+def test_flex_peer_keeps_its_compiled_graphs():
     """FlexAttention compiles one graph per shape and grad mode; past Dynamo's default recompile limit (8) it would
     fall back to the eager flex_attention, so the benchmark raises the limit when it times FlexAttention."""
     import torch._dynamo
 
     pytest.importorskip("torch.nn.attention.flex_attention")
     knob = bench_attention.dynamo_recompile_knob()
-    monkeypatch.setattr(torch._dynamo.config, knob, 8)
-    assert "flex" not in bench_attention.implementations(flex=False)
-    assert getattr(torch._dynamo.config, knob) == 8
-    impls = bench_attention.implementations(flex=True)
-    assert "flex" in impls
-    assert getattr(torch._dynamo.config, knob) >= 2 * len(bench_attention.SHAPES)
+    before = getattr(torch._dynamo.config, knob)
+    # Dynamo's own patcher restores the knob on exit; pytest's monkeypatch would delete Dynamo's config entry on
+    # undo (its config module keeps values outside the module __dict__) and break every later torch.compile.
+    with torch._dynamo.config.patch({knob: 8}):
+        assert "flex" not in bench_attention.implementations(flex=False)
+        assert getattr(torch._dynamo.config, knob) == 8
+        impls = bench_attention.implementations(flex=True)
+        assert "flex" in impls
+        assert getattr(torch._dynamo.config, knob) >= 2 * len(bench_attention.SHAPES)
+    assert getattr(torch._dynamo.config, knob) == before

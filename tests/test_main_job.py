@@ -1,6 +1,7 @@
 """A shortened main job: the tiny config trains on the embedded videos, its loss falls, and its samples are
 measurably closer to the data than an untrained model's (pixel statistics and the objects' area per frame)."""
 
+import pytest
 import torch
 
 from stdit.data.synthetic import MovingObjects, sample_quality
@@ -22,6 +23,9 @@ def _samples(model, shift, n_per_class=4):
     return frames.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, T, H, W] in [-1, 1]
 
 
+# About 1.5 min on an idle 2-core machine; a loaded CI machine has taken over 15 min, so the suite-wide 900 s limit
+# (there to catch hangs) is raised for this one test instead of shortening what it checks.
+@pytest.mark.timeout(2700)
 def test_short_main_job_learns_the_data(tmp_path):
     cfg = load_train_config("tiny", [f"train.output_dir={tmp_path}", f"train.steps={STEPS}", "train.warmup_steps=20",
                                      "train.ckpt_every=0", "train.progress=false", "train.ema_decay=0.99",
