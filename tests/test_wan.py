@@ -78,12 +78,38 @@ def test_from_wan_directory_and_pipeline_layout(tmp_path):
             assert rel_err(from_wan(str(src)).eval()(x, t, text).sample, ref) <= 1e-5
 
 
-def test_from_wan_rejects_image_branch():
-    wan = WanTransformer3DModel(num_attention_heads=1, attention_head_dim=12, in_channels=4, out_channels=4,
-                                text_dim=32, freq_dim=32, ffn_dim=16, num_layers=1, image_dim=16,
-                                added_kv_proj_dim=12)
-    with pytest.raises(NotImplementedError, match="image_dim=16.*CLIP image branch"):
-        StDiT.from_wan(wan)
+@pytest.mark.parametrize("flf2v", [False, True], ids=["i2v", "flf2v"])
+def test_wan_image_to_video_branch_converts_with_the_same_outputs(flf2v, tmp_path):
+    """Wan 2.1 I2V (CLIP image tokens through image key/value projections) and FLF2V (first and last frame, with a
+    position embedding over both frames' tokens) convert both ways with diffusers' outputs."""
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4,
+                                text_dim=32, freq_dim=32, ffn_dim=16, num_layers=2, image_dim=20,
+                                added_kv_proj_dim=24, pos_embed_seq_len=8 if flf2v else None).eval()
+    with torch.no_grad():
+        for p in wan.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = StDiT.from_wan(wan).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 12, 3, 8, 8, generator=g)
+    text = torch.randn(1, 512, 32, generator=g)  # diffusers' Wan I2V splits off the image tokens as "all but 512"
+    image = torch.randn(2 if flf2v else 1, 4, 20, generator=g)
+    t = torch.tensor([400.0])
+    with torch.no_grad():
+        ref = wan(x, t, text, encoder_hidden_states_image=image).sample
+        got = model(x, t, text, encoder_hidden_states_image=image).sample
+        assert rel_err(got, ref) <= 1e-5
+        model.fuse_qkv_projections()
+        assert rel_err(model(x, t, text, encoder_hidden_states_image=image).sample, ref) <= 1e-5
+        model.unfuse_qkv_projections()
+        back = to_wan(model).eval()
+        assert rel_err(back(x, t, text, encoder_hidden_states_image=image).sample, ref) <= 1e-5
+    with pytest.raises(ValueError, match="image-to-video model: pass encoder_hidden_states_image"):
+        model(x, t, text)
+    plain = StDiT.from_wan(WanTransformer3DModel(num_attention_heads=1, attention_head_dim=12, in_channels=4,
+                                                 out_channels=4, text_dim=32, freq_dim=32, ffn_dim=16, num_layers=1))
+    with pytest.raises(ValueError, match="no image branch"):
+        plain(torch.randn(1, 4, 1, 4, 4), t, text, encoder_hidden_states_image=image)
 
 
 def test_export_refuses_what_wan_cannot_compute():

@@ -17,24 +17,20 @@ import torch
 
 from stdit.model import StDiT
 
-# Wan-only config keys: RoPE table size (StDiT builds tables for any grid) and the CLIP image branch of Wan I2V.
-_WAN_ONLY = {"rope_max_seq_len": 1024, "pos_embed_seq_len": None, "image_dim": None, "added_kv_proj_dim": None}
+# Wan-only config key: the RoPE table size (StDiT builds tables for any grid).
+_WAN_ONLY = {"rope_max_seq_len": 1024}
 # StDiT-only config keys and the values under which a StDiT computes exactly what Wan does.
 _STDIT_ONLY = {"rope_theta": 10000.0, "rope_axes_dim": None, "num_classes": None, "condition_channels": 0,
                "attention_mode": "full"}
 _STDIT_KEYS = set(_STDIT_ONLY) | {
     "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps"}
+    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim", "added_kv_proj_dim",
+    "pos_embed_seq_len"}
 
 
 def wan_config_to_stdit(wan_config: dict) -> dict:
-    """StDiT kwargs for a ``WanTransformer3DModel`` config; rejects Wan variants StDiT does not implement."""
-    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-        if wan_config.get(key) is not None:
-            raise NotImplementedError(
-                f"Wan config has {key}={wan_config[key]!r} (the CLIP image branch of Wan I2V), which StDiT does not "
-                "implement; StDiT converts text-to-video Wan checkpoints. For image-to-video use "
-                "StDiT(condition_channels=...) instead.")
+    """StDiT kwargs for a ``WanTransformer3DModel`` config (text-to-video, or Wan 2.1 I2V / FLF2V with the CLIP
+    image branch)."""
     return {k: (tuple(v) if k == "patch_size" else v) for k, v in wan_config.items() if k in _STDIT_KEYS}
 
 
@@ -65,15 +61,22 @@ def _is_pipeline_dir(path: Path) -> bool:
     return (path / "model_index.json").is_file() and (path / "transformer").is_dir()
 
 
-def from_wan(model_or_path, subfolder: str | None = None, **kwargs) -> StDiT:
+def from_wan(model_or_path, subfolder: str | None = None, share_weights: bool = False, **kwargs) -> StDiT:
     """A StDiT with the weights of a Wan transformer: a ``WanTransformer3DModel`` object, or a local directory or
     Hub repo id in diffusers layout (a whole Wan pipeline directory/repo is read from its ``transformer/``).
-    ``kwargs`` (``torch_dtype``, ``cache_dir``, ...) go to :meth:`StDiT.from_pretrained`."""
+    ``kwargs`` (``torch_dtype``, ``cache_dir``, ...) go to :meth:`StDiT.from_pretrained`.
+
+    From a model object the weights are copied, so training the StDiT leaves the Wan model as it was;
+    ``share_weights=True`` reuses the Wan model's tensors instead (no second copy in memory: for inference, when
+    the Wan model is dropped after the conversion)."""
     if isinstance(model_or_path, torch.nn.Module):
         config = wan_config_to_stdit(dict(model_or_path.config))
         with torch.device("meta"):
             model = StDiT(**config)
-        model.load_state_dict(model_or_path.state_dict(), strict=True, assign=True)
+        state = model_or_path.state_dict()
+        if not share_weights:
+            state = {k: v.detach().clone() for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
         dtype = kwargs.get("torch_dtype")
         return model.to(dtype) if dtype is not None else model
     path = model_or_path

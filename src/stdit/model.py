@@ -10,25 +10,33 @@ image-to-video (condition channels concatenated to the input), and factorized sp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import FeedForward
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanImageEmbedding
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from einops import rearrange
 from torch import nn
 
-from stdit.attention import (attention, attention_backend, check_backend, context_backend,
+from stdit.attention import (BACKENDS, attention, attention_backend, context_backend,
                              keep_attention_and_matmuls_policy, keep_self_attention_policy, qk_norm_rope)
-from stdit.ops import add_norm_modulate, feed_forward, norm_modulate
+from stdit.ops import add_norm_modulate, feed_forward, is_plain, norm_modulate
 from stdit.rope import RotaryEmbedding3D, apply_rope, axis_split
 
 ATTENTION_MODES = ("full", "factorized")
+# diffusers' attention-backend names that mean one of stdit's backends
+DIFFUSERS_BACKENDS = {"native": "sdpa", "xformers": "xformers"}
 QK_NORMS = (None, "rms_norm_across_heads")
 
 
@@ -55,18 +63,67 @@ def _checkpoint_block(module, *args, policy=None):
     return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-class StDiTAttention(nn.Module):
+@contextlib.contextmanager
+def lora_scale(model: nn.Module, attention_kwargs: dict[str, Any] | None):
+    """Scale the model's peft LoRA layers by ``attention_kwargs["scale"]`` for one call (diffusers' convention)."""
+    scale = (attention_kwargs or {}).get("scale", 1.0)
+    if scale == 1.0 or not USE_PEFT_BACKEND:
+        yield
+        return
+    scale_lora_layers(model, scale)
+    try:
+        yield
+    finally:
+        unscale_lora_layers(model, scale)
+
+
+class StDiTAttnProcessor:
+    """What :class:`StDiTAttention` computes, as a diffusers attention processor: projections (called as modules, so
+    LoRA layers and hooks on them run), QK RMSNorm + 3D RoPE, the attention core through :func:`stdit.attention.
+    attention`, the output projection. Being a processor lets diffusers' ``attn_processors``, ``set_attn_processor``
+    and its attention hooks (layer skip, caches) treat StDiT's attentions as they treat Wan's."""
+
+    def __call__(self, attn: "StDiTAttention", hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, layout=None,
+                 encoder_hidden_states_image: torch.Tensor | None = None) -> torch.Tensor:
+        x, context = hidden_states, encoder_hidden_states
+        q, k, v = attn.project(x, context)
+        q, k = attn.norm_rope(q, k, rotary_emb)
+        v = v.unflatten(-1, (attn.heads, -1))
+        if context is not None:  # cross-attention is per query token: no communication under sequence parallelism
+            out = attention(q, k, v, key_padding_mask=attention_mask, backend=attn.backend)
+            if encoder_hidden_states_image is not None:  # Wan I2V: the CLIP image tokens, attended to apart
+                k_img, v_img = attn.project_image(encoder_hidden_states_image)
+                out = out + attention(q, k_img, v_img, backend=attn.backend)
+        elif attn.sp is not None:
+            q, k, v = (attn.sp.seq_to_heads(t) for t in (q, k, v))
+            out = attn.sp.heads_to_seq(attn.self_attention(q, k, v, layout, attn.sp.seq_len))
+        else:
+            out = attn.self_attention(q, k, v, layout, q.shape[1])
+        return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(x)))
+
+
+class StDiTAttention(nn.Module, AttentionModuleMixin):
     """Multi-head attention on ``[B, S, H*D]`` activations; self-attention (with RoPE) or cross-attention.
 
     Self-attention takes a ``layout`` ``(mode, grid)``: ``"full"`` attends over all tokens, ``"spatial"`` over the
     tokens of each frame, ``"temporal"`` over the frames at each position. Projections, QK norm and RoPE are
     per-token, so under sequence parallelism they run on the local shard and only the attention core sees the
-    whole sequence (Ulysses all-to-all from sequence shards to head shards and back).
+    whole sequence (Ulysses all-to-all from sequence shards to head shards and back). Module names and
+    ``fuse_projections`` follow diffusers' ``WanAttention``.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, eps: float, qk_norm: bool = True):
+    _default_processor_cls = StDiTAttnProcessor
+    _available_processors = [StDiTAttnProcessor]
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float, qk_norm: bool = True,
+                 is_cross_attention: bool = False, added_kv_proj_dim: int | None = None):
         super().__init__()
         self.heads = heads
+        self.is_cross_attention = is_cross_attention
+        self.added_kv_proj_dim = added_kv_proj_dim
+        self.fused_projections = False
         inner = heads * head_dim
         self.to_q = nn.Linear(dim, inner)
         self.to_k = nn.Linear(dim, inner)
@@ -74,32 +131,78 @@ class StDiTAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(inner, eps=eps) if qk_norm else None
         self.norm_k = nn.RMSNorm(inner, eps=eps) if qk_norm else None
+        self.add_k_proj = self.add_v_proj = None
+        if added_kv_proj_dim is not None:  # Wan I2V's image key/value projections
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, inner)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, inner)
+            self.norm_added_k = nn.RMSNorm(inner, eps=eps)
         self.eps = eps
         self.backend: str | None = None  # runtime choice, set by StDiT.set_attention_backend
         self.sp = None  # runtime: a stdit.parallel.ulysses.SequenceParallel, set by StDiT.enable_sequence_parallel
+        self.set_processor(StDiTAttnProcessor())
 
-    def forward(self, x, context=None, rope=None, context_mask=None, layout=None):
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, layout=None,
+                encoder_hidden_states_image=None):
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, layout,
+                              encoder_hidden_states_image)
+
+    def project(self, x, context=None):
+        """q, k, v ``[B, S, H*D]``: k and v from ``context`` in cross-attention."""
+        if self.fused_projections:
+            if context is None:
+                return self.to_qkv(x).chunk(3, dim=-1)
+            return (self.to_q(x), *self.to_kv(context).chunk(2, dim=-1))
         src = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(src), self.to_v(src)
-        cos, sin = rope if rope is not None else (None, None)
-        if self.norm_q is not None:
-            q, k = qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, self.eps, cos, sin, self.heads,
-                                self.backend)
-        else:
-            q, k = q.unflatten(-1, (self.heads, -1)), k.unflatten(-1, (self.heads, -1))
-            if cos is not None:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = v.unflatten(-1, (self.heads, -1))
-        if context is not None:  # cross-attention is per query token: no communication under sequence parallelism
-            out = attention(q, k, v, key_padding_mask=context_mask, backend=self.backend)
-        elif self.sp is not None:
-            q, k, v = (self.sp.seq_to_heads(t) for t in (q, k, v))
-            out = self.sp.heads_to_seq(self._self_attention(q, k, v, layout, self.sp.seq_len))
-        else:
-            out = self._self_attention(q, k, v, layout, q.shape[1])
-        return self.to_out[0](out.flatten(2).type_as(x))
+        return self.to_q(x), self.to_k(src), self.to_v(src)
 
-    def _self_attention(self, q, k, v, layout, seq_len):
+    def project_image(self, image_tokens):
+        """Image keys (RMS-normed) and values ``[B, L_img, H, D]`` for Wan I2V's image cross-attention."""
+        if self.fused_projections:
+            k, v = self.to_added_kv(image_tokens).chunk(2, dim=-1)
+        else:
+            k, v = self.add_k_proj(image_tokens), self.add_v_proj(image_tokens)
+        return self.norm_added_k(k).unflatten(-1, (self.heads, -1)), v.unflatten(-1, (self.heads, -1))
+
+    def norm_rope(self, q, k, rotary_emb=None):
+        """QK RMSNorm and RoPE: ``[B, S, H*D]`` -> ``[B, S, H, D]``. The fused kernel reads the norms' weights, so it
+        runs only on plain hook-free ``nn.RMSNorm`` s; a hooked norm (offloading, ``device_map``, casting) runs as its
+        module, where its hook loads the weight."""
+        cos, sin = rotary_emb if rotary_emb is not None else (None, None)
+        if self.norm_q is not None and is_plain(self.norm_q, nn.RMSNorm) and is_plain(self.norm_k, nn.RMSNorm):
+            return qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, self.eps, cos, sin, self.heads,
+                                self.backend)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k = q.unflatten(-1, (self.heads, -1)), k.unflatten(-1, (self.heads, -1))
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One matmul for q, k, v (self-attention) or k, v (cross-attention), as diffusers' ``WanAttention`` does."""
+        if self.fused_projections:
+            return
+        groups = {"to_kv": ("to_k", "to_v")} if self.is_cross_attention else {"to_qkv": ("to_q", "to_k", "to_v")}
+        if self.add_k_proj is not None:
+            groups["to_added_kv"] = ("add_k_proj", "add_v_proj")
+        for fused_name, names in groups.items():
+            parts = [getattr(self, n) for n in names]
+            w = parts[0].weight
+            fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), device=w.device, dtype=w.dtype)
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+            setattr(self, fused_name, fused)
+        self.fused_projections = True
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> None:
+        for name in ("to_qkv", "to_kv", "to_added_kv"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.fused_projections = False
+
+    def self_attention(self, q, k, v, layout, seq_len):
         """Attention over the first ``seq_len`` tokens (the rest is sequence-parallel padding, output zero)."""
         mode, (t, h, w) = layout if layout is not None else ("full", (1, 1, q.shape[1]))
         pad = q.shape[1] - seq_len
@@ -124,7 +227,8 @@ class StDiTBlock(nn.Module):
     attention (per position, RoPE on t) with its own modulation, Latte/STDiT style.
     """
 
-    def __init__(self, dim, ffn_dim, heads, cross_attn_norm, eps, has_text, qk_norm, factorized):
+    def __init__(self, dim, ffn_dim, heads, cross_attn_norm, eps, has_text, qk_norm, factorized,
+                 added_kv_proj_dim=None):
         super().__init__()
         head_dim = dim // heads
         self.eps = eps
@@ -132,26 +236,35 @@ class StDiTBlock(nn.Module):
         self.attn1 = StDiTAttention(dim, heads, head_dim, eps, qk_norm)
         if factorized:
             self.attn_temporal = StDiTAttention(dim, heads, head_dim, eps, qk_norm)
-        self.attn2 = StDiTAttention(dim, heads, head_dim, eps, qk_norm) if has_text else None
-        self.norm2 = nn.LayerNorm(dim, eps) if (has_text and cross_attn_norm) else None
+        self.attn2 = (StDiTAttention(dim, heads, head_dim, eps, qk_norm, is_cross_attention=True,
+                                     added_kv_proj_dim=added_kv_proj_dim) if has_text else None)
+        self.norm2 = FP32LayerNorm(dim, eps) if (has_text and cross_attn_norm) else None
         self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
         self.scale_shift_table = nn.Parameter(torch.randn(1, 9 if factorized else 6, dim) / dim**0.5)
 
-    def forward(self, x, temb, rope, grid, context=None, context_mask=None):
+    def forward(self, hidden_states, temb, rope, grid, encoder_hidden_states=None, encoder_attention_mask=None,
+                encoder_hidden_states_image=None):
+        x = hidden_states
         mods = (self.scale_shift_table + temb.float()).chunk(self.scale_shift_table.shape[1], dim=1)
         shift, scale, gate, c_shift, c_scale, c_gate = mods[:6]
         n = norm_modulate(x, shift, scale, eps=self.eps)
         if self.factorized:
-            spatial = self.attn1(n, rope=rope["spatial"], layout=("spatial", grid))
+            spatial = self.attn1(n, rotary_emb=rope["spatial"], layout=("spatial", grid))
             x, n = add_norm_modulate(x, spatial, gate, mods[6], mods[7], eps=self.eps)
-            y, g = self.attn_temporal(n, rope=rope["temporal"], layout=("temporal", grid)), mods[8]
+            y, g = self.attn_temporal(n, rotary_emb=rope["temporal"], layout=("temporal", grid)), mods[8]
         else:
-            y, g = self.attn1(n, rope=rope["full"], layout=("full", grid)), gate
+            y, g = self.attn1(n, rotary_emb=rope["full"], layout=("full", grid)), gate
         if self.attn2 is not None:
-            w_, b_ = (self.norm2.weight, self.norm2.bias) if self.norm2 is not None else (None, None)
-            x, n = add_norm_modulate(x, y, g, weight=w_, bias=b_, eps=self.eps, norm=self.norm2 is not None)
-            n = x if self.norm2 is None else n
-            y, g = self.attn2(n, context=context, context_mask=context_mask), None
+            if self.norm2 is None:
+                x, _ = add_norm_modulate(x, y, g, norm=False)
+                n = x
+            elif is_plain(self.norm2, FP32LayerNorm):  # the residual add and the affine norm in one fused pass
+                x, n = add_norm_modulate(x, y, g, weight=self.norm2.weight, bias=self.norm2.bias, eps=self.eps)
+            else:  # a hooked norm (offloading, device_map) runs as its module, where its hook loads the weights
+                x, _ = add_norm_modulate(x, y, g, norm=False)
+                n = self.norm2(x)
+            y, g = self.attn2(n, encoder_hidden_states, attention_mask=encoder_attention_mask,
+                              encoder_hidden_states_image=encoder_hidden_states_image), None
         x, n = add_norm_modulate(x, y, g, c_shift, c_scale, eps=self.eps)
         x, _ = add_norm_modulate(x, feed_forward(self.ffn, n), c_gate, norm=False)
         return x
@@ -160,7 +273,7 @@ class StDiTBlock(nn.Module):
 class ConditionEmbedder(nn.Module):
     """Timestep (+ class label) -> ``temb`` and the per-block modulation ``timestep_proj``; text -> tokens."""
 
-    def __init__(self, dim, freq_dim, num_mod, text_dim, num_classes):
+    def __init__(self, dim, freq_dim, num_mod, text_dim, num_classes, image_dim=None, pos_embed_seq_len=None):
         super().__init__()
         self.timesteps_proj = Timesteps(num_channels=freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedder = TimestepEmbedding(in_channels=freq_dim, time_embed_dim=dim)
@@ -169,8 +282,10 @@ class ConditionEmbedder(nn.Module):
         self.text_embedder = PixArtAlphaTextProjection(text_dim, dim, act_fn="gelu_tanh") if text_dim else None
         # index num_classes is the null class, used for classifier-free guidance
         self.class_embedder = nn.Embedding(num_classes + 1, dim) if num_classes else None
+        # Wan I2V: CLIP image features -> image tokens (diffusers' module, so the weights and math are Wan's)
+        self.image_embedder = WanImageEmbedding(image_dim, dim, pos_embed_seq_len) if image_dim else None
 
-    def forward(self, timestep, dtype, text=None, class_labels=None):
+    def forward(self, timestep, dtype, text=None, class_labels=None, image=None):
         t = self.timesteps_proj(timestep).to(self.time_embedder.linear_1.weight.dtype)
         temb = self.time_embedder(t).to(dtype)
         if self.class_embedder is not None:
@@ -178,10 +293,12 @@ class ConditionEmbedder(nn.Module):
         timestep_proj = self.time_proj(self.act_fn(temb))
         if self.text_embedder is not None and text is not None:
             text = self.text_embedder(text)
-        return temb, timestep_proj, text
+        if self.image_embedder is not None and image is not None:
+            image = self.image_embedder(image)
+        return temb, timestep_proj, text, image
 
 
-class StDiT(ModelMixin, ConfigMixin):
+class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
     """Spatiotemporal DiT. See the module docstring; config names follow ``WanTransformer3DModel``.
 
     Args beyond Wan's:
@@ -194,8 +311,10 @@ class StDiT(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["StDiTBlock"]
-    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm2"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    _repeated_blocks = ["StDiTBlock"]
+    _keys_to_ignore_on_load_unexpected = ["norm_added_q"]  # in some Wan I2V checkpoints, unused (as in diffusers)
 
     @register_to_config
     def __init__(
@@ -217,6 +336,9 @@ class StDiT(ModelMixin, ConfigMixin):
         num_classes: int | None = None,
         condition_channels: int = 0,
         attention_mode: str = "full",
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        pos_embed_seq_len: int | None = None,
     ):
         super().__init__()
         if attention_mode not in ATTENTION_MODES:
@@ -231,10 +353,14 @@ class StDiT(ModelMixin, ConfigMixin):
         self.rope = RotaryEmbedding3D(attention_head_dim, axis_split(attention_head_dim, rope_axes_dim), rope_theta)
         self.patch_embedding = nn.Conv3d(in_channels + condition_channels, dim, kernel_size=patch_size,
                                          stride=patch_size)
-        self.condition_embedder = ConditionEmbedder(dim, freq_dim, 9 if factorized else 6, text_dim, num_classes)
+        if (image_dim is None) != (added_kv_proj_dim is None) or (image_dim is not None and text_dim is None):
+            raise ValueError(f"image_dim={image_dim} and added_kv_proj_dim={added_kv_proj_dim} come together (Wan "
+                             "I2V's image branch: image tokens attended to beside the text) and need text_dim.")
+        self.condition_embedder = ConditionEmbedder(dim, freq_dim, 9 if factorized else 6, text_dim, num_classes,
+                                                    image_dim, pos_embed_seq_len)
         self.blocks = nn.ModuleList(
             StDiTBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, text_dim is not None,
-                       qk_norm is not None, factorized)
+                       qk_norm is not None, factorized, added_kv_proj_dim)
             for _ in range(num_layers)
         )
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
@@ -287,12 +413,23 @@ class StDiT(ModelMixin, ConfigMixin):
         self._gradient_checkpointing_func = torch.compile(func, **self._compile_kwargs)
 
     def set_attention_backend(self, backend: str | None) -> None:
-        """Pick the attention backend for every attention of this model (None: ``STDIT_ATTENTION`` / default)."""
+        """Pick the attention backend for every attention of this model (None: ``STDIT_ATTENTION`` / default).
+
+        Takes stdit's backend names (:data:`stdit.attention.BACKENDS`) and the diffusers names that mean one of them
+        (``"native"``: torch SDPA, ``"xformers"``); other diffusers backends are not run by StDiT's attention."""
         if backend is not None:
-            check_backend(backend)
+            backend = DIFFUSERS_BACKENDS.get(backend, backend)
+            if backend not in BACKENDS:
+                raise ValueError(
+                    f"Unknown attention backend {backend!r}: StDiT takes {', '.join(BACKENDS)} (stdit's) or "
+                    f"{', '.join(DIFFUSERS_BACKENDS)} (diffusers' names for sdpa and xformers).")
         for m in self.modules():
             if isinstance(m, StDiTAttention):
                 m.backend = backend
+
+    def reset_attention_backend(self) -> None:
+        """Back to the default backend (``STDIT_ATTENTION`` or ``auto``)."""
+        self.set_attention_backend(None)
 
     def enable_sequence_parallel(self, group=None) -> None:
         """Shard the tokens over the ranks of ``group`` (default: the whole world), Ulysses style. Every rank must
@@ -341,7 +478,7 @@ class StDiT(ModelMixin, ConfigMixin):
         cond[:, c, 0] = 1
         return cond
 
-    def _check_inputs(self, x, timestep, text, text_mask, class_labels, condition):
+    def _check_inputs(self, x, timestep, text, text_mask, class_labels, condition, image=None):
         cfg = self.config
         if x.ndim != 5:
             raise ValueError(f"hidden_states must be [B, C, T, H, W] (5 dims); got shape {tuple(x.shape)}.")
@@ -370,6 +507,16 @@ class StDiT(ModelMixin, ConfigMixin):
                                  f"got {tuple(class_labels.shape)} {class_labels.dtype}.")
             if class_labels.min() < 0 or class_labels.max() > cfg.num_classes:
                 raise ValueError(f"class_labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class).")
+        if cfg.image_dim is not None:
+            if image is None:
+                raise ValueError("This is a Wan image-to-video model: pass encoder_hidden_states_image "
+                                 f"[B, L_img, image_dim={cfg.image_dim}] (the CLIP image features).")
+            if image.ndim != 3 or image.shape[-1] != cfg.image_dim:
+                raise ValueError(f"encoder_hidden_states_image must be [B, L_img, image_dim={cfg.image_dim}]; "
+                                 f"got shape {tuple(image.shape)}.")
+        elif image is not None:
+            raise ValueError("encoder_hidden_states_image was passed, but this model has no image branch "
+                             "(image_dim is None); it would be ignored.")
         if cfg.condition_channels:
             want = (b, cfg.condition_channels, *x.shape[2:])
             if condition is None or tuple(condition.shape) != want:
@@ -401,16 +548,25 @@ class StDiT(ModelMixin, ConfigMixin):
         condition: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
     ):
         """Predict the flow (or noise) for ``hidden_states`` ``[B, C, T, H, W]`` at ``timestep`` (0..1000).
 
         ``encoder_hidden_states`` ``[B, L, text_dim]`` with optional ``encoder_attention_mask`` ``[B, L]`` (True =
         real token); ``class_labels`` ``[B]`` (None = the null class); ``condition`` for image-to-video.
+        ``encoder_hidden_states_image`` ``[B, L_img, image_dim]``: CLIP image features for a Wan I2V model (as
+        diffusers' Wan takes them). ``attention_kwargs={"scale": s}`` scales the LoRA adapters for this call, as in diffusers' Wan.
         Returns ``Transformer2DModelOutput(sample=[B, out_channels, T, H, W])`` (or a tuple).
         """
+        with lora_scale(self, attention_kwargs):
+            return self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                                 class_labels, condition, return_dict, encoder_hidden_states_image)
+
+    def _forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
+                 condition, return_dict, image):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
-                           condition)
+                           condition, image)
         b = hidden_states.shape[0]
         timestep = timestep.reshape(-1).expand(b)
         if self.config.num_classes and class_labels is None:
@@ -428,13 +584,14 @@ class StDiT(ModelMixin, ConfigMixin):
             x = sp.shard(x)
             rope = {k: (sp.shard(c, 0), sp.shard(s, 0)) for k, (c, s) in rope.items()}
         ref = encoder_hidden_states if encoder_hidden_states is not None else x
-        temb, timestep_proj, text = self.condition_embedder(timestep, ref.dtype, encoder_hidden_states, class_labels)
+        temb, timestep_proj, text, image = self.condition_embedder(timestep, ref.dtype, encoder_hidden_states,
+                                                                   class_labels, image)
         timestep_proj = timestep_proj.unflatten(1, (-1, x.shape[-1]))
         if encoder_attention_mask is not None:
             encoder_attention_mask = encoder_attention_mask.bool()
 
         for block in self.blocks:
-            args = (x, timestep_proj, rope, grid, text, encoder_attention_mask)
+            args = (x, timestep_proj, rope, grid, text, encoder_attention_mask, image)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, *args)
             else:
@@ -477,3 +634,20 @@ class StDiT(ModelMixin, ConfigMixin):
         from stdit.convert import to_wan
 
         return to_wan(self)
+
+
+def _register_with_diffusers_hooks() -> None:
+    """Tell diffusers' hooks how StDiT's block and processor are called, as diffusers does for its own models: the
+    block-level caches (FirstBlockCache, MagCache) read the block's ``hidden_states`` and output through this
+    registry, and layer skipping reads the processor's skip function. diffusers offers no public registration
+    call, so this uses the registries its own models use."""
+    from diffusers.hooks._helpers import (AttentionProcessorMetadata, AttentionProcessorRegistry,
+                                          TransformerBlockMetadata, TransformerBlockRegistry)
+
+    TransformerBlockRegistry.register(StDiTBlock, TransformerBlockMetadata(return_hidden_states_index=0,
+                                                                           return_encoder_hidden_states_index=None))
+    AttentionProcessorRegistry.register(StDiTAttnProcessor, AttentionProcessorMetadata(
+        skip_processor_output_fn=lambda proc, attn, hidden_states, *args, **kwargs: hidden_states))
+
+
+_register_with_diffusers_hooks()

@@ -183,17 +183,35 @@ def add_norm_modulate(
     return add_norm_modulate_torch(x, y, gate, shift, scale, weight, bias, eps, norm)
 
 
+def hookless(module: torch.nn.Module) -> bool:
+    """No forward hooks of torch, accelerate (offloading, ``device_map``) or diffusers (group offloading, layerwise
+    casting, caches) on ``module``, nor global ones."""
+    return (not module._forward_hooks and not module._forward_pre_hooks
+            and getattr(module, "_hf_hook", None) is None and getattr(module, "_diffusers_hook", None) is None
+            and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def is_plain(module: torch.nn.Module | None, cls: type) -> bool:
+    """Whether a fused path may read ``module``'s weights directly instead of calling it: it is exactly a ``cls``
+    (not a peft LoRA wrapper or another subclass) and :func:`hookless`. Anything else must run as a module, or its
+    adapter or hook would be skipped silently."""
+    return type(module) is cls and hookless(module)
+
+
 def feed_forward(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """diffusers' ``FeedForward`` with ``activation_fn="gelu-approximate"`` (Linear, GELU-tanh, Linear).
 
     On CUDA, when autograd will not ask for a backward (sampling), the GELU runs in the first matmul's epilogue
     (``torch._addmm_activation``: cuBLASLt's bias + GELU-tanh epilogue), which saves one read and one write of the
-    widest activation of the block ([S, ffn_dim]). Elsewhere, in training, and with ``STDIT_FUSED_NORM=0`` the
-    module runs as it is.
+    widest activation of the block ([S, ffn_dim]). Elsewhere, in training, with ``STDIT_FUSED_NORM=0``, and whenever
+    the first projection is not a plain hook-free ``nn.Linear`` (a LoRA, offloading or casting hook) the module runs
+    as it is.
     """
     act = ffn.net[0]
     proj = getattr(act, "proj", None)
-    fusable = (x.is_cuda and getattr(act, "approximate", None) == "tanh" and proj is not None
+    fusable = (x.is_cuda and hookless(ffn) and hookless(act) and is_plain(proj, torch.nn.Linear)
+               and getattr(act, "approximate", None) == "tanh"
                and proj.bias is not None and x.dtype == proj.weight.dtype
                and not (torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad))
                and os.environ.get(ENV_VAR, "1") != "0")

@@ -47,8 +47,11 @@ class RotaryEmbedding3D(nn.Module):
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, grid: tuple[int, int, int], device: torch.device | str | None = None):
+        compiling = torch.compiler.is_compiling()
         key = (tuple(grid), str(device))
-        hit = self._cache.get(key)
+        # Under torch.compile the tables are built in the graph from the static grid: reading the cache would make
+        # Dynamo guard on the dict's contents, which the first call changes, and recompile on the second call.
+        hit = None if compiling else self._cache.get(key)
         if hit is not None:
             return hit
         t, h, w = grid
@@ -62,6 +65,8 @@ class RotaryEmbedding3D(nn.Module):
             dim=-1,
         ).reshape(t * h * w, self.head_dim // 2)
         tables = (angles.cos().float().to(device), angles.sin().float().to(device))
+        if compiling:
+            return tables
         if len(self._cache) > 16:
             self._cache.clear()
         self._cache[key] = tables
