@@ -321,3 +321,16 @@ def test_cache_context_is_what_wan_pipeline_calls():
     assert isinstance(HookRegistry.check_if_exists_or_initialize(st), HookRegistry)
     with st.cache_context("cond"):
         pass
+
+
+def test_wan_image_to_video_pipeline_runs_stdit_with_diffusers_video():
+    from wan_pipeline import run_i2v, tiny_i2v_pipeline, tiny_wan_i2v
+
+    wan = tiny_wan_i2v()
+    st = StDiT.from_wan(wan).eval()
+    pipe = tiny_i2v_pipeline(wan)
+    ref = run_i2v(pipe, output_type="latent")
+    pipe.transformer = st
+    got = run_i2v(pipe, output_type="latent")
+    assert ref.abs().max() > 0.1
+    assert (got - ref).abs().max() <= ATOL

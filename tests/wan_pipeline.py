@@ -60,3 +60,37 @@ def run(pipe, steps: int = 3, seed: int = 0, **kwargs) -> torch.Tensor:
                 num_inference_steps=steps, guidance_scale=4.0, max_sequence_length=16, output_type="pt",
                 generator=torch.Generator().manual_seed(seed))
     return pipe(**{**call, **kwargs}).frames
+
+
+IMAGE_DIM = 20
+
+
+def tiny_wan_i2v(seed: int = 0):
+    """A Wan 2.1 I2V transformer: 16 latent + 20 condition channels in, CLIP image tokens in cross-attention."""
+    return tiny_wan(seed, in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=32)
+
+
+def tiny_i2v_pipeline(transformer):
+    """A ``WanImageToVideoPipeline`` around ``transformer``, with a tiny random CLIP image encoder."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    t2v = tiny_pipeline(transformer)
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=IMAGE_DIM)).eval()
+    pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                   scheduler=t2v.scheduler, image_processor=CLIPImageProcessor(crop_size=32, size=32),
+                                   image_encoder=encoder, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_i2v(pipe, steps: int = 3, seed: int = 0, **kwargs) -> torch.Tensor:
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(7)
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    # diffusers' Wan I2V attention takes all but the last 512 context tokens as the image's
+    return run(pipe, steps, seed, image=image, max_sequence_length=512, **kwargs)
