@@ -1,5 +1,6 @@
 """StDiT against diffusers' WanTransformer3DModel holding the same weights: forward latency, peak memory, and
-the relative error between the two outputs, bf16, one process, same inputs. Also writes a profile per op family.
+the relative error between the two outputs, bf16, one process, same inputs; and, as a peer row, that very diffusers
+model running stdit's kernels (``stdit.integrations.apply_to_diffusers``). Also writes a profile per op family.
 
     python benchmarks/bench_model.py                      # Wan2.1-T2V-1.3B at 480p and 720p x 81 frames
     python benchmarks/bench_model.py --config wan2.1-t2v-14b --shapes 480p
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
 
 
 def _run(args, clock: GpuClock) -> int:
+    from stdit.integrations import apply_to_diffusers, remove_from_diffusers
+
     wan, ours = random_wan_pair(args.config)
     cfg = dict(ours.config)
     rows, slug = [], gpu_slug(machine()["gpu"])
@@ -144,15 +147,20 @@ def _run(args, clock: GpuClock) -> int:
             ref = wan(x, ts, text, return_dict=False)[0].float()
             run_wan, run_ours = (lambda: wan(x, ts, text, return_dict=False)[0]), (lambda: ours(x, ts, text,
                                                                                                 return_dict=False)[0])
-            candidates = [("diffusers Wan", wan, run_wan, None, False)]
-            candidates += [(f"stdit ({b})", ours, run_ours, b, False) for b in args.backends]
+            # (name, model, call, stdit backend, regional compile, diffusers' Wan on stdit's kernels)
+            candidates = [("diffusers Wan", wan, run_wan, None, False, False),
+                          ("diffusers Wan + stdit kernels", wan, run_wan, None, False, True)]
+            candidates += [(f"stdit ({b})", ours, run_ours, b, False, False) for b in args.backends]
             if args.compile:  # after the eager rows; each model gets its eager blocks back below
-                candidates += [("diffusers Wan + compile", wan, run_wan, None, True)]
-                candidates += [(f"stdit ({b}) + compile", ours, run_ours, b, True) for b in args.backends]
+                candidates += [("diffusers Wan + compile", wan, run_wan, None, True, False),
+                               ("diffusers Wan + stdit kernels + compile", wan, run_wan, None, True, True)]
+                candidates += [(f"stdit ({b}) + compile", ours, run_ours, b, True, False) for b in args.backends]
             base_ms = None
-            for name, model, fn, backend, compiled in candidates:
+            for name, model, fn, backend, compiled, stdit_kernels in candidates:
                 regional_compile(model, compiled)
                 ours.set_attention_backend(backend)
+                if stdit_kernels:  # stdit's default backend, auto, as a user of apply_to_diffusers gets it
+                    apply_to_diffusers(wan)
                 try:
                     out = fn().float()
                     ms, clocked = bench_ms_clocked(fn, clock, warmup_ms=200, rep_ms=1500)
@@ -161,6 +169,9 @@ def _run(args, clock: GpuClock) -> int:
                     rows.append({"shape": shape, "impl": name, "error": f"{type(e).__name__}: {e}"[:200]})
                     print(f"{shape} {name}: FAILED {e}")
                     continue
+                finally:
+                    if stdit_kernels:  # diffusers' own processors again for the rows that time Wan as it ships
+                        remove_from_diffusers(wan)
                 base_ms = base_ms or ms
                 rows.append({"shape": shape, "tokens": grid[0] * grid[1] * grid[2], "impl": name, "ms": ms,
                              "speedup": base_ms / ms, "TFLOP/s": flops / ms / 1e9, "peak GiB": mem,
@@ -179,8 +190,10 @@ def _run(args, clock: GpuClock) -> int:
             "error"]
     md = write_results(name, f"Forward latency, {args.config}, bf16, batch 1, text length {TEXT_LEN}", rows, cols,
                        notes="`speedup` is against diffusers' Wan of the same run; TFLOP/s counts matmuls and "
-                             "attention only. Both models hold the same tensors. `SM MHz` and `W`: the GPU's mean "
-                             "SM clock and board power in the timed loop (NVML).")
+                             "attention only. Both models hold the same tensors. `diffusers Wan + stdit kernels`: "
+                             "the same diffusers model with `stdit.integrations.apply_to_diffusers` (stdit's fused "
+                             "QK-norm+RoPE and attention, backend auto), removed again for the other rows. `SM MHz` "
+                             "and `W`: the GPU's mean SM clock and board power in the timed loop (NVML).")
     ok = [r for r in rows if "ms" in r]
     impls = list(dict.fromkeys(r["impl"] for r in ok))
     bar_plot(md.parent / (md.stem + ".png"), args.shapes,
