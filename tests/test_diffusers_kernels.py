@@ -303,3 +303,105 @@ def test_layer_skip_knows_our_processor():
     meta = AttentionProcessorRegistry.get(StDiTWanAttnProcessor)
     h = torch.randn(1, 3, 4)
     assert meta.skip_processor_output_fn(None, None, h) is h
+
+
+def _block_hooks(model):
+    return [b for b in model.blocks if getattr(b, "_diffusers_hook", None) is not None
+            and b._diffusers_hook.get_hook(integ.BLOCK_HOOK) is not None]
+
+
+@pytest.mark.parametrize("cross_attn_norm", [True, False])
+def test_block_hook_runs_the_fused_adaln_path(cross_attn_norm, monkeypatch):
+    wan = tiny_wan(cross_attn_norm=cross_attn_norm)
+    x, ts, text = inputs(2, 3, 4, 6)
+    ref = out(wan, x, ts, text)
+    calls = collections.Counter()
+    for name in ("norm_modulate", "add_norm_modulate", "feed_forward"):
+        fn = getattr(integ, name)
+        monkeypatch.setattr(integ, name, lambda *a, _fn=fn, _n=name, **k: calls.update([_n]) or _fn(*a, **k))
+    apply_to_diffusers(wan, backend="eager")
+    assert len(_block_hooks(wan)) == len(wan.blocks)
+    got = out(wan, x, ts, text)
+    assert max_err(got, ref) <= ATOL
+    n = len(wan.blocks)
+    assert calls == {"norm_modulate": n, "add_norm_modulate": 3 * n, "feed_forward": n}
+    remove_from_diffusers(wan)
+    assert not _block_hooks(wan)
+    assert all(not b._diffusers_hook.hooks for b in wan.blocks)
+    assert max_err(out(wan, x, ts, text), ref) == 0
+
+
+def test_block_hook_falls_back_for_hooked_norms_and_per_token_timesteps(monkeypatch):
+    wan = tiny_wan()
+    x, ts, text = inputs(1, 3, 4, 4)
+    fused = collections.Counter()
+    fn = integ.norm_modulate
+    monkeypatch.setattr(integ, "norm_modulate", lambda *a, **k: fused.update(["n"]) or fn(*a, **k))
+    # Wan 2.2 TI2V passes one timestep per latent token (temb [B, S, 6, dim]): diffusers' own block math
+    per_token = torch.linspace(100.0, 900.0, 3 * 2 * 2)[None]
+    ref_tok = out(wan, x, per_token, text)
+    seen = []
+    wan.blocks[1].norm3.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    ref = out(wan, x, ts, text)
+    seen.clear()
+    apply_to_diffusers(wan, backend="eager")
+    assert max_err(out(wan, x, ts, text), ref) <= ATOL
+    assert len(seen) == 1 and fused["n"] == len(wan.blocks) - 1  # the hooked block ran its norm3 as a module
+    fused.clear()
+    assert max_err(out(wan, x, per_token, text), ref_tok) <= ATOL
+    assert fused["n"] == 0
+
+
+def test_caches_wrap_the_block_hook_or_keep_diffusers_forward():
+    from diffusers import FirstBlockCacheConfig
+
+    x, ts, text = inputs(1, 3, 4, 4)
+
+    def cached_run(wan):
+        outs = []
+        with wan.cache_context("cond"):
+            for t in (900.0, 890.0, 880.0):
+                outs.append(out(wan, x, torch.tensor([t]), text))
+        return torch.stack(outs)
+
+    ref_wan = tiny_wan()
+    ref_wan.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    ref = cached_run(ref_wan)
+
+    after = tiny_wan()  # stdit first, the cache after: the cache's hooks wrap ours
+    apply_to_diffusers(after, backend="eager")
+    after.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    assert len(_block_hooks(after)) == len(after.blocks)
+    calls = collections.Counter()
+    after.blocks[1].attn1.to_q.register_forward_hook(lambda *a: calls.update(["q"]))
+    assert max_err(cached_run(after), ref) <= ATOL
+    assert calls["q"] < 3  # the cache skipped the second block on some step
+
+    before = tiny_wan()  # the cache first: blocks it hooks keep diffusers' forward under it
+    before.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    apply_to_diffusers(before, backend="eager")
+    assert not _block_hooks(before)
+    assert all(type(p) is StDiTWanAttnProcessor for p in processors(before))
+    assert max_err(cached_run(before), ref) <= ATOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("i2v", [False, True])
+def test_on_gpu_within_the_flash_rule_of_diffusers(i2v):
+    """CUDA, bf16: the fused QK-norm + RoPE, attention, adaLN and GELU-epilogue kernels inside diffusers' Wan are no
+    further from the fp32 result than diffusers' own bf16 Wan (x2, plus a small atol); fp32 matches it."""
+    from helpers import rel_err
+
+    kw = dict(image_dim=24, added_kv_proj_dim=64) if i2v else {}
+    wan = tiny_wan(**kw).cuda()
+    x, ts, text = (a.cuda() for a in inputs(2, 5, 16, 12, text_len=integ.WAN_TEXT_LEN if i2v else 7))
+    extra = {"encoder_hidden_states_image": torch.randn(2, 9, 24, device="cuda")} if i2v else {}
+    exact = out(wan, x, ts, text, **extra)
+    ours32 = apply_to_diffusers(copy.deepcopy(wan))
+    assert rel_err(out(ours32, x, ts, text, **extra), exact) <= 1e-5
+    wan16 = copy.deepcopy(wan).bfloat16()
+    bf = dict(encoder_hidden_states_image=extra["encoder_hidden_states_image"].bfloat16()) if i2v else {}
+    ref = out(wan16, x.bfloat16(), ts, text.bfloat16(), **bf).float()
+    got = out(apply_to_diffusers(wan16), x.bfloat16(), ts, text.bfloat16(), **bf).float()
+    assert rel_err(got, exact) <= 2 * rel_err(ref, exact) + 1e-3

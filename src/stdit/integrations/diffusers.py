@@ -9,7 +9,10 @@
 text cross-attention, the I2V image branch) through stdit's path: the fused QK RMSNorm + RoPE kernel
 (:func:`stdit.attention.qk_norm_rope`) and stdit's attention dispatch (:func:`stdit.attention.attention`, ``auto``:
 our Triton kernels on Hopper, torch SDPA elsewhere). Projections run as modules, so peft LoRA layers and hooks on
-them still run; the norms' weights are read directly only from plain hook-free ``nn.RMSNorm`` s.
+them still run; the norms' weights are read directly only from plain hook-free ``nn.RMSNorm`` s. Each
+``WanTransformerBlock`` also gets :class:`WanBlockHook`, a diffusers hook that runs the block's LayerNorms,
+modulation, gated residuals and FFN activation through stdit's fused kernels (the math of diffusers' block, fewer
+passes over the activations), again only where those modules are plain and hook-free.
 
 Not taken over from diffusers' processor: its own attention-backend choice (``set_attention_backend`` /
 ``attention_backend``: stdit's ``backend`` decides here) and context parallelism (``enable_parallelism``), which
@@ -22,11 +25,13 @@ import weakref
 from typing import Any
 
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 from torch import nn
 
 from stdit.attention import attention, check_backend, qk_norm_rope, rms_norm
-from stdit.ops import is_plain
+from stdit.ops import add_norm_modulate, feed_forward, hookless, is_plain, norm_modulate
 from stdit.rope import apply_rope
 
 # diffusers' Wan I2V attention takes the context as [image tokens, text tokens] and splits it by this text length
@@ -213,6 +218,64 @@ class StDiTWanAttnProcessor:
         return attn.to_out[1](out)
 
 
+BLOCK_HOOK = "stdit_wan_block"
+
+
+def _plain_ln(norm: nn.Module, affine: bool) -> bool:
+    """A hook-free diffusers ``FP32LayerNorm`` with (``affine``) or without weight and bias."""
+    return is_plain(norm, FP32LayerNorm) and norm.elementwise_affine == affine and (
+        not affine or norm.bias is not None)
+
+
+class WanBlockHook(ModelHook):
+    """diffusers' ``WanTransformerBlock.forward`` on stdit's fused adaLN kernels: ``LN(x)(1 + scale) + shift``, the
+    gated residual fused with the next norm, and the FFN's GELU in its first matmul's epilogue where
+    :func:`stdit.ops.feed_forward` takes it. The attentions run as modules (their processors and hooks run).
+
+    Falls back to diffusers' own forward where the fused math is not the same computation: per-token modulation
+    (Wan 2.2 TI2V's ``temb`` ``[B, S, 6, dim]``), or a norm that is not a plain hook-free ``FP32LayerNorm`` (an
+    adapter, an offload or casting hook on it).
+    """
+
+    def new_forward(self, block: WanTransformerBlock, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        n1, n2, n3 = block.norm1, block.norm2, block.norm3
+        cross_norm = not (type(n2) is nn.Identity and hookless(n2))
+        if temb.ndim != 3 or not (_plain_ln(n1, False) and _plain_ln(n3, False)
+                                  and (not cross_norm or _plain_ln(n2, True))):
+            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        x = hidden_states
+        shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+        y = block.attn1(norm_modulate(x, shift, scale, eps=n1.eps), None, None, rotary_emb)
+        if cross_norm:
+            x, n = add_norm_modulate(x, y, gate, weight=n2.weight, bias=n2.bias, eps=n2.eps)
+        else:
+            x = n = add_norm_modulate(x, y, gate, norm=False)[0]
+        x, n = add_norm_modulate(x, block.attn2(n, encoder_hidden_states, None, None), None, c_shift, c_scale,
+                                 eps=n3.eps)
+        return add_norm_modulate(x, feed_forward(block.ffn, n), c_gate, norm=False)[0]
+
+
+def _hook_blocks(model: nn.Module) -> None:
+    """:class:`WanBlockHook` on each block that has no diffusers hooks yet. A block some hook already wraps (a cache
+    or offloading applied before) keeps its forward: ours would sit outside that hook and skip it. Hooks applied
+    afterwards wrap ours and run as usual."""
+    for block in model.modules():
+        if not isinstance(block, WanTransformerBlock):
+            continue
+        registry = getattr(block, "_diffusers_hook", None)
+        if registry is not None and registry.hooks:  # ours already, or someone else's
+            continue
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(WanBlockHook(), BLOCK_HOOK)
+
+
+def _unhook_blocks(model: nn.Module) -> None:
+    for block in model.modules():
+        registry = getattr(block, "_diffusers_hook", None)
+        if isinstance(block, WanTransformerBlock) and registry is not None and registry.get_hook(BLOCK_HOOK):
+            registry.remove_hook(BLOCK_HOOK, recurse=False)
+            registry.invalidate_child_registries_cache()
+
+
 def _models(obj: Any, caller: str) -> list[nn.Module]:
     """The diffusers Wan models of ``obj``: a pipeline's ``transformer`` and ``transformer_2`` (where not None), or
     ``obj`` itself; each must hold diffusers ``WanAttention`` s."""
@@ -241,8 +304,11 @@ def apply_to_diffusers(obj: Any, backend: str | None = None) -> Any:
     ``transformer`` and ``transformer_2``) on :class:`StDiTWanAttnProcessor` with attention backend ``backend``
     (one of :data:`stdit.attention.BACKENDS`; None: ``STDIT_ATTENTION`` or ``auto``). Returns ``obj``.
 
-    Only diffusers' own ``WanAttnProcessor`` is replaced (a custom processor someone set stays); applying again
-    changes the backend and keeps the processor to restore. Undo with :func:`remove_from_diffusers`.
+    Each ``WanTransformerBlock`` without diffusers hooks also gets :class:`WanBlockHook` (stdit's fused adaLN and
+    FFN kernels); apply this before ``enable_cache`` / ``enable_group_offload``, whose hooks then wrap it (a block
+    hooked before keeps diffusers' forward). Only diffusers' own ``WanAttnProcessor`` is replaced (a custom
+    processor someone set stays); applying again changes the backend and keeps the processor to restore. Undo with
+    :func:`remove_from_diffusers`.
     """
     backend = None if backend is None else check_backend(backend)
     models = _models(obj, "apply_to_diffusers")
@@ -251,6 +317,7 @@ def apply_to_diffusers(obj: Any, backend: str | None = None) -> Any:
             raise NotImplementedError(f"{type(model).__name__} runs diffusers' context parallelism "
                                       "(enable_parallelism), which stdit's Wan processor does not run.")
     for model in models:
+        _hook_blocks(model)
         rope = _RopeTables()
         for attn in _wan_attentions(model):
             proc = attn.processor
@@ -265,6 +332,7 @@ def remove_from_diffusers(obj: Any) -> Any:
     """Undo :func:`apply_to_diffusers`: every attention of ``obj`` gets back the processor it had before (diffusers'
     ``WanAttnProcessor``, with any attention backend set on it). Returns ``obj``; a no-op where nothing was applied."""
     for model in _models(obj, "remove_from_diffusers"):
+        _unhook_blocks(model)
         for attn in _wan_attentions(model):
             if isinstance(attn.processor, StDiTWanAttnProcessor):
                 previous = attn.processor.previous
