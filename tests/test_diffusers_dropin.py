@@ -119,6 +119,43 @@ def test_wan_lora_file_loads_into_stdit_and_the_pipeline(tmp_path):
     assert (videos[0] - videos[1]).abs().max() <= ATOL
 
 
+
+def _original_format_lora(num_layers, dim, ffn_dim, rank=4, musubi=False, seed=7):
+    """A Wan LoRA in the layouts trainers outside diffusers write, which diffusers' loader converts: the original
+    Wan names under "diffusion_model." (lora_down/lora_up + alpha), or musubi-tuner's "lora_unet_blocks_0_..."."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [(f"{a}.{o}", dim, dim) for a in ("self_attn", "cross_attn") for o in "qkvo"]
+    layers += [("ffn.0", dim, ffn_dim), ("ffn.2", ffn_dim, dim)]
+    sd = {}
+    for i in range(num_layers):
+        for name, fan_in, fan_out in layers:
+            key = (f"lora_unet_blocks_{i}_{name.replace('.', '_')}" if musubi else f"diffusion_model.blocks.{i}.{name}")
+            sd[f"{key}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g) * 0.2
+            sd[f"{key}.lora_up.weight"] = torch.randn(fan_out, rank, generator=g) * 0.2
+            sd[f"{key}.alpha"] = torch.tensor(float(rank * 2))
+    return sd
+
+
+@pytest.mark.parametrize("musubi", [False, True], ids=["original-wan-names", "musubi-kohya"])
+def test_pipeline_loads_non_diffusers_wan_loras_like_diffusers_wan(musubi, tmp_path):
+    from safetensors.torch import save_file
+
+    wan, st = pair()
+    cfg = wan.config
+    sd = _original_format_lora(cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim,
+                               musubi=musubi)
+    save_file(sd, tmp_path / "lora.safetensors")
+    base = run(tiny_pipeline(copy.deepcopy(wan)), output_type="latent")
+    videos = []
+    for model in (wan, st):
+        pipe = tiny_pipeline(model)
+        pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="ext")
+        n_lora = sum(1 for k in model.state_dict() if "lora_A" in k)
+        assert n_lora == len(sd) // 3  # every converted layer got its adapter
+        videos.append(run(pipe, output_type="latent"))
+    assert (videos[0] - base).abs().max() > 1e-3  # the LoRA changes the video
+    assert (videos[1] - videos[0]).abs().max() <= ATOL
+
 def _count_attention_calls(model):
     calls = {"n": 0}
 
