@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# In a checkout, results go beside the scripts (they are committed there); run from an installed package (the
+# scripts ship as stdit.benchmarks), under the working directory instead of inside site-packages.
+_HERE = Path(__file__).resolve().parent
+RESULTS = _HERE / "results" if (_HERE / "results").is_dir() else Path.cwd() / "benchmarks-results"
 
 
 def machine() -> dict:

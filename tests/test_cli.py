@@ -1,6 +1,8 @@
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -44,3 +46,67 @@ def test_convert_cli_round_trip(tmp_path, capsys):
 
 def test_every_command_is_registered():
     assert set(COMMANDS) >= {"train", "sample", "encode", "convert", "push"}
+
+
+# ---- user errors: one `error:` line from every subcommand, never a traceback ---------------------------------
+def _one_error_line(capsys, pattern):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+    return err
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any Hub lookup fails the test: local-path errors must come before (and instead of) Hub retries."""
+    import diffusers.configuration_utils as cu
+    import huggingface_hub
+
+    def hub(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args or kwargs}")
+
+    for mod in (huggingface_hub, cu):
+        for name in ("hf_hub_download", "snapshot_download"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, hub)
+
+
+@pytest.mark.parametrize("src", ["{tmp}/no-such-wan", "./no-such-wan", "no-such-wan", "{tmp}/no-such.safetensors",
+                                 "local/missing"])
+def test_convert_missing_local_path_fails_at_once(tmp_path, monkeypatch, capsys, no_hub, src):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()  # `local/missing`: its first part is a local folder, so it is a local path
+    src = src.format(tmp=tmp_path)
+    t0 = time.perf_counter()
+    assert main(["convert", src, str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - t0 < 5
+    _one_error_line(capsys, rf"error: source '{re.escape(src)}': no such local file or directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_user_errors_are_one_line(tmp_path, capsys):
+    from helpers import tiny_model
+
+    tiny_model(text_dim=None, num_classes=3).save_pretrained(tmp_path / "cls")
+    assert main(["convert", str(tmp_path / "cls"), str(tmp_path / "out"), "--to", "wan"]) == 2
+    _one_error_line(capsys, r"cannot be exported to Wan")
+
+
+def test_a_subcommand_error_outside_its_own_handling_is_one_line(tmp_path, capsys, monkeypatch):
+    from helpers import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    assert main(["sample", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "s.gif")]) == 2
+    _one_error_line(capsys, r"corrupt or truncated")
+    monkeypatch.setenv("STDIT_TRACEBACK", "1")  # for a bug report: the full traceback instead
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        main(["sample", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "s.gif")])
+
+
+def test_error_line_joins_multiline_messages():
+    from stdit.cli import error_line
+
+    assert error_line(OSError("not a folder\n\n  and not a repo id")) == "not a folder and not a repo id"
+    assert error_line(ValueError()) == "ValueError"

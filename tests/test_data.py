@@ -1,6 +1,7 @@
 """Embedded moving-objects data, video folders, buckets, and `stdit encode` latent caches."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -74,7 +75,9 @@ def _write_videos(root, n=3, frames=12, size=(24, 40)):
 
 def test_video_folder_decodes_clips_and_captions(tmp_path):
     _write_videos(tmp_path)
-    ds = VideoFolderDataset(tmp_path, num_frames=4, height=16, width=16, frame_stride=2)
+    with pytest.warns(UserWarning, match=r"1 of 3 video\(s\) .* no caption file and get an empty caption: clip1.mp4"):
+        ds = VideoFolderDataset(tmp_path, num_frames=4, height=16, width=16, frame_stride=2,
+                                allow_missing_captions=True)
     assert len(ds) == 3
     for i in range(3):
         item = ds[i]
@@ -166,7 +169,7 @@ def test_encode_with_vae_and_precomputed_text(tmp_path):
     for i in range(3):
         save_file({"prompt_embeds": torch.full((2 + i, 6), float(i))}, str(feats / f"clip{i}.safetensors"))
     vae = _tiny_vae()
-    ds = VideoFolderDataset(videos, num_frames=5, height=16, width=16)
+    ds = VideoFolderDataset(videos, num_frames=5, height=16, width=16, allow_missing_captions=True)
     index = encode_dataset(ds, tmp_path / "lat", vae=vae, text_features_dir=feats, shard_size=2, progress=False)
     meta = json.loads(index.read_text())
     assert meta["count"] == 3 and len(meta["shards"]) == 2 and meta["text_features"]
@@ -185,7 +188,7 @@ def test_encode_errors(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     _write_videos(videos, n=2, frames=9, size=(16, 16))
-    ds = VideoFolderDataset(videos, num_frames=4, height=16, width=16)
+    ds = VideoFolderDataset(videos, num_frames=4, height=16, width=16, allow_missing_captions=True)
     with pytest.raises(ValueError, match="frames - 1 must be divisible by 2"):
         encode_dataset(ds, tmp_path / "lat", vae=_tiny_vae(), progress=False)
     with pytest.raises(FileNotFoundError, match="no precomputed text features for clip0"):
@@ -205,7 +208,8 @@ def test_encode_cli_with_a_tiny_text_encoder(tmp_path):
     transformers.T5EncoderModel(cfg).save_pretrained(enc)
     transformers.ByT5Tokenizer().save_pretrained(enc)
     code = main(["encode", "--videos", str(videos), "--out", str(tmp_path / "lat"), "--text-encoder", str(enc),
-                 "--frames", "4", "--height", "16", "--width", "16", "--max-text-length", "32", "--no-progress"])
+                 "--frames", "4", "--height", "16", "--width", "16", "--max-text-length", "32", "--no-progress",
+                 "--allow-missing-captions"])
     assert code == 0
     lat = LatentDataset(tmp_path / "lat")
     a, b = lat[0], lat[1]
@@ -213,3 +217,120 @@ def test_encode_cli_with_a_tiny_text_encoder(tmp_path):
     assert a["prompt_embeds"].shape == (len("caption 0".encode()) + 1, 16)  # bytes + </s>, padding removed
     assert b["caption"] == "" and b["prompt_embeds"].shape == (1, 16)
     assert not torch.equal(a["prompt_embeds"][:1], b["prompt_embeds"][:1])
+
+
+# ---- nothing silently wrong: captions, unreadable files, truncated caches ------------------------------------
+def test_missing_caption_is_an_error_naming_the_files(tmp_path):
+    _write_videos(tmp_path)
+    with pytest.raises(ValueError, match=r"1 of 3 video\(s\) under .* have no caption \(<stem>.txt beside the video\): "
+                       r"clip1.mp4\. .*data.allow_missing_captions=true"):
+        VideoFolderDataset(tmp_path, num_frames=4, height=16, width=16)
+
+
+def test_missing_caption_option_reaches_the_dataset(tmp_path):
+    from stdit.data.loader import build_dataset
+    from stdit.train_config import build_config
+
+    _write_videos(tmp_path)
+    model = {"patch_size": [1, 4, 4], "num_attention_heads": 2, "attention_head_dim": 16, "text_dim": None}
+    data = {"kind": "video_folder", "root": str(tmp_path), "num_frames": 4, "height": 16, "width": 16}
+    with pytest.raises(ValueError, match="have no caption"):
+        build_dataset(build_config({"model": model, "data": data}).data)
+    cfg = build_config({"model": model, "data": data}, ["data.allow_missing_captions=true"])
+    with pytest.warns(UserWarning, match="1 of 3"):
+        assert len(build_dataset(cfg.data)) == 3
+
+
+def test_uncaptioned_folder_warns_once(tmp_path):
+    import warnings
+
+    _write_videos(tmp_path)
+    for txt in tmp_path.glob("*.txt"):
+        txt.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = VideoFolderDataset(tmp_path, num_frames=4, height=16, width=16)
+    assert [str(w.message) for w in caught if "caption" in str(w.message)] == [
+        f"no video under {tmp_path} has a caption (<stem>.txt beside it): every caption is empty (fine for "
+        "class-conditional or unconditional models)."]
+    assert not ds.has_captions and ds[0]["caption"] == ""
+
+
+def test_folder_of_unreadable_files_says_so(tmp_path):
+    for name in ("a.mp4", "b.webm"):
+        (tmp_path / name).write_bytes(b"not a video" * 10)
+    with pytest.raises(ValueError, match=r"none of the 2 video file\(s\) under .* can be read: a.mp4 \(.*\), b.webm"):
+        VideoFolderDataset(tmp_path, num_frames=4, height=16, width=16)
+
+
+def test_decode_and_caption_errors_name_their_file(tmp_path):
+    _write_videos(tmp_path, n=2)
+    (tmp_path / "clip1.txt").write_bytes(b"\xff\xfe caption")  # not UTF-8
+    ds = VideoFolderDataset(tmp_path, num_frames=4, height=16, width=16)
+    with pytest.raises(ValueError, match=r"clip1.txt: cannot read this caption file \(UnicodeDecodeError"):
+        ds[1]
+    data = (tmp_path / "clip0.mp4").read_bytes()
+    (tmp_path / "clip0.mp4").write_bytes(data[:200])  # damaged after the folder was scanned
+    with pytest.raises(ValueError, match=r"clip0.mp4"):
+        ds[0]
+
+
+@pytest.fixture
+def latents_dir(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_videos(videos, n=2, frames=6, size=(16, 16))
+    ds = VideoFolderDataset(videos, num_frames=4, height=16, width=16, allow_missing_captions=True)
+    return encode_dataset(ds, tmp_path / "lat", shard_size=1, progress=False).parent
+
+
+def test_truncated_latents_index_names_the_file(latents_dir):
+    index = latents_dir / "index.json"
+    index.write_text(index.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{index}: is truncated or not JSON|{index} is truncated or not JSON"):
+        LatentDataset(latents_dir)
+    index.write_text(json.dumps({"shards": [{"file": "shard-00000.safetensors", "shapes": [[3, 4, 16, 16]]}]}))
+    with pytest.raises(ValueError, match=rf"{index} does not have the layout `stdit encode` writes"):
+        LatentDataset(latents_dir)
+
+
+def test_damaged_latent_shards_name_the_file(latents_dir):
+    shard = latents_dir / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:50])
+    ds = LatentDataset(latents_dir)
+    assert ds[0]["latents"].shape == (3, 4, 16, 16)
+    with pytest.raises(ValueError, match=rf"{shard}: cannot read this latent shard"):
+        ds[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"lists shard\(s\) missing from .*: shard-00001.safetensors"):
+        LatentDataset(latents_dir)
+
+
+def test_unreadable_text_features_name_the_file(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_videos(videos, n=2, frames=6, size=(16, 16))
+    (videos / "clip0.safetensors").write_bytes(b"garbage")
+    ds = VideoFolderDataset(videos, num_frames=4, height=16, width=16, allow_missing_captions=True)
+    with pytest.raises(ValueError, match=r"clip0.safetensors: cannot read these text features"):
+        encode_dataset(ds, tmp_path / "lat", progress=False)
+
+
+def test_encode_cli_errors_are_one_line(tmp_path, capsys):
+    from stdit.cli import main
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _write_videos(videos, n=2, frames=6, size=(16, 16))
+    base = ["encode", "--videos", str(videos), "--out", str(tmp_path / "lat"), "--frames", "4", "--height", "16",
+            "--width", "16", "--no-progress"]
+    cases = [([], r"1 of 2 video\(s\) .*clip1.gif.*--allow-missing-captions"),
+             (["--allow-missing-captions", "--vae", str(tmp_path / "no-vae")], r"--vae '.*no-vae': no such local"),
+             (["--allow-missing-captions", "--text-features", str(tmp_path / "none")],
+              r"--text-features .*none: no such"),
+             (["--text-encoder", "a", "--text-features", "b"], r"give --text-encoder or --text-features, not both")]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        assert re.search(message, err), err

@@ -215,7 +215,7 @@ def test_key_padding_attention_mask(kind):
     assert max_err(got, ref) <= ATOL
     with pytest.raises(ValueError, match="key padding masks only"):
         attn(x, context, torch.ones(2, 1, 6, 9, dtype=torch.bool))
-    with pytest.raises(ValueError, match="additive float mask"):
+    with pytest.raises(ValueError, match="float mask, read as additive"):
         attn(x, context, torch.full((2, 9), 0.5))
 
 

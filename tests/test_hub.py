@@ -99,10 +99,61 @@ def test_cli_push_uploads_a_saved_dir(monkeypatch, hub_cache, tmp_path):
     monkeypatch.setattr(hu, "upload_folder", _fake_upload_to_cache(Path(hub_cache)))
     m = tiny_model()
     m.save_pretrained(tmp_path / "m")
-    assert main(["push", str(tmp_path / "m"), "stdit-test/cli-push"]) == 0
+    assert main(["push", str(tmp_path / "m"), "stdit-test/cli-push", "--token", "hf_test"]) == 0
     _same_outputs(m, StDiT.from_pretrained("stdit-test/cli-push").eval())
 
 
 def test_missing_repo_offline_is_a_clear_error():
     with pytest.raises(OSError):
         StDiT.from_pretrained("stdit-test/does-not-exist")
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(hc, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(hc, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+
+
+def _refuse_upload(monkeypatch):
+    import diffusers.models.modeling_utils as mu
+    import diffusers.utils.hub_utils as hu
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("push reached the Hub")
+
+    for mod in (mu, hu):
+        monkeypatch.setattr(mod, "create_repo", refuse)
+    monkeypatch.setattr(hu, "upload_folder", refuse)
+
+
+def test_cli_push_checks_for_a_token_first(monkeypatch, capsys, tmp_path, no_token):
+    from stdit.cli import main
+
+    _refuse_upload(monkeypatch)
+    tiny_model().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(StDiT, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model before the token"))
+    assert main(["push", str(tmp_path / "m"), "stdit-test/no-token"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no Hugging Face token: log in with `hf auth login`") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing", "stdit-test/x", "--token", "hf_test"],
+     r"missing is not a saved model directory \(no config.json\)"),
+    (["{tmp}/m", "not a/valid/repo", "--token", "hf_test"], r"Repo id must"),
+])
+def test_cli_push_user_errors_are_one_line(monkeypatch, capsys, tmp_path, args, message):
+    import re
+
+    from stdit.cli import main
+
+    _refuse_upload(monkeypatch)
+    tiny_model().save_pretrained(tmp_path / "m")
+    assert main(["push", *(a.format(tmp=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err

@@ -116,6 +116,26 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def as_keep_mask(mask: torch.Tensor | None, name: str = "key_padding_mask") -> torch.Tensor | None:
+    """A key padding mask ``[B, S]`` as bool, True = attend. Takes bool masks, 0/1 integer masks (a tokenizer's
+    ``attention_mask``) and additive float masks (0 = attend, -inf or a large negative number such as
+    ``torch.finfo(dtype).min`` = padding). A float mask is never read as 0/1: ``.bool()`` would invert an additive
+    one, so a float mask holding anything but 0 and large negatives (a 0/1 float mask, a soft bias) is refused."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        keep = mask == 0
+        if not torch.compiler.is_compiling() and not (keep | (mask <= -1e4)).all():
+            bad = mask[~(keep | (mask <= -1e4))]
+            raise ValueError(
+                f"{name} is a float mask, read as additive (0 = attend, -inf = padding), but it holds "
+                f"{bad[0].item():g}: pass a bool mask (True = real token) or a 0/1 integer mask instead.")
+        return keep
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool (True = attend), 0/1 integer or additive float; got {mask.dtype}.")
+    return mask != 0
+
+
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
@@ -260,7 +280,8 @@ def attention(
 ) -> torch.Tensor:
     """Non-causal attention. q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]`` -> ``[B, Sq, H, D]``.
 
-    ``key_padding_mask`` ``[B, Sk]`` bool marks the keys to attend to (True) — padded text tokens are False.
+    ``key_padding_mask`` ``[B, Sk]`` bool marks the keys to attend to (True) — padded text tokens are False; 0/1
+    integer and additive float masks are read as :func:`as_keep_mask` says.
     ``backend`` is the caller's preference; the context manager overrides it (see :func:`resolve_backend`).
     """
     name = resolve_backend(backend)
@@ -272,7 +293,7 @@ def attention(
             _warn_once(f"triton:{reason}", f"stdit: triton attention unavailable ({reason}); falling back to sdpa.")
             name = "sdpa"
     if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
+        key_padding_mask = as_keep_mask(key_padding_mask).to(device=q.device)
     return _IMPLS[name](q, k, v, key_padding_mask=key_padding_mask, scale=scale)
 
 

@@ -1,13 +1,15 @@
-"""``stdit bench NAME [args...]``: run ``benchmarks/bench_NAME.py`` from a source checkout."""
+"""``stdit bench NAME [args...]``: run ``benchmarks/bench_NAME.py`` (shipped with the package)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import runpy
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+# benchmarks/ ships as the package stdit.benchmarks (pyproject.toml), so this works from a wheel install too.
+BENCH_DIR = Path(str(importlib.resources.files("stdit.benchmarks")))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

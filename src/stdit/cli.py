@@ -1,19 +1,25 @@
 """The ``stdit`` command. Each subcommand lives in its own module, imported only when it runs.
 
-A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int | None``.
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int | None``; it raises on a user error
+(``ValueError`` and its subclasses such as ``CheckpointError``, ``OSError`` such as a missing file or a Hub
+refusal, ``ImportError`` for a missing optional package) and :func:`run_command` turns that into one
+``error: ...`` line and exit status 2. ``STDIT_TRACEBACK=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stdit.train", "train a model from a YAML config (also: torchrun -m stdit.train)"),
     "sample": ("stdit.sample", "sample videos from a trained model"),
     "encode": ("stdit.data.encode", "encode a video folder to VAE latents + text features (safetensors shards)"),
-    "convert": ("stdit.convert", "convert a Wan checkpoint (diffusers layout) to stdit, or back"),
+    "convert": ("stdit.convert", "convert a Wan checkpoint (diffusers or original layout) to stdit, or back"),
     "push": ("stdit.hub", "push a saved model directory to the Hugging Face Hub"),
     "bench": ("stdit.bench", "run a benchmark script from benchmarks/"),
 }
@@ -45,8 +51,24 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", False):
         print(f"stdit {args.command}: not available in this install ({args._module} is missing).", file=sys.stderr)
         return 2
-    code = importlib.import_module(args._module).run(args)
-    return int(code or 0)
+    return run_command(importlib.import_module(args._module).run, args)
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line (multi-line messages, e.g. from diffusers, are joined)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def run_command(run, args: argparse.Namespace) -> int:
+    """``run(args)``; a user error becomes one ``error:`` line on stderr and exit status 2, never a traceback."""
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("STDIT_TRACEBACK"):
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

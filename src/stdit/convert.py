@@ -3,7 +3,8 @@
 Config names and state-dict keys are shared, so conversion is a config translation plus an identity key map:
 Wan-only keys (``rope_max_seq_len`` etc.) are dropped on the way in and restored on the way out, and StDiT
 features that Wan has no equivalent for (class labels, image conditioning, factorized attention, a custom RoPE)
-refuse to export instead of exporting something that computes differently.
+refuse to export instead of exporting something that computes differently. Checkpoints in the original Wan key
+layout (as the Wan-AI repositories publish them) load through :mod:`stdit.single_file`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from stdit.hub import check_local_or_repo
 from stdit.model import StDiT
 
 # Wan-only config key: the RoPE table size (StDiT builds tables for any grid).
@@ -103,7 +105,9 @@ def to_wan(model: StDiT):
 
 # ---- `stdit convert` -----------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="Wan transformer (diffusers layout: local dir or Hub repo id) or a StDiT directory")
+    p.add_argument("src", help="Wan transformer: diffusers layout (local dir or Hub repo id), or the original Wan "
+                               "layout (a .safetensors file, an index .json, or a directory of shards); or a StDiT "
+                               "directory with --to wan")
     p.add_argument("dst", help="output directory (written with save_pretrained, safetensors)")
     p.add_argument("--to", choices=("stdit", "wan"), default="stdit", help="direction (default: Wan -> stdit)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -111,12 +115,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
 
 
+def _is_single_file_source(path: str) -> bool:
+    """A local checkpoint that is not a ``save_pretrained`` directory: a file, or a directory of weights without a
+    diffusers ``config.json`` (a Wan-AI repo as downloaded, whose config.json is the original ``WanModel``'s)."""
+    p = Path(path)
+    if p.is_file():
+        return True
+    if not p.is_dir() or _is_pipeline_dir(p):
+        return False
+    try:
+        config = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+    except ValueError:
+        config = {}
+    return config.get("_class_name") not in ("WanTransformer3DModel", "StDiT")
+
+
 def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.to == "stdit":
-        model = from_wan(args.src, **({"torch_dtype": dtype} if dtype else {}))
+    kw = {"torch_dtype": dtype} if dtype else {}
+    # user errors (a bad checkpoint: CheckpointError; a missing path: OSError) become one line in stdit.cli
+    check_local_or_repo(args.src, "source")  # a missing local path fails here, not after Hub retries
+    if _is_single_file_source(args.src):
+        model = StDiT.from_single_file(args.src, **kw)
+        if args.to == "wan":
+            model = to_wan(model)
+    elif args.to == "stdit":
+        model = from_wan(args.src, **kw)
     else:
-        model = to_wan(StDiT.from_pretrained(args.src, **({"torch_dtype": dtype} if dtype else {})))
+        model = to_wan(StDiT.from_pretrained(args.src, **kw))
     model.save_pretrained(args.dst, safe_serialization=True, max_shard_size=args.max_shard_size)
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"saved": str(args.dst), "class": type(model).__name__, "parameters": n}))

@@ -29,8 +29,9 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from einops import rearrange
 from torch import nn
 
-from stdit.attention import (BACKENDS, attention, attention_backend, context_backend,
+from stdit.attention import (BACKENDS, as_keep_mask, attention, attention_backend, context_backend,
                              keep_attention_and_matmuls_policy, keep_self_attention_policy, qk_norm_rope)
+from stdit.checks import check_call, check_config
 from stdit.ops import add_norm_modulate, feed_forward, is_plain, norm_modulate
 from stdit.rope import RotaryEmbedding3D, apply_rope, axis_split
 
@@ -340,6 +341,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         added_kv_proj_dim: int | None = None,
         pos_embed_seq_len: int | None = None,
     ):
+        check_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__()
         if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode={attention_mode!r}; choose one of {ATTENTION_MODES}.")
@@ -478,52 +480,6 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         cond[:, c, 0] = 1
         return cond
 
-    def _check_inputs(self, x, timestep, text, text_mask, class_labels, condition, image=None):
-        cfg = self.config
-        if x.ndim != 5:
-            raise ValueError(f"hidden_states must be [B, C, T, H, W] (5 dims); got shape {tuple(x.shape)}.")
-        b, c = x.shape[:2]
-        if c != cfg.in_channels:
-            raise ValueError(f"hidden_states has {c} channels; this model takes in_channels={cfg.in_channels}.")
-        for name, n, p in zip(("T (frames)", "H (height)", "W (width)"), x.shape[2:], cfg.patch_size):
-            if n % p:
-                lo = n // p * p
-                near = f"{lo} or {lo + p}" if lo else f"{p}"
-                raise ValueError(f"{name}={n} is not divisible by the patch size {p}; nearest valid sizes: {near}.")
-        if timestep.ndim > 1 or timestep.numel() not in (1, b):
-            raise ValueError(f"timestep must be a scalar or shape [B]=[{b}]; got shape {tuple(timestep.shape)}.")
-        if cfg.text_dim is not None:
-            if text is None:
-                raise ValueError("This model is text-conditioned: pass encoder_hidden_states [B, L, text_dim].")
-            if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != cfg.text_dim:
-                raise ValueError(f"encoder_hidden_states must be [B={b}, L, text_dim={cfg.text_dim}]; "
-                                 f"got shape {tuple(text.shape)}.")
-            if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
-                raise ValueError(f"encoder_attention_mask must be [B, L]={tuple(text.shape[:2])}; "
-                                 f"got {tuple(text_mask.shape)}.")
-        if cfg.num_classes and class_labels is not None:
-            if class_labels.shape != (b,) or class_labels.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"class_labels must be an integer tensor of shape [B]=[{b}]; "
-                                 f"got {tuple(class_labels.shape)} {class_labels.dtype}.")
-            if class_labels.min() < 0 or class_labels.max() > cfg.num_classes:
-                raise ValueError(f"class_labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class).")
-        if cfg.image_dim is not None:
-            if image is None:
-                raise ValueError("This is a Wan image-to-video model: pass encoder_hidden_states_image "
-                                 f"[B, L_img, image_dim={cfg.image_dim}] (the CLIP image features).")
-            if image.ndim != 3 or image.shape[-1] != cfg.image_dim:
-                raise ValueError(f"encoder_hidden_states_image must be [B, L_img, image_dim={cfg.image_dim}]; "
-                                 f"got shape {tuple(image.shape)}.")
-        elif image is not None:
-            raise ValueError("encoder_hidden_states_image was passed, but this model has no image branch "
-                             "(image_dim is None); it would be ignored.")
-        if cfg.condition_channels:
-            want = (b, cfg.condition_channels, *x.shape[2:])
-            if condition is None or tuple(condition.shape) != want:
-                got = None if condition is None else tuple(condition.shape)
-                raise ValueError(f"This model is image-conditioned: pass condition of shape {want} "
-                                 f"(see StDiT.i2v_condition); got {got}.")
-
     def rope_tables(self, grid: tuple[int, int, int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-token ``(cos, sin)`` tables ``[t*h*w, D/2]`` in token order, one pair per attention layout.
 
@@ -552,8 +508,11 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
     ):
         """Predict the flow (or noise) for ``hidden_states`` ``[B, C, T, H, W]`` at ``timestep`` (0..1000).
 
-        ``encoder_hidden_states`` ``[B, L, text_dim]`` with optional ``encoder_attention_mask`` ``[B, L]`` (True =
-        real token); ``class_labels`` ``[B]`` (None = the null class); ``condition`` for image-to-video.
+        ``encoder_hidden_states`` ``[B, L, text_dim]`` with optional ``encoder_attention_mask`` ``[B, L]`` (bool,
+        True = real token; 0/1 int; or additive float, 0 = real, -inf = padding; padded tokens are zeroed, so nothing
+        in them reaches the output); ``timestep`` in [0, 1000], int or float. Float inputs of another precision are
+        cast to the model's; inputs the model does not use are refused. ``class_labels`` ``[B]`` (None = the null
+        class); ``condition`` for image-to-video.
         ``encoder_hidden_states_image`` ``[B, L_img, image_dim]``: CLIP image features for a Wan I2V model (as
         diffusers' Wan takes them). ``attention_kwargs={"scale": s}`` scales the LoRA adapters for this call, as in diffusers' Wan.
         Returns ``Transformer2DModelOutput(sample=[B, out_channels, T, H, W])`` (or a tuple).
@@ -565,8 +524,17 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
     def _forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
                  condition, return_dict, image):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
-                           condition, image)
+        check_call(self.config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
+                   condition, image)
+        want = getattr(getattr(self.patch_embedding, "weight", None), "dtype", None)
+        if want in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float inputs of another precision
+            hidden_states, encoder_hidden_states, condition, image = (
+                None if t is None else t.to(want) for t in (hidden_states, encoder_hidden_states, condition, image))
+        if encoder_attention_mask is not None:
+            encoder_attention_mask = as_keep_mask(encoder_attention_mask, "encoder_attention_mask").to(
+                hidden_states.device)
+            # Zeroed, a padded token's NaN or inf cannot reach the output (0 attention weight * NaN value = NaN).
+            encoder_hidden_states = encoder_hidden_states.masked_fill(~encoder_attention_mask[..., None], 0)
         b = hidden_states.shape[0]
         timestep = timestep.reshape(-1).expand(b)
         if self.config.num_classes and class_labels is None:
@@ -587,8 +555,6 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         temb, timestep_proj, text, image = self.condition_embedder(timestep, ref.dtype, encoder_hidden_states,
                                                                    class_labels, image)
         timestep_proj = timestep_proj.unflatten(1, (-1, x.shape[-1]))
-        if encoder_attention_mask is not None:
-            encoder_attention_mask = encoder_attention_mask.bool()
 
         for block in self.blocks:
             args = (x, timestep_proj, rope, grid, text, encoder_attention_mask, image)
@@ -615,6 +581,22 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
 
         return load_pretrained(super().from_pretrained, pretrained_model_name_or_path, strict=strict, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """diffusers' ``save_pretrained``; each safetensors file also stores a CRC-32 of every tensor in its metadata,
+        which ``from_pretrained`` checks (see :mod:`stdit.model_files`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from stdit.model_files import stamp_directory
+
+            stamp_directory(save_directory, kwargs.get("variant"))
+
+    def _upload_folder(self, working_dir, *args, **kwargs):
+        # save_pretrained(push_to_hub=True) uploads before save_pretrained above returns: stamp what goes up first
+        from stdit.model_files import stamp_directory
+
+        stamp_directory(working_dir, every_file=True)
+        return super()._upload_folder(working_dir, *args, **kwargs)
+
     @classmethod
     def from_config_file(cls, path, **overrides) -> "StDiT":
         """Build a randomly initialized model from the ``model:`` section of a YAML config."""
@@ -628,6 +610,15 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         from stdit.convert import from_wan
 
         return from_wan(model_or_path, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, path, torch_dtype: torch.dtype | None = None, **kwargs) -> "StDiT":
+        """A Wan checkpoint as the Wan repositories publish it (original key names; one ``.safetensors`` file, an
+        index JSON or a directory of shards; diffusers layout accepted too), config read off the tensor shapes.
+        ``kwargs`` override inferred config values. See :mod:`stdit.single_file`."""
+        from stdit.single_file import load_single_file
+
+        return load_single_file(cls, path, torch_dtype=torch_dtype, **kwargs)
 
     def to_wan(self):
         """The reverse: a diffusers ``WanTransformer3DModel`` holding this model's weights."""

@@ -17,6 +17,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from stdit.attention import as_keep_mask
+
 SCHEDULERS = ("euler", "unipc")
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
@@ -189,12 +191,15 @@ class StDiTPipeline(DiffusionPipeline):
             neg = negative_prompt_embeds if negative_prompt_embeds is not None else torch.zeros_like(prompt_embeds)
             uncond["encoder_hidden_states"] = neg.to(device, dtype)
             if prompt_attention_mask is not None:
-                cond["encoder_attention_mask"] = prompt_attention_mask.to(device).bool()
+                # bool, 0/1 integer or additive float masks, as the model reads them (a plain .bool() would invert
+                # an additive mask); one dtype for both branches, which guidance may batch together
+                cond["encoder_attention_mask"] = as_keep_mask(prompt_attention_mask.to(device), "prompt_attention_mask")
                 neg_mask = negative_prompt_attention_mask
                 if neg_mask is None and negative_prompt_embeds is None:
                     neg_mask = prompt_attention_mask
                 if neg_mask is not None:
-                    uncond["encoder_attention_mask"] = neg_mask.to(device).bool()
+                    uncond["encoder_attention_mask"] = as_keep_mask(neg_mask.to(device),
+                                                                    "negative_prompt_attention_mask")
         if cfg.num_classes:
             labels = torch.as_tensor(class_labels if class_labels is not None else [cfg.num_classes] * b)
             cond["class_labels"] = labels.to(device=device, dtype=torch.long).reshape(b)

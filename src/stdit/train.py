@@ -6,6 +6,12 @@ the global batch stream, so a run gives the same losses on 1 or N ranks and afte
 
 Writes to ``train.output_dir``: ``log.jsonl``, ``checkpoints/``, ``samples/``, ``loss.png``, ``config.yaml`` and
 the final ``model/`` (``StDiT.from_pretrained`` loads it; it also holds the sampling scheduler's config).
+
+Re-running into an output directory resumes its newest good checkpoint. It refuses, changing nothing, when another
+trainer holds the directory (``.lock``), when every checkpoint is corrupt, when it holds a previous run but no
+checkpoint (or ``train.resume=none`` was given), and when the checkpoint's model differs from the config's; other
+changed settings apply from the next step and are listed when the run resumes. SIGINT/SIGTERM stop after the
+current step with a checkpoint and one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import inspect
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -23,10 +30,23 @@ from pathlib import Path
 import torch
 import yaml
 
-from stdit.parallel.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint
-from stdit.parallel.dist import (DistInfo, all_reduce_mean, barrier, cleanup, data_parallel_mesh, init_distributed,
-                                 resolve_mode, wrap_model)
-from stdit.train_config import Config, describe, load_train_config
+from stdit.parallel.checkpoint import (CheckpointError, checkpoint_dir, find_resume, list_checkpoints,
+                                       load_checkpoint, save_checkpoint)
+from stdit.parallel.dist import (DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, data_parallel_mesh,
+                                 init_distributed, resolve_mode, wrap_model)
+from stdit.train_config import Config, describe, load_train_config, resume_report
+
+# train settings held in the optimizer/scheduler state of a checkpoint: set again from the config on a change
+_OPTIM_KEYS = ("train.lr", "train.betas", "train.weight_decay", "train.warmup_steps", "train.steps",
+               "train.min_lr_ratio")
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after a step, with a checkpoint of that step (the message says where)."""
+
+    def __init__(self, message: str, signum: int, is_main: bool):
+        super().__init__(message)
+        self.signum, self.is_main = signum, is_main
 
 
 def _say(info: DistInfo, msg: str) -> None:
@@ -131,13 +151,95 @@ def train(cfg: Config) -> dict:
 
     info = init_distributed(cfg.parallel.backend)
     try:
-        with ManualGC(cfg.train.gc_every) as collector:
+        with _locked(Path(cfg.train.output_dir), info), ManualGC(cfg.train.gc_every) as collector:
             summary = _train(cfg, info, collector)
     except BaseException:
         cleanup(wait_for_all=False)
         raise
     cleanup()
     return summary
+
+
+@contextlib.contextmanager
+def _locked(out: Path, info: DistInfo):
+    """Hold ``out``'s lock (rank 0 takes it; every rank raises the same error when another trainer has it)."""
+    from stdit.train_utils import OutputDirLock, OutputDirLocked
+
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = OutputDirLock(out, log=lambda m: _say(info, m)).__enter__()
+        except OutputDirLocked as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise OutputDirLocked(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _previous_run(out: Path, ckpt_root: Path) -> str | None:
+    """What of an earlier run ``out`` holds that starting over would truncate or overwrite, if anything."""
+    from stdit.train_utils import read_log
+
+    found = []
+    if list_checkpoints(ckpt_root):
+        found.append(f"checkpoints {', '.join(c.name for c in list_checkpoints(ckpt_root))}")
+    records = read_log(out / "log.jsonl")
+    if records:
+        found.append(f"log.jsonl with {len(records)} steps")
+    if (out / "model").exists():
+        found.append("model/")
+    return ", ".join(found) or None
+
+
+def _plan_resume(cfg: Config, info: DistInfo, out: Path, ckpt_root: Path, global_batch: int):
+    """The checkpoint to resume (or None) and the notes on what changed since it; refusals raise on every rank."""
+    resume_from = find_resume(ckpt_root, cfg.train.resume, info, log=lambda m: _say(info, m))
+    error, notes, changed = None, [], []
+    if info.is_main:
+        if resume_from is None:
+            held = _previous_run(out, ckpt_root)
+            if held:
+                why = ("train.resume=none starts a new run" if cfg.train.resume == "none"
+                       else "there is no checkpoint in it to resume from")
+                error = (f"{out} already holds a run ({held}) and {why}; starting over would truncate or overwrite "
+                         "it. Nothing was changed. Pick a new train.output_dir (or move this one away).")
+        else:
+            meta = json.loads((resume_from / "meta.json").read_text())
+            saved = meta.get("config")
+            if saved is None and (out / "config.yaml").is_file():  # checkpoints written before configs were kept
+                saved = yaml.safe_load((out / "config.yaml").read_text())
+            if saved:
+                st = saved.get("train", {})
+                saved_world = meta.get("world_size")
+                saved_gb = (st.get("batch_size", 0) * st.get("grad_accum", 1)
+                            * (saved_world // saved.get("parallel", {}).get("sp", 1))) if saved_world else None
+                refusals, notes = resume_report(saved, cfg.to_dict(), int(meta["step"]), saved_gb, global_batch,
+                                                saved_world, info.world_size)
+                if refusals:
+                    error = (f"refusing to resume {resume_from}: it was trained with a different config: "
+                             + "; ".join(refusals) + ". Nothing was changed. Put these back to continue that run, "
+                             "or start the new one in a new train.output_dir (train.resume=none).")
+                changed = [n.split(":")[0] for n in notes]
+    error, notes, changed = broadcast_object((error, notes, changed))
+    if error:
+        raise CheckpointError(error)
+    return resume_from, notes, changed
+
+
+def _stop_requested(stopper, info: DistInfo, device) -> int:
+    """The signal that asked any rank to stop (0: none); a collective under torchrun, so all ranks stop together."""
+    if not info.distributed:
+        return stopper.signum
+    import torch.distributed as dist
+
+    flag = torch.tensor([stopper.signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def _train(cfg: Config, info: DistInfo, collector) -> dict:
@@ -147,7 +249,7 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     from stdit.data.loader import batch_stream, bucket_ids, build_dataset
     from stdit.diffusion import RectifiedFlow
     from stdit.model import StDiT
-    from stdit.train_utils import EMA, plot_loss, read_log, warmup_cosine
+    from stdit.train_utils import EMA, StopOnSignal, plot_loss, read_log, warmup_cosine
 
     tc, device = cfg.train, info.device
     out = Path(tc.output_dir)
@@ -166,6 +268,10 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     # ranks of one sequence-parallel group train on the same samples: data parallelism is over groups
     dp_rank, dp_world = info.rank // sp, info.world_size // sp
     t_start = time.time()
+    ckpt_root = out / "checkpoints"
+    log_path = out / "log.jsonl"
+    resume_from, changes, changed_keys = _plan_resume(cfg, info, out, ckpt_root,
+                                                      tc.batch_size * tc.grad_accum * dp_world)
 
     torch.manual_seed(tc.seed)
     model = StDiT(**cfg.model)
@@ -205,19 +311,21 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     patch = tuple(model.config.patch_size)
     sample_shift = flow.shift_for(tuple(first[x_key].shape), patch)
 
-    ckpt_root = out / "checkpoints"
-    log_path = out / "log.jsonl"
     step, data_state = 0, {"epoch": 0, "position": 0}
-    resume_from = find_resume(ckpt_root, tc.resume, info, log=lambda m: _say(info, m))
     if resume_from is not None:
         meta, rng = load_checkpoint(resume_from, wrapped, optimizer, info, ema)
         scheduler.load_state_dict(meta["scheduler"])
         step, data_state = int(meta["step"]), meta["data"]
+        if any(k in changed_keys for k in _OPTIM_KEYS):
+            _apply_optim_settings(optimizer, scheduler, tc)
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-        _say(info, f"resumed from {resume_from} at step {step}")
+        _say(info, f"resumed from {resume_from} at step {step}" + (
+            f"; changed since that checkpoint (applies from step {step + 1}):\n  " + "\n  ".join(changes)
+            if changes else ""))
+    resumed_step = step
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -236,12 +344,13 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
                dynamic_ncols=True)
 
-    def save(at_step: int) -> None:
+    def save(at_step: int) -> Path:
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(ckpt_root, at_step, wrapped, optimizer, info, ema, rng=rng, keep=tc.keep_ckpts,
-                        extra={"scheduler": scheduler.state_dict(), "data": data_state})
+        return save_checkpoint(ckpt_root, at_step, wrapped, optimizer, info, ema, rng=rng, keep=tc.keep_ckpts,
+                               extra={"scheduler": scheduler.state_dict(), "data": data_state,
+                                      "config": cfg.to_dict()})
 
     def sample(tag: str) -> list[Path]:
         if not cfg.sample.enabled:
@@ -259,56 +368,69 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
 
     log_file = open(log_path, "a") if info.is_main else None
     wrapped.train()
-    while step < tc.steps:
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
-            batch, data_state = next(stream)
-            x0 = batch[x_key].to(device, torch.float32)
-            base = ((step * tc.grad_accum + micro) * dp_world + dp_rank) * tc.batch_size
-            uids = list(range(base, base + x0.shape[0]))
-            noise, u, drop = _per_sample_draws(tuple(x0.shape[1:]), uids, tc.seed, tc.cond_dropout)
-            t = flow.t_from_normal(u, flow.shift_for(tuple(x0.shape), patch)).to(device)
-            kwargs = _conditioning(model, batch, x0, drop, device)
-            last = micro == tc.grad_accum - 1
-            if mode == "fsdp":
-                wrapped.set_requires_gradient_sync(last)
-            sync = wrapped.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
-            with sync, autocast:
-                loss = flow.loss(wrapped, x0, noise=noise.to(device), t=t, patch_size=patch, **kwargs)
-                (loss / tc.grad_accum).backward()
-            loss_sum += loss.detach()
-        clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(step)
-        step += 1
-        collector.step(step)
-        loss_value = float(all_reduce_mean(loss_sum / tc.grad_accum))
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data.")
-        dt = time.time() - t0
-        if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
-            rec = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "samples_per_s": gbs * tc.grad_accum / dt, "elapsed_s": time.time() - t_start}
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-        bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{gbs * tc.grad_accum / dt:.1f}")
-        bar.update()
-        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
-            save(step)
-        if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-            sample(f"step_{step:08d}")
+    saved_step = resumed_step if resume_from is not None else None
+    with StopOnSignal() as stopper:
+        while step < tc.steps:
+            t0 = time.time()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum):
+                batch, data_state = next(stream)
+                x0 = batch[x_key].to(device, torch.float32)
+                base = ((step * tc.grad_accum + micro) * dp_world + dp_rank) * tc.batch_size
+                uids = list(range(base, base + x0.shape[0]))
+                noise, u, drop = _per_sample_draws(tuple(x0.shape[1:]), uids, tc.seed, tc.cond_dropout)
+                t = flow.t_from_normal(u, flow.shift_for(tuple(x0.shape), patch)).to(device)
+                kwargs = _conditioning(model, batch, x0, drop, device)
+                last = micro == tc.grad_accum - 1
+                if mode == "fsdp":
+                    wrapped.set_requires_gradient_sync(last)
+                sync = wrapped.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
+                with sync, autocast:
+                    loss = flow.loss(wrapped, x0, noise=noise.to(device), t=t, patch_size=patch, **kwargs)
+                    (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach()
+            clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(step)
+            step += 1
+            collector.step(step)
+            loss_value = float(all_reduce_mean(loss_sum / tc.grad_accum))
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data.")
+            dt = time.time() - t0
+            if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
+                rec = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "samples_per_s": gbs * tc.grad_accum / dt,
+                       "elapsed_s": time.time() - t_start}
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{gbs * tc.grad_accum / dt:.1f}")
+            bar.update()
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+                save(step)
+                saved_step = step
+            signum = _stop_requested(stopper, info, device)
+            if signum:
+                bar.close()
+                if log_file is not None:
+                    log_file.close()
+                where = checkpoint_dir(ckpt_root, step) if saved_step == step else save(step)
+                raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at step {step} of {tc.steps}; "
+                                      f"checkpoint {where}. To resume, run the same command again "
+                                      "(train.resume=auto continues from it).", signum, info.is_main)
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                sample(f"step_{step:08d}")
     bar.close()
     if log_file is not None:
         log_file.close()
 
-    if tc.ckpt_every:
+    if tc.ckpt_every and step != saved_step:  # re-running a finished run: its checkpoint is already this state
         save(step)
     summary: dict = {"output_dir": str(out), "steps": step, "wall_s": time.time() - t_start}
     summary["samples"] = [str(p) for p in sample("final")]
@@ -330,6 +452,18 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
         _report(summary)
     barrier()
     return summary
+
+
+def _apply_optim_settings(optimizer, scheduler, tc) -> None:
+    """Put the config's lr, betas and weight decay into the loaded optimizer state and the learning rate of the
+    schedule (recomputed for the config's warmup/steps) at the resumed step, so a changed setting really applies."""
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["betas"], group["weight_decay"] = tc.lr, tuple(tc.betas), tc.weight_decay
+    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _report(s: dict) -> None:
@@ -378,6 +512,13 @@ def run(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         train(cfg)
+    except TrainingStopped as e:
+        if e.is_main:
+            print(str(e), file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted before the first training step finished; nothing was saved.", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,13 +8,15 @@ such as ``train.lr=3e-4`` or ``data.buckets=[[8,32,32]]`` are parsed as YAML val
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from stdit.config import locate, parse_yaml
 
 
 def _f(default, help: str = "", min=None, max=None, choices=None):
@@ -40,6 +42,8 @@ class DataConfig:
                        choices=("shape", "direction", "none"))
     background: float = _f(-1.0, "synthetic: background value in [-1, 1]", min=-1.0, max=1.0)
     num_workers: int = _f(0, "DataLoader worker processes", min=0)
+    allow_missing_captions: bool = _f(False, "video_folder: give videos without a <stem>.txt caption an empty caption "
+                                      "(with one warning counting them) instead of an error")
 
 
 @dataclass
@@ -167,8 +171,10 @@ def _coerce(where: str, value, f: dataclasses.Field, tp):
         raise ValueError(f"{where}: {value!r} is not one of {list(meta['choices'])}.")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta.get("min"), meta.get("max")
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+            raise ValueError(f"{where}: {value!r} is not a finite number; valid range is {rng} (finite numbers only).")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
             raise ValueError(f"{where}: {value!r} is out of range; valid range is {rng}.")
     return value
 
@@ -177,7 +183,7 @@ def _type_names(types_: tuple[type, ...]) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types_)
 
 
-def _build_section(name: str, cls: type, values: dict[str, Any], source: str):
+def _build_section(name: str, cls: type, values: dict[str, Any], source: str, lines: dict | None = None):
     if not isinstance(values, dict):
         raise ValueError(f"{source}: section {name!r} must be a mapping; got {type(values).__name__}.")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -186,7 +192,7 @@ def _build_section(name: str, cls: type, values: dict[str, Any], source: str):
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid keys in "
                          f"'{name}': {', '.join(fields)}.")
-    return cls(**{k: _coerce(f"{source}: {name}.{k}", v, fields[k], hints[k]) for k, v in values.items()})
+    return cls(**{k: _coerce(locate(source, lines, name, k), v, fields[k], hints[k]) for k, v in values.items()})
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
@@ -196,14 +202,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key or "." not in key:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4).")
-        parsed.append((key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None))
+        value = parse_yaml(raw, f"override {item!r}", with_line=False) if raw.strip() else None
+        parsed.append((key.strip().split("."), value))
     return parsed
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
     """Validate a raw config mapping (plus dotted overrides) into a :class:`Config`."""
-    from stdit.config import model_kwargs
+    from stdit.config import key_lines, model_kwargs
 
+    lines = key_lines(raw or {})  # where each key of the file was written, for the error messages
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
     for path, value in parse_overrides(overrides or []):
         section, *rest = path
@@ -213,14 +221,16 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source
         if not isinstance(raw[section], dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping.")
         raw[section][rest[0]] = value
+        lines[(section, rest[0])] = "override"
     valid = ["model", *SECTIONS]
     unknown = sorted(set(raw) - set(valid))
     if unknown:
         raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {', '.join(valid)}.")
     if not isinstance(raw.get("model"), dict) or not raw["model"]:
         raise ValueError(f"{source}: a 'model:' section with StDiT arguments is required.")
-    cfg = Config(model=model_kwargs(raw["model"], source=source),
-                 **{name: _build_section(name, cls, raw.get(name) or {}, source) for name, cls in SECTIONS.items()})
+    cfg = Config(model=model_kwargs(raw["model"], source=source, lines=lines),
+                 **{name: _build_section(name, cls, raw.get(name) or {}, source, lines)
+                    for name, cls in SECTIONS.items()})
     _check_consistency(cfg, source)
     return cfg
 
@@ -258,3 +268,71 @@ def describe() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+# Keys that say where and how a run is resumed, not what it trains: never reported as a change.
+_RESUME_KEYS = {"train.output_dir", "train.resume"}
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=list))
+
+
+def _model_defaults() -> dict[str, Any]:
+    import inspect
+
+    from stdit.model import StDiT
+
+    params = inspect.signature(StDiT.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def model_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``model.key: old -> new`` for every StDiT argument that differs (unset keys take StDiT's defaults)."""
+    defaults = _plain(_model_defaults())
+    a, b = {**defaults, **_plain(saved)}, {**defaults, **_plain(new)}
+    return [f"model.{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def settings_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old, new)}`` for every non-model setting that differs between two ``Config.to_dict()``."""
+    out = {}
+    for section in SECTIONS:
+        a, b = _plain(saved.get(section) or {}), _plain(new.get(section) or {})
+        for k in sorted(set(a) | set(b)):
+            key = f"{section}.{k}"
+            if key not in _RESUME_KEYS and k in b and a.get(k, b[k]) != b[k]:
+                out[key] = (a[k], b[k])
+    return out
+
+
+def resume_report(saved: dict[str, Any], new: dict[str, Any], step: int, saved_global_batch: int | None,
+                  global_batch: int, saved_world: int | None, world: int) -> tuple[list[str], list[str]]:
+    """Compare the config a checkpoint was trained with against this run's: ``(refusals, notes)``.
+
+    Refused: a different model (the checkpoint would load partially or into the wrong shapes), turning the EMA on or
+    off (its state is in the checkpoint or not), and ``train.steps`` at or below the checkpoint's step while other
+    settings changed (nothing would run with them). Every other difference applies from step ``step + 1`` and gets one
+    note saying so; the optimizer's lr, betas and weight decay are reset to the new values, the schedule follows the
+    new warmup/steps, and a change of global batch (batch size, accumulation or world size) is flagged because the
+    loss curve then differs from an uninterrupted run.
+    """
+    refusals = model_changes(saved.get("model") or {}, new.get("model") or {})
+    changes = settings_changes(saved, new)
+    if "train.ema_decay" in changes and (changes["train.ema_decay"][0] == 0) != (changes["train.ema_decay"][1] == 0):
+        old, cur = changes.pop("train.ema_decay")
+        refusals.append(f"train.ema_decay: {old!r} -> {cur!r} (turns the EMA {'on' if old == 0 else 'off'}; the "
+                        "checkpoint's EMA state cannot follow)")
+    new_steps = new.get("train", {}).get("steps", step)
+    if new_steps < step:
+        refusals.append(f"train.steps={new_steps} is below the checkpoint's step {step} (raise train.steps to "
+                        "continue, or use the checkpoint's model as it is)")
+    notes = [f"{k}: {old!r} -> {cur!r}" for k, (old, cur) in changes.items()]
+    if saved_global_batch is not None and saved_global_batch != global_batch:
+        notes.append(f"global batch: {saved_global_batch} -> {global_batch} (world size {saved_world} -> {world}): "
+                     "each step now averages a different number of samples, so the loss curve will not match an "
+                     "uninterrupted run")
+    elif saved_world is not None and saved_world != world:
+        notes.append(f"world size: {saved_world} -> {world} (same global batch; per-rank RNG states start fresh)")
+    return refusals, notes

@@ -1,11 +1,16 @@
-"""Pieces of the training loop that are not the loop: EMA, the learning-rate schedule, garbage collection, logs and
-the loss plot."""
+"""Pieces of the training loop that are not the loop: EMA, the learning-rate schedule, garbage collection, the
+output-directory lock, stopping on a signal, logs and the loss plot."""
 
 from __future__ import annotations
 
 import gc
 import json
 import math
+import os
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +48,125 @@ class ManualGC:
     def __exit__(self, *exc) -> None:
         if self.every and self.was_enabled:
             gc.enable()
+
+
+class OutputDirLocked(ValueError):
+    """Another trainer holds the output directory."""
+
+
+class OutputDirLock:
+    """One trainer per output directory: ``<dir>/.lock`` holds the owner's pid and host and an ``flock``.
+
+    A second trainer gets :class:`OutputDirLocked` naming the owner. A lock left by a process that died (same host,
+    pid gone, or the ``flock`` free because the kernel dropped it with the process) is taken over with a warning;
+    a lock from another host whose ``flock`` is free cannot be checked, so it is refused with how to clear it.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str | Path, log=print):
+        self.path = Path(directory) / self.NAME
+        self.log = log
+        self.fd: int | None = None
+
+    def __enter__(self) -> "OutputDirLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = self._owner(fd)
+                os.close(fd)
+                raise OutputDirLocked(self._busy(owner)) from None
+            if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                break
+            os.close(fd)  # the previous owner removed the file between our open and flock: take the new one
+        else:
+            raise OutputDirLocked(f"could not lock {self.path}: it keeps being replaced.")
+        owner = self._owner(fd)
+        if owner:
+            here = owner.get("host") == socket.gethostname()
+            if not here:
+                os.close(fd)
+                raise OutputDirLocked(self._busy(owner) + " If no trainer runs there any more, delete the lock file.")
+            if owner.get("pid") != os.getpid() and _pid_alive(owner.get("pid")):
+                os.close(fd)
+                raise OutputDirLocked(self._busy(owner) + " If that process is not a trainer (its pid was reused), "
+                                      "delete the lock file.")
+            self.log(f"warning: taking over the stale lock {self.path} of process {owner.get('pid')}, which is no "
+                     "longer running.")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _owner(fd: int) -> dict:
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return owner if isinstance(owner, dict) else {"pid": None, "host": "?"}
+        except (ValueError, UnicodeDecodeError):
+            return {"pid": None, "host": "?"}
+
+    def _busy(self, owner: dict) -> str:
+        return (f"{self.path.parent} is in use by another trainer (pid {owner.get('pid')} on host {owner.get('host')}, "
+                f"started {owner.get('started', '?')}; lock file {self.path}). Wait for it to finish, stop it, or "
+                "pick another train.output_dir.")
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask the training loop to stop after the current step instead of killing it mid-step.
+
+    The first signal sets :attr:`signum` and puts the previous handler back, so a second Ctrl-C stops at once.
+    Only the main thread can install handlers; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
 
 
 class EMA:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -56,9 +55,13 @@ def precomputed_text(video_path: Path, features_dir: Path | None) -> torch.Tenso
     candidates = [(features_dir / video_path.stem) if features_dir else None, video_path.with_suffix("")]
     for c in candidates:
         if c is not None and c.with_suffix(".safetensors").is_file():
-            tensors = load_file(str(c.with_suffix(".safetensors")))
+            f = c.with_suffix(".safetensors")
+            try:
+                tensors = load_file(str(f))
+            except Exception as e:  # safetensors' errors do not name the file
+                raise ValueError(f"{f}: cannot read these text features as safetensors ({e}).") from e
             if "prompt_embeds" not in tensors:
-                raise KeyError(f"{c.with_suffix('.safetensors')} has no 'prompt_embeds' tensor.")
+                raise ValueError(f"{f} has no 'prompt_embeds' tensor (it has: {', '.join(sorted(tensors)) or 'none'}).")
             emb = tensors["prompt_embeds"]
             return emb[0] if emb.ndim == 3 else emb
     raise FileNotFoundError(f"no precomputed text features for {video_path.name}: expected "
@@ -87,6 +90,11 @@ def encode_dataset(dataset, out_dir: str | Path, vae=None, text_encoder: TextEnc
         if bad:
             raise ValueError(f"clip lengths {bad} do not fit this VAE: frames - 1 must be divisible by {tf} "
                              f"(e.g. {(bad[0] - 1) // tf * tf + 1}).")
+    if text_encoder is not None and not getattr(dataset, "has_captions", True) \
+            and not getattr(dataset, "allow_missing_captions", False):
+        raise ValueError(f"no video under {getattr(dataset, 'root', 'the dataset')} has a caption (<stem>.txt beside "
+                         "it), so the text encoder has nothing to encode; add captions or pass precomputed features "
+                         "with --text-features.")
     shards, latents, embeds, shapes, captions, paths = [], [], [], [], [], []
 
     def flush():
@@ -147,35 +155,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buckets", help="FxHxW buckets, comma-separated (overrides --frames/--height/--width)")
     parser.add_argument("--max-text-length", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=256, help="clips per shard")
+    parser.add_argument("--allow-missing-captions", action="store_true", help="encode videos without a .txt "
+                        "caption with an empty caption (default: an error listing them)")
     parser.add_argument("--seed", type=int, default=0, help="seed for clip start positions")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are raised; ``stdit.cli.run_command`` prints them as one ``error:`` line."""
     from stdit.data.video_folder import VideoFolderDataset
+    from stdit.hub import check_local_or_repo
 
     if args.text_encoder and args.text_features:
-        print("error: give --text-encoder or --text-features, not both.", file=sys.stderr)
-        return 2
+        raise ValueError("give --text-encoder or --text-features, not both.")
+    if args.text_features and not Path(args.text_features).is_dir():
+        raise FileNotFoundError(f"--text-features {args.text_features}: no such folder.")
+    for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
+        if value:
+            check_local_or_repo(value, flag)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    try:
-        dataset = VideoFolderDataset(args.videos, num_frames=args.frames, height=args.height, width=args.width,
-                                     frame_stride=args.frame_stride, buckets=_parse_buckets(args.buckets),
-                                     seed=args.seed)
-        vae = None
-        if args.vae:
-            from diffusers import AutoModel
+    dataset = VideoFolderDataset(args.videos, num_frames=args.frames, height=args.height, width=args.width,
+                                 frame_stride=args.frame_stride, buckets=_parse_buckets(args.buckets),
+                                 seed=args.seed, allow_missing_captions=args.allow_missing_captions)
+    vae = None
+    if args.vae:
+        from diffusers import AutoModel
 
-            vae = AutoModel.from_pretrained(args.vae).to(device).eval()
-        text_encoder = load_text_encoder(args.text_encoder, device, args.max_text_length) if args.text_encoder \
-            else None
-        index = encode_dataset(dataset, args.out, vae, text_encoder, args.text_features, args.shard_size,
-                               progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        vae = AutoModel.from_pretrained(args.vae).to(device).eval()
+    text_encoder = load_text_encoder(args.text_encoder, device, args.max_text_length) if args.text_encoder else None
+    index = encode_dataset(dataset, args.out, vae, text_encoder, args.text_features, args.shard_size,
+                           progress=not args.no_progress)
     print(f"wrote {json.loads(index.read_text())['count']} clips to {index.parent}/ (train with data.kind=latents "
           f"data.root={index.parent})")
     return 0

@@ -25,12 +25,26 @@ class LatentDataset(Dataset):
         index_path = self.root / INDEX
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.root} has no {INDEX}; write it with `stdit encode --out {self.root} ...`.")
-        self.index = json.loads(index_path.read_text())
-        self.items = [(s["file"], j, tuple(shape), cap)
-                      for s in self.index["shards"]
-                      for j, (shape, cap) in enumerate(zip(s["shapes"], s["captions"]))]
+        rewrite = f"write it again with `stdit encode --out {self.root} ...`"
+        try:
+            self.index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{index_path} is truncated or not JSON ({e}); {rewrite}.") from None
+        try:
+            self.items = [(s["file"], j, tuple(shape), cap)
+                          for s in self.index["shards"]
+                          for j, (shape, cap) in enumerate(zip(s["shapes"], s["captions"], strict=True))]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{index_path} does not have the layout `stdit encode` writes (shards, each with file, "
+                             f"shapes and captions of equal length; {type(e).__name__}: {e}); {rewrite}.") from None
         if not self.items:
             raise ValueError(f"{index_path} lists no items.")
+        if isinstance(self.index.get("count"), int) and self.index["count"] != len(self.items):
+            raise ValueError(f"{index_path} says {self.index['count']} items but lists {len(self.items)}; {rewrite}.")
+        absent = sorted({f for f, *_ in self.items if not (self.root / f).is_file()})
+        if absent:
+            raise FileNotFoundError(f"{index_path} lists shard(s) missing from {self.root}: {', '.join(absent[:5])}"
+                                    f"{' ...' if len(absent) > 5 else ''}; {rewrite}.")
         self._handles: dict[str, object] = {}
 
     @property
@@ -46,15 +60,24 @@ class LatentDataset(Dataset):
 
     def _handle(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(str(self.root / file), framework="pt")
+            try:
+                self._handles[file] = safe_open(str(self.root / file), framework="pt")
+            except Exception as e:  # safetensors' errors do not name the file
+                raise ValueError(f"{self.root / file}: cannot read this latent shard as safetensors ({e}); it is "
+                                 f"truncated or corrupt: encode again with `stdit encode --out {self.root} ...`."
+                                 ) from e
         return self._handles[file]
 
     def __getitem__(self, index: int) -> dict:
         file, j, _, caption = self.items[index]
         h = self._handle(file)
-        item = {"latents": h.get_tensor(f"{j}.latents").float(), "caption": caption}
-        if self.has_text:
-            item["prompt_embeds"] = h.get_tensor(f"{j}.prompt_embeds").float()
+        try:
+            item = {"latents": h.get_tensor(f"{j}.latents").float(), "caption": caption}
+            if self.has_text:
+                item["prompt_embeds"] = h.get_tensor(f"{j}.prompt_embeds").float()
+        except Exception as e:
+            raise ValueError(f"{self.root / file}: cannot read item {j} ({type(e).__name__}: {e}); the shard does not "
+                             f"match {INDEX}: encode again.") from e
         return item
 
     def __getstate__(self):

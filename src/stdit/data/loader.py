@@ -25,7 +25,7 @@ def build_dataset(data_cfg):
         buckets = [tuple(b) for b in data_cfg.buckets] if data_cfg.buckets else None
         return VideoFolderDataset(data_cfg.root, num_frames=data_cfg.num_frames, height=data_cfg.height,
                                   width=data_cfg.width, frame_stride=data_cfg.frame_stride, buckets=buckets,
-                                  seed=data_cfg.seed)
+                                  seed=data_cfg.seed, allow_missing_captions=data_cfg.allow_missing_captions)
     if data_cfg.kind == "latents":
         from stdit.data.latents import LatentDataset
 

@@ -2,8 +2,11 @@
 
 Each video gives one clip per epoch-independent draw: ``num_frames`` frames every ``frame_stride``, starting at a
 point chosen from ``(seed, index)``, resized so the shorter side covers the target and centre-cropped.
-Captions come from a sidecar text file with the same stem (``clip.mp4`` -> ``clip.txt``). With ``buckets`` each
-video is assigned the (frames, height, width) bucket closest to its aspect ratio that its length allows.
+Captions come from a sidecar text file with the same stem (``clip.mp4`` -> ``clip.txt``); a video without one is
+an error unless ``allow_missing_captions`` (then its caption is ``""``, with one warning counting them), except in a
+folder with no captions at all (for class-conditional or unconditional models; one warning). With ``buckets`` each
+video is assigned the (frames, height, width) bucket closest to its aspect ratio that its length allows. Every
+decode or caption error names its file.
 """
 
 from __future__ import annotations
@@ -74,6 +77,15 @@ def decode_frames(path: str | Path, indices: list[int]) -> np.ndarray:
     return np.stack([out[i] for i in indices])
 
 
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def resize_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``[T, C, H, W]`` float -> ``[T, C, height, width]``: scale the shorter side to cover, then centre-crop."""
     _, _, h, w = video.shape
@@ -94,11 +106,12 @@ class VideoFolderDataset(Dataset):
         frame_stride: take every n-th frame.
         buckets: (frames, height, width) buckets; ``bucket_ids`` tells each item's bucket.
         seed: clip start positions depend on ``(seed, index)``.
+        allow_missing_captions: give videos without a ``<stem>.txt`` the caption ``""`` instead of an error.
     """
 
     def __init__(self, root: str | Path, num_frames: int = 16, height: int = 256, width: int = 256,
                  frame_stride: int = 1, buckets: list[Bucket] | None = None, seed: int = 0,
-                 extensions: tuple[str, ...] = VIDEO_EXTENSIONS):
+                 extensions: tuple[str, ...] = VIDEO_EXTENSIONS, allow_missing_captions: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"video folder {self.root} does not exist.")
@@ -108,23 +121,30 @@ class VideoFolderDataset(Dataset):
         if not files:
             raise FileNotFoundError(f"no videos ({', '.join(extensions)}) found under {self.root}.")
         self.items: list[tuple[Path, int, Bucket]] = []
-        skipped = []
+        unreadable, short = [], []
         for p in files:
             try:
                 n, h, w = probe_video(p)
             except Exception as e:  # one unreadable file should not stop a large folder
-                skipped.append(f"{p.name} ({e})")
+                unreadable.append(f"{p.relative_to(self.root)} ({_reason(e)})")
                 continue
             bucket = nearest_bucket((n - 1) // frame_stride + 1, h, w, self.buckets)
             if bucket is None:
-                skipped.append(f"{p.name} (only {n} frames)")
+                short.append(f"{p.relative_to(self.root)} (only {n} frames)")
                 continue
             self.items.append((p, n, bucket))
-        if skipped:
-            warnings.warn(f"skipped {len(skipped)} video(s) under {self.root}: {', '.join(skipped[:5])}", stacklevel=2)
         if not self.items:
+            if not short:
+                raise ValueError(f"none of the {len(files)} video file(s) under {self.root} can be read: "
+                                 f"{_listing(unreadable)}.")
             raise ValueError(f"no video under {self.root} is long enough for any bucket {self.buckets} "
-                             f"(frame_stride={frame_stride}).")
+                             f"(frame_stride={frame_stride}): {_listing(short)}"
+                             + (f"; {len(unreadable)} more cannot be read: {_listing(unreadable)}." if unreadable
+                                else "."))
+        if unreadable or short:
+            warnings.warn(f"skipped {len(unreadable) + len(short)} of {len(files)} video(s) under {self.root}: "
+                          f"{_listing(unreadable + short)}", stacklevel=2)
+        self._check_captions(allow_missing_captions)
 
     @property
     def bucket_ids(self) -> list[Bucket]:
@@ -133,10 +153,34 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _check_captions(self, allow_missing: bool) -> None:
+        self.allow_missing_captions = allow_missing
+        missing = [p for p, _, _ in self.items if not p.with_suffix(".txt").is_file()]
+        self.missing_captions: list[Path] = missing
+        self.has_captions = len(missing) < len(self.items)
+        if not missing:
+            return
+        names = _listing([str(p.relative_to(self.root)) for p in missing])
+        if not self.has_captions:
+            warnings.warn(f"no video under {self.root} has a caption (<stem>.txt beside it): every caption is empty "
+                          "(fine for class-conditional or unconditional models).", stacklevel=3)
+        elif allow_missing:
+            warnings.warn(f"{len(missing)} of {len(self.items)} video(s) under {self.root} have no caption file and "
+                          f"get an empty caption: {names}", stacklevel=3)
+        else:
+            raise ValueError(f"{len(missing)} of {len(self.items)} video(s) under {self.root} have no caption "
+                             f"(<stem>.txt beside the video): {names}. Add them, or allow an empty caption for "
+                             "these with data.allow_missing_captions=true (stdit encode: --allow-missing-captions).")
+
     @staticmethod
     def caption_for(path: Path) -> str:
         txt = path.with_suffix(".txt")
-        return txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        if not txt.is_file():
+            return ""
+        try:
+            return txt.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{txt}: cannot read this caption file ({_reason(e)}); captions are UTF-8 text.") from e
 
     def __getitem__(self, index: int) -> dict:
         path, n, (frames, height, width) = self.items[index]
@@ -144,6 +188,12 @@ class VideoFolderDataset(Dataset):
         rng = np.random.default_rng([self.seed, index])
         start = int(rng.integers(0, n - span + 1))
         idx = list(range(start, start + span, self.frame_stride))
-        clip = torch.from_numpy(decode_frames(path, idx)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        try:
+            frames_ = decode_frames(path, idx)
+        except Exception as e:  # PyAV / imageio errors often do not say which file
+            if str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: cannot decode frames {idx[0]}..{idx[-1]} ({_reason(e)}).") from e
+        clip = torch.from_numpy(frames_).permute(0, 3, 1, 2).float() / 127.5 - 1
         clip = resize_crop(clip, height, width).clamp(-1, 1)
         return {"video": clip.permute(1, 0, 2, 3).contiguous(), "caption": self.caption_for(path), "path": str(path)}

@@ -30,7 +30,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 from torch import nn
 
-from stdit.attention import attention, check_backend, qk_norm_rope, rms_norm
+from stdit.attention import as_keep_mask, attention, check_backend, qk_norm_rope, rms_norm
 from stdit.ops import add_norm_modulate, feed_forward, hookless, is_plain, norm_modulate
 from stdit.rope import apply_rope
 
@@ -86,8 +86,9 @@ class _RopeTables:
 
 def key_padding_mask(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
     """An ``attention_mask`` as diffusers' SDPA path reads it -> stdit's key padding mask ``[B, Sk]`` bool (True =
-    attend). Takes a bool mask or an additive float mask (0 = attend, -inf or <= -1e4 = masked) shaped ``[B, Sk]``,
-    ``[B, 1, Sk]`` or ``[B, 1, 1, Sk]`` (B may be 1); masks that differ per query or head have no key-padding form."""
+    attend). Takes what :func:`stdit.attention.as_keep_mask` takes (bool, 0/1 integer, additive float), shaped
+    ``[B, Sk]``, ``[B, 1, Sk]`` or ``[B, 1, 1, Sk]`` (B may be 1); masks that differ per query or head have no
+    key-padding form."""
     if mask is None:
         return None
     m = mask
@@ -98,13 +99,7 @@ def key_padding_mask(mask: torch.Tensor | None, batch: int, keys: int) -> torch.
     if m.ndim != 2 or m.shape[1] != keys or m.shape[0] not in (1, batch):
         raise ValueError(f"attention_mask {tuple(mask.shape)}: stdit's Wan processor takes key padding masks only, "
                          f"shaped [B, Sk], [B, 1, Sk] or [B, 1, 1, Sk] with B in (1, {batch}) and Sk = {keys}.")
-    if m.dtype != torch.bool:
-        keep = m == 0
-        if not bool((keep | (m <= -1e4)).all()):
-            raise ValueError("attention_mask: an additive float mask must hold only 0 (attend) and -inf or values "
-                             "<= -1e4 (masked) to be a key padding mask; pass a bool mask (True = attend).")
-        m = keep
-    return m.expand(batch, keys).contiguous()
+    return as_keep_mask(m, "attention_mask").expand(batch, keys).contiguous()
 
 
 def _norm_weight_readable(norm: nn.Module, x: torch.Tensor) -> bool:

@@ -1,0 +1,1 @@
+"""The benchmark scripts, shipped with the package (``stdit.benchmarks``) so ``stdit bench NAME`` runs them installed."""

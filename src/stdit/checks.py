@@ -1,0 +1,146 @@
+"""One clear error for each bad model config value or model call input, instead of a traceback deep inside (or a
+silently different model / output).
+
+:func:`check_config` is what ``StDiT.__init__`` (and so ``from_config`` / ``from_pretrained``) runs on its
+arguments; :func:`check_call` is what ``StDiT.forward`` runs on what a caller passes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+# The timestep scale of diffusers' flow-matching schedulers (``num_train_timesteps``) and of stdit's training.
+NUM_TRAIN_TIMESTEPS = 1000
+
+_POSITIVE_INTS = ("num_attention_heads", "attention_head_dim", "in_channels", "freq_dim", "ffn_dim", "num_layers")
+_OPTIONAL_POSITIVE_INTS = ("out_channels", "text_dim", "num_classes", "image_dim", "added_kv_proj_dim",
+                           "pos_embed_seq_len")
+_POSITIVE_FLOATS = ("eps", "rope_theta")
+
+
+def _int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _bad(name: str, value, want: str) -> ValueError:
+    return ValueError(f"{name}={value!r} ({type(value).__name__}): {want}.")
+
+
+def check_config(config: dict) -> None:
+    """Raise one ValueError naming the first config value of the wrong type or out of range."""
+    for name in _POSITIVE_INTS:
+        if name in config and ((v := _int(config[name])) is None or v < 1):
+            raise _bad(name, config[name], "must be an int >= 1")
+    for name in _OPTIONAL_POSITIVE_INTS:
+        value = config.get(name)
+        # 0 has always meant "off" for out_channels (= in_channels) and num_classes
+        floor = 0 if name in ("out_channels", "num_classes") else 1
+        if value is not None and ((v := _int(value)) is None or v < floor):
+            raise _bad(name, value, f"must be null or an int >= {floor}")
+    if "condition_channels" in config and ((v := _int(config["condition_channels"])) is None or v < 0):
+        raise _bad("condition_channels", config["condition_channels"], "must be an int >= 0")
+    for name in _POSITIVE_FLOATS:
+        value = config.get(name)
+        if name in config and (isinstance(value, bool) or not isinstance(value, (int, float))
+                               or not math.isfinite(value) or value <= 0):
+            raise _bad(name, value, "must be a finite number > 0")
+    if "cross_attn_norm" in config and not isinstance(config["cross_attn_norm"], bool):
+        raise _bad("cross_attn_norm", config["cross_attn_norm"], "must be true or false")
+    if "patch_size" in config:
+        p = config["patch_size"]
+        parts = [_int(x) for x in p] if isinstance(p, (list, tuple)) else []
+        if len(parts) != 3 or any(x is None or x < 1 for x in parts):
+            raise _bad("patch_size", p, "must be three ints >= 1 (pt, ph, pw), e.g. [1, 2, 2]")
+    for name in ("attention_mode", "qk_norm"):
+        if config.get(name) is not None and not isinstance(config[name], str):
+            raise _bad(name, config[name], "must be a string")
+
+
+def _floating(name: str, x: torch.Tensor | None) -> None:
+    if x is not None and not (x.is_floating_point() and not x.is_complex()):
+        raise ValueError(f"{name} must be a floating-point tensor; got {x.dtype}.")
+
+
+def _check_shapes(cfg, x, timestep, text, text_mask, class_labels, condition, image) -> None:
+    """Shapes and the inputs each kind of model needs (text, classes, image features, condition channels)."""
+    if x.ndim != 5:
+        raise ValueError(f"hidden_states must be [B, C, T, H, W] (5 dims); got shape {tuple(x.shape)}.")
+    b, c = x.shape[:2]
+    if c != cfg.in_channels:
+        raise ValueError(f"hidden_states has {c} channels; this model takes in_channels={cfg.in_channels}.")
+    for name, n, p in zip(("T (frames)", "H (height)", "W (width)"), x.shape[2:], cfg.patch_size):
+        if n % p:
+            lo = n // p * p
+            near = f"{lo} or {lo + p}" if lo else f"{p}"
+            raise ValueError(f"{name}={n} is not divisible by the patch size {p}; nearest valid sizes: {near}.")
+    if timestep.ndim > 1 or timestep.numel() not in (1, b):
+        raise ValueError(f"timestep must be a scalar or shape [B]=[{b}]; got shape {tuple(timestep.shape)}.")
+    if cfg.text_dim is not None:
+        if text is None:
+            raise ValueError("This model is text-conditioned: pass encoder_hidden_states [B, L, text_dim].")
+        if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != cfg.text_dim:
+            raise ValueError(f"encoder_hidden_states must be [B={b}, L, text_dim={cfg.text_dim}]; "
+                             f"got shape {tuple(text.shape)}.")
+        if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(f"encoder_attention_mask must be [B, L]={tuple(text.shape[:2])}; "
+                             f"got {tuple(text_mask.shape)}.")
+    if cfg.num_classes and class_labels is not None:
+        if class_labels.shape != (b,) or class_labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"class_labels must be an integer tensor of shape [B]=[{b}]; "
+                             f"got {tuple(class_labels.shape)} {class_labels.dtype}.")
+        if class_labels.min() < 0 or class_labels.max() > cfg.num_classes:
+            raise ValueError(f"class_labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class).")
+    if cfg.image_dim is not None:
+        if image is None:
+            raise ValueError("This is a Wan image-to-video model: pass encoder_hidden_states_image "
+                             f"[B, L_img, image_dim={cfg.image_dim}] (the CLIP image features).")
+        if image.ndim != 3 or image.shape[-1] != cfg.image_dim:
+            raise ValueError(f"encoder_hidden_states_image must be [B, L_img, image_dim={cfg.image_dim}]; "
+                             f"got shape {tuple(image.shape)}.")
+    elif image is not None:
+        raise ValueError("encoder_hidden_states_image was passed, but this model has no image branch "
+                         "(image_dim is None); it would be ignored.")
+    if cfg.condition_channels:
+        want = (b, cfg.condition_channels, *x.shape[2:])
+        if condition is None or tuple(condition.shape) != want:
+            got = None if condition is None else tuple(condition.shape)
+            raise ValueError(f"This model is image-conditioned: pass condition of shape {want} "
+                             f"(see StDiT.i2v_condition); got {got}.")
+
+
+def check_call(cfg, x, timestep, text, text_mask, class_labels, condition, image) -> None:
+    """What ``StDiT.forward`` takes: shapes, the inputs the model needs, inputs it would ignore, tensors of a dtype
+    no layer takes, and timesteps off the schedule's scale. One ValueError saying what is wrong and what is valid."""
+    _check_shapes(cfg, x, timestep, text, text_mask, class_labels, condition, image)
+    if text is not None and cfg.text_dim is None:
+        raise ValueError("encoder_hidden_states was passed, but this model has no text cross-attention "
+                         "(text_dim is None); it would be ignored.")
+    if text_mask is not None and text is None:
+        raise ValueError("encoder_attention_mask was passed without encoder_hidden_states.")
+    if class_labels is not None and not cfg.num_classes:
+        raise ValueError("class_labels were passed, but this model has no classes (num_classes is not set); "
+                         "they would be ignored.")
+    if condition is not None and not cfg.condition_channels:
+        raise ValueError("condition was passed, but this model takes no condition channels "
+                         "(condition_channels=0); it would be ignored.")
+    for name, t in (("hidden_states", x), ("encoder_hidden_states", text), ("condition", condition),
+                    ("encoder_hidden_states_image", image)):
+        _floating(name, t)
+    if timestep.dtype == torch.bool or timestep.is_complex():
+        raise ValueError(f"timestep must be a real number (int or float, 0..{NUM_TRAIN_TIMESTEPS}); "
+                         f"got {timestep.dtype}.")
+    if torch.compiler.is_compiling():  # a data-dependent branch would break the graph: checked in eager calls only
+        return
+    t = timestep.detach().float()  # float32 holds 0..1000 exactly (float64 is missing on some devices, e.g. MPS)
+    if t.numel() and not bool(((t >= 0) & (t <= NUM_TRAIN_TIMESTEPS)).all()):  # one device sync; NaN fails too
+        raise ValueError(
+            f"timestep must be in [0, {NUM_TRAIN_TIMESTEPS}] (the scale of diffusers' flow-matching schedulers; "
+            f"for t in [0, 1] pass t * {NUM_TRAIN_TIMESTEPS}); got {t.min().item():g}..{t.max().item():g}.")
