@@ -4,7 +4,7 @@ measurably closer to the data than an untrained model's (pixel statistics and th
 import pytest
 import torch
 
-from stdit.data.synthetic import MovingObjects, sample_quality
+from stdit.data.synthetic import MovingObjects, ShapeClassifier, sample_quality, shape_metrics
 from stdit.model import StDiT
 from stdit.pipeline import StDiTPipeline, make_scheduler
 from stdit.train import train
@@ -53,3 +53,28 @@ def test_short_main_job_learns_the_data(tmp_path):
     # absolute: a mostly clean background, and objects covering about as much of each frame as in the data
     # (untrained models score about 0.8 on both)
     assert trained["pixel_w1"] < 0.2 and trained["area_error"] < 0.1
+
+
+def test_shape_metrics_score_the_data_and_fail_what_is_not():
+    """The measurements that see shapes (a classifier fitted on the data, one connected object per frame, a palette
+    colour, the data's speed) give the data itself 1.0 and fail videos that are not the data."""
+    classifier = ShapeClassifier().fit(MovingObjects(seed=0), 256)
+    held_out = MovingObjects(seed=1)
+    videos = torch.stack([held_out[i]["video"] for i in range(64)])
+    labels = [held_out[i]["class_label"] for i in range(64)]
+    assert shape_metrics(videos, labels, classifier) == {"shape": 1.0, "one_object": 1.0, "palette": 1.0,
+                                                         "speed": 1.0}
+    wrong = [(lab + 1) % 4 for lab in labels]
+    assert shape_metrics(videos, wrong, classifier)["shape"] == 0.0
+    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert all(v < 0.3 for v in shape_metrics(noise, labels, classifier).values())
+    assert all(v == 0.0 for v in shape_metrics(torch.full_like(videos, -1.0), labels, classifier).values())
+    still = videos[:, :, :1].expand_as(videos)  # the right objects, not moving
+    assert shape_metrics(still, labels, classifier)["speed"] == 0.0
+    recoloured = videos.clone()
+    recoloured[:, 2] = torch.where(videos[:, 2] > -1, 0.0, -1.0)  # a blue channel no palette colour has
+    assert shape_metrics(recoloured, labels, classifier)["palette"] < 0.2
+    split = videos.clone()
+    split[..., 14:18] = -1.0  # a black band cuts objects in two
+    assert shape_metrics(split, labels, classifier)["one_object"] < 0.9
+

@@ -142,7 +142,20 @@ def write_samples(cfg: Config, model, dataset, out_dir: Path, tag: str, shift: f
                   generator=torch.Generator().manual_seed(sc.seed), output_type="pt", **kwargs).frames
     grid = video_grid(list(frames.cpu()), cols=n if mc.num_classes else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [export_video(grid, out_dir / f"{tag}.{fmt}", fps=sc.fps, scale=sc.scale) for fmt in sc.formats]
+    paths = [export_video(grid, out_dir / f"{tag}.{fmt}", fps=sc.fps, scale=sc.scale) for fmt in sc.formats]
+    if sc.compare and cfg.data.kind == "synthetic" and cfg.data.class_by == "shape" and "class_labels" in kwargs:
+        from stdit.data.synthetic import report_samples
+
+        try:  # a measurement must not cost the trained model, which is exported after the samples
+            png, m = report_samples(frames, kwargs["class_labels"], dataset, out_dir, tag)
+        except Exception as e:
+            print(f"could not compare the {tag} samples with the data: {e!r}", flush=True)
+        else:
+            paths.append(png)
+            print(f"samples vs data: shape recognized in {m['shape']:.0%} of clips, one object in "
+                  f"{m['one_object']:.0%} of frames, palette colour in {m['palette']:.0%}, the data's speed in "
+                  f"{m['speed']:.0%} of steps ({out_dir / f'{tag}_metrics.json'})", flush=True)
+    return paths
 
 
 def train(cfg: Config) -> dict:

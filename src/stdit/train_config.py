@@ -107,6 +107,8 @@ class SampleConfig:
     formats: list = _f(["mp4", "gif"], "video formats to write (mp4, gif)")
     seed: int = _f(0, "sampling seed")
     vae: str | None = _f(None, "diffusers VAE directory to decode latent samples (latent models)")
+    compare: bool = _f(False, "synthetic data with shape classes: also write <tag>_vs_data.png (sampled frames beside "
+                       "data clips, per class) and <tag>_metrics.json (stdit.data.synthetic.shape_metrics)")
 
 
 @dataclass
