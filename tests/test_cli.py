@@ -19,10 +19,40 @@ def test_help_lists_commands(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("cmd", ["convert", "push"])
-def test_subcommand_help(cmd):
+@pytest.mark.parametrize("cmd, option", [("convert", "--to"), ("push", "--private"), ("train", "--print-config")])
+def test_subcommand_help(cmd, option):
     r = subprocess.run([sys.executable, "-m", "stdit", cmd, "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "usage: stdit " + cmd in r.stdout, r.stderr
+    assert r.returncode == 0 and "usage: stdit " + cmd in r.stdout and option in r.stdout, r.stderr
+
+
+HEAVY = ("torch", "diffusers", "transformers", "peft", "huggingface_hub")
+
+
+def _modules_after(code: str) -> list[str]:
+    r = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split("\n")[-2].split()
+
+
+def test_top_level_help_imports_no_subcommand_dependency():
+    """`stdit --help` and the top-level parser come from COMMANDS alone (it took 5-8 s when it imported them all)."""
+    loaded = _modules_after("import contextlib, io\nfrom stdit.cli import main\n"
+                            "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+                            "    main(['--help'])\n"
+                            "assert all(c in out.getvalue() for c in ('train', 'sample', 'convert', 'bench'))")
+    assert not [m for m in HEAVY if m in loaded]
+    assert not [m for m in COMMANDS.values() if m[0] in loaded and m[0] != "stdit.cli"]
+
+
+def test_import_stdit_is_light_and_its_names_load_on_use():
+    assert not [m for m in HEAVY if m in _modules_after("import stdit")]
+    # importing the submodule stdit.attention first leaves stdit.attention the function, as an eager import did
+    code = ("import stdit.model, stdit\nfrom stdit import attention, StDiT, BACKENDS\nimport stdit.attention as a\n"
+            "assert callable(attention) and a is attention is stdit.attention\n"
+            "assert 'StDiT' in dir(stdit) and stdit.StDiTPipeline.__name__ == 'StDiTPipeline'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_convert_cli_round_trip(tmp_path, capsys):

@@ -157,3 +157,25 @@ def test_cli_push_user_errors_are_one_line(monkeypatch, capsys, tmp_path, args, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("path", ["{tmp}/no-such-model", "./no-such-model", "~/no-such-stdit-model", "no-such-model",
+                                  "{tmp}/no-such.safetensors"])
+def test_from_pretrained_missing_local_path_says_so(tmp_path, monkeypatch, path):
+    """Not diffusers' "couldn't connect to huggingface.co" after Hub retries: the path is named as missing."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    path = path.format(tmp=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no such local file or directory") as e:
+        StDiT.from_pretrained(path)
+    assert path in str(e.value) and "connect" not in str(e.value)
+
+
+def test_from_pretrained_dir_without_config_says_so(tmp_path):
+    (tmp_path / "weights-only").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"weights-only: no config.json, so not a model directory"):
+        StDiT.from_pretrained(tmp_path / "weights-only")
+    with pytest.raises(FileNotFoundError, match=r"transformer: no config.json"):
+        StDiT.from_pretrained(tmp_path, subfolder="transformer")

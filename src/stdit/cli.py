@@ -1,4 +1,5 @@
-"""The ``stdit`` command. Each subcommand lives in its own module, imported only when it runs.
+"""The ``stdit`` command. Each subcommand lives in its own module, imported only when that subcommand is chosen:
+``stdit --help`` is built from :data:`COMMANDS` and imports neither torch nor diffusers.
 
 A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int | None``; it raises on a user error
 (``ValueError`` and its subclasses such as ``CheckpointError``, ``OSError`` such as a missing file or a Hub
@@ -25,12 +26,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+
+def format_size(n_bytes: int) -> str:
+    """Bytes for a command's summary line: GB from 0.1 GB on, MB below."""
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``stdit`` parser. The top level (``stdit --help``) comes from :data:`COMMANDS` alone; only ``command``'s
+    module is imported, for its arguments, so ``stdit --help`` imports neither torch nor diffusers."""
     parser = argparse.ArgumentParser(prog="stdit", description="Spatiotemporal Diffusion Transformers for video.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if name != command:
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -42,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand in ``argv``: its first word, since the top level takes no options but ``-h``."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(chosen_command(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

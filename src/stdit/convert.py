@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from stdit.cli import format_size
 from stdit.hub import check_local_or_repo
 from stdit.model import StDiT
 
@@ -145,5 +146,8 @@ def run(args: argparse.Namespace) -> int:
         model = to_wan(StDiT.from_pretrained(args.src, **kw))
     model.save_pretrained(args.dst, safe_serialization=True, max_shard_size=args.max_shard_size)
     n = sum(p.numel() for p in model.parameters())
+    size = sum(f.stat().st_size for f in Path(args.dst).rglob("*") if f.is_file())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"wrote {args.dst} ({type(model).__name__}, {n:,} params, {format_size(size)}, {dtype})")
     print(json.dumps({"saved": str(args.dst), "class": type(model).__name__, "parameters": n}))
     return 0

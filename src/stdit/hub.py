@@ -32,6 +32,13 @@ def load_pretrained(load, name_or_path, strict: bool = True, **kwargs):
     """
     from stdit import model_files
 
+    # A local path that does not exist is said to be missing here; diffusers would try it as a Hub repo id and
+    # blame the network (or the Hub) after its retries.
+    check_local_or_repo(name_or_path, "model")
+    local = Path(str(name_or_path)).expanduser()
+    if local.is_dir() and not (where := local / (kwargs.get("subfolder") or "")).joinpath("config.json").is_file():
+        raise FileNotFoundError(f"{where}: no config.json, so not a model directory (one written by save_pretrained "
+                                "holds config.json and its safetensors weights).")
     want_info = kwargs.pop("output_loading_info", False)
     verify = kwargs.pop("verify_checksums", True)
     model_files.refuse_pickle(name_or_path, kwargs)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from stdit.cli import format_size
 from stdit.data.latents import INDEX, write_shard
 
 TextEncoder = Callable[[list[str]], list[torch.Tensor]]
@@ -167,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from stdit.data.video_folder import VideoFolderDataset
     from stdit.hub import check_local_or_repo
 
+    start = time.perf_counter()
     if args.text_encoder and args.text_features:
         raise ValueError("give --text-encoder or --text-features, not both.")
     if args.text_features and not Path(args.text_features).is_dir():
@@ -187,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
     text_encoder = load_text_encoder(args.text_encoder, device, args.max_text_length) if args.text_encoder else None
     index = encode_dataset(dataset, args.out, vae, text_encoder, args.text_features, args.shard_size,
                            progress=not args.no_progress)
-    print(f"wrote {json.loads(index.read_text())['count']} clips to {index.parent}/ (train with data.kind=latents "
+    info = json.loads(index.read_text())
+    size = sum((index.parent / s["file"]).stat().st_size for s in info["shards"])
+    n = len(info["shards"])
+    print(f"wrote {info['count']} clips in {n} shard{'s' * (n != 1)} ({format_size(size)}, "
+          f"{'latents' if vae is not None else 'pixels'}{' + text features' if info['text_features'] else ''}) to "
+          f"{index.parent}/ in {time.perf_counter() - start:.0f} s (train with data.kind=latents "
           f"data.root={index.parent})")
     return 0
