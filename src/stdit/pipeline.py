@@ -1,13 +1,16 @@
 """StDiTPipeline: text-, class- or un-conditioned video sampling with a StDiT, in pixel or VAE-latent space.
 
-A diffusers ``DiffusionPipeline`` (``save_pretrained``, ``from_pretrained``, offloading, progress bars) with
-flow-matching schedulers (``FlowMatchEulerDiscreteScheduler`` or ``UniPCMultistepScheduler`` with flow sigmas),
-classifier-free guidance, image-to-video from a first frame, and any diffusers video autoencoder (e.g.
-``AutoencoderKLWan``) for latent models.
+A diffusers ``DiffusionPipeline`` (``save_pretrained``, ``from_pretrained``, offloading, progress bars, step-end
+callbacks) with flow-matching schedulers (``FlowMatchEulerDiscreteScheduler`` or ``UniPCMultistepScheduler`` with
+flow sigmas), classifier-free guidance, prompts through an optional text encoder + tokenizer (UMT5 as Wan uses, or
+any encoder giving ``[B, L, text_dim]``) with Wan's padding of the features, image-to-video from a first frame, and
+any diffusers video autoencoder (e.g. ``AutoencoderKLWan``) for latent models.
 """
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,30 @@ from stdit.attention import as_keep_mask
 
 SCHEDULERS = ("euler", "unipc")
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: ftfy's text fixes where ftfy is installed, HTML entities, runs of whitespace."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _as_prompts(prompt, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings; got {prompt!r}.")
+    return prompts
+
+
+def _repeat(x, n: int):
+    """Each row ``n`` times in a row (the videos of one prompt stay together, as diffusers orders them)."""
+    return x if x is None or n == 1 else x.repeat_interleave(n, dim=0)
 
 
 def make_scheduler(name: str = "euler", shift: float = 1.0):
@@ -94,19 +121,50 @@ class StDiTPipeline(DiffusionPipeline):
         scheduler: ``FlowMatchEulerDiscreteScheduler`` or ``UniPCMultistepScheduler`` (flow sigmas); see
             :func:`make_scheduler`.
         vae: optional diffusers video autoencoder; None samples in pixel space ([-1, 1]).
+        text_encoder, tokenizer: optional, for ``prompt=`` strings: a transformers encoder (``UMT5EncoderModel``
+            as Wan uses, or any module whose output, or its ``last_hidden_state``, is ``[B, L, text_dim]``) and
+            its tokenizer. Without them a text model takes precomputed ``prompt_embeds``.
     """
 
-    model_cpu_offload_seq = "transformer->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, transformer, scheduler, vae=None):
+    def __init__(self, transformer, scheduler, vae=None, text_encoder=None, tokenizer=None):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
         t, s = vae_scale_factors(vae)
         self.vae_scale_factor_temporal, self.vae_scale_factor_spatial = t, s
         self.video_processor = VideoProcessor(vae_scale_factor=s)
 
+    # what diffusers' callbacks (e.g. diffusers.callbacks) read from the pipeline while it runs
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._do_cfg
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
     def latent_shape(self, batch_size: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """The latents' shape for these sizes; a ValueError naming the size (and a valid one) otherwise."""
+        for name, size in (("num_frames", num_frames), ("height", height), ("width", width),
+                           ("batch_size", batch_size)):
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+                raise ValueError(f"{name}={size!r}: must be a positive integer.")
         cfg = self.transformer.config
         t, s = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
         if self.vae is not None:
@@ -120,8 +178,71 @@ class StDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={size} must be a multiple of {mult} (VAE factor x patch size); "
                                  f"try {max(mult, size // mult * mult)}.")
         if num_frames % pt:
-            raise ValueError(f"num_frames gives {num_frames} latent frames, not divisible by the temporal patch {pt}.")
+            valid = max(pt, num_frames // pt * pt)
+            raise ValueError(f"num_frames gives {num_frames} latent frames, not divisible by the temporal patch {pt}; "
+                             f"try num_frames={valid if self.vae is None else (valid - 1) * t + 1}.")
         return batch_size, cfg.in_channels, num_frames, height // s, width // s
+
+    def _get_prompt_embeds(self, prompt, max_sequence_length: int, device, dtype) -> torch.Tensor:
+        """Wan's text features: the encoder's output over each prompt's real tokens, zeros after them, every
+        prompt ``max_sequence_length`` long (Wan trains on and its checkpoints expect this zero padding, with no
+        mask). ``[len(prompt), max_sequence_length, D]``."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("prompt strings need a text encoder and its tokenizer: build the pipeline with "
+                             "text_encoder= and tokenizer= (e.g. UMT5EncoderModel + AutoTokenizer from a Wan "
+                             "checkpoint's text_encoder/ and tokenizer/), or pass prompt_embeds.")
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length={max_sequence_length}: must be a positive integer.")
+        prompts = [clean_prompt(p) for p in prompt]
+        tok = self.tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        enc_device = get_module_execution_device(self.text_encoder)
+        out = self.text_encoder(tok.input_ids.to(enc_device), attention_mask=tok.attention_mask.to(enc_device))
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        text_dim = self.transformer.config.text_dim
+        if hidden.ndim != 3 or hidden.shape[-1] != text_dim:
+            raise ValueError(f"the text encoder ({type(self.text_encoder).__name__}) gives features of shape "
+                             f"{tuple(hidden.shape)}, but the model takes [B, L, text_dim={text_dim}]: use the "
+                             "encoder the model was trained with.")
+        lengths = tok.attention_mask.gt(0).sum(dim=1).to(hidden.device)
+        real = torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths[:, None]
+        return hidden.masked_fill(~real[..., None], 0).to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt=None, negative_prompt=None, do_classifier_free_guidance: bool = True,
+                      num_videos_per_prompt: int = 1, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None, max_sequence_length: int = 512,
+                      device=None, dtype=None):
+        """``(prompt_embeds, negative_prompt_embeds)``, each ``[B * num_videos_per_prompt, L, D]``, as diffusers'
+        ``WanPipeline.encode_prompt`` gives them, except that without a negative prompt the negative features are
+        None (the pipeline's unconditional branch then uses zeros, the null text stdit trains with; pass
+        ``negative_prompt=""`` for Wan's default)."""
+        device = device or self._execution_device
+        if dtype is None:
+            dtype = self.text_encoder.dtype if self.text_encoder is not None else torch.float32
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both.")
+        if prompt is not None:
+            prompts = _as_prompts(prompt, "prompt")
+            prompt_embeds = self._get_prompt_embeds(prompts, max_sequence_length, device, dtype)
+        elif prompt_embeds is None:
+            raise ValueError("pass prompt or prompt_embeds.")
+        b = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt is not None:
+            negs = _as_prompts(negative_prompt, "negative_prompt")
+            negs = negs * b if len(negs) == 1 else negs
+            if len(negs) != b:
+                raise ValueError(f"{len(negs)} negative prompts for {b} prompts: give one, or one per prompt.")
+            negative_prompt_embeds = self._get_prompt_embeds(negs, prompt_embeds.shape[1], device, dtype)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = None
+        return _repeat(prompt_embeds, num_videos_per_prompt), _repeat(negative_prompt_embeds, num_videos_per_prompt)
 
     def _batch_size(self, prompt_embeds, class_labels, image, batch_size):
         for x in (prompt_embeds, class_labels):
@@ -144,9 +265,27 @@ class StDiTPipeline(DiffusionPipeline):
             first = vae_encode(self.vae, first)
         return self.transformer.i2v_condition(first.to(dtype), num_latent_frames)
 
+    def _check_text_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        text_dim = self.transformer.config.text_dim
+        given = [n for n, x in (("prompt", prompt), ("negative_prompt", negative_prompt),
+                                ("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds))
+                 if x is not None]
+        if text_dim is None:
+            if given:
+                raise ValueError(f"{given[0]} was given but this model takes no text (its text_dim is not set).")
+            return
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("this model is text-conditioned: pass prompt_embeds [B, L, text_dim], or prompt strings "
+                             "with a text encoder and tokenizer in the pipeline.")
+        for name, x in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if x is not None and (x.ndim != 3 or x.shape[-1] != text_dim):
+                raise ValueError(f"{name} has shape {tuple(x.shape)}; this model takes [B, L, text_dim={text_dim}].")
+
     @torch.no_grad()
     def __call__(
         self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
@@ -159,69 +298,103 @@ class StDiTPipeline(DiffusionPipeline):
         num_inference_steps: int = 30,
         guidance_scale: float = 1.0,
         batch_size: int = 1,
+        num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pt",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = 512,
     ):
         """Sample videos.
 
-        Conditioning: ``prompt_embeds`` ``[B, L, text_dim]`` (text models; the unconditional branch uses
-        ``negative_prompt_embeds`` or zeros), ``class_labels`` ``[B]`` (class models; the null class is the
-        unconditional branch), or nothing. ``image``: the first frame (PIL image, or an array / ``[B, 3, H, W]``
-        tensor in [0, 1], as diffusers' image processor takes) for image-to-video models.
-        ``guidance_scale > 1`` enables classifier-free guidance.
+        Conditioning: ``prompt`` strings (a pipeline with a text encoder; features padded as Wan pads them, to
+        ``max_sequence_length``) or precomputed ``prompt_embeds`` ``[B, L, text_dim]`` (text models; the
+        unconditional branch uses ``negative_prompt`` / ``negative_prompt_embeds``, else zeros), ``class_labels``
+        ``[B]`` (class models; the null class is the unconditional branch), or nothing (``batch_size`` videos).
+        ``num_videos_per_prompt`` videos are sampled per prompt, label or first frame. ``image``: the first frame
+        (PIL image, or an array / ``[B, 3, H, W]`` tensor in [0, 1], as diffusers' image processor takes) for
+        image-to-video models. ``guidance_scale > 1`` enables classifier-free guidance.
+        ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`` runs after each step with the
+        tensors named in ``callback_on_step_end_tensor_inputs`` (of ``_callback_tensor_inputs``); the tensors it
+        returns replace them (a diffusers ``PipelineCallback`` works too). ``output_type``: "pt", "np", "pil" or
+        "latent" (see :class:`StDiTPipelineOutput`).
         """
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not among {self._callback_tensor_inputs}.")
+        for name, n in (("num_videos_per_prompt", num_videos_per_prompt), ("num_inference_steps", num_inference_steps)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name}={n!r}: must be a positive integer.")
         cfg = self.transformer.config
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        if cfg.text_dim is not None and prompt_embeds is None:
-            raise ValueError("this model is text-conditioned: pass prompt_embeds [B, L, text_dim].")
+        self._check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if class_labels is not None and not cfg.num_classes:
             raise ValueError("class_labels were given but this model has no classes (num_classes is not set).")
-        b = self._batch_size(prompt_embeds, class_labels, image, batch_size)
-        shape = self.latent_shape(b, num_frames, height, width)
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        n = num_videos_per_prompt
+        prompt_count = len(_as_prompts(prompt, "prompt")) if prompt is not None else None
+        b0 = prompt_count or self._batch_size(prompt_embeds, class_labels, image, batch_size)
+        b = b0 * n
+        shape = self.latent_shape(b, num_frames, height, width)  # before any encoding: a bad size fails at once
         do_cfg = guidance_scale > 1.0 and (cfg.text_dim is not None or bool(cfg.num_classes))
+        self._guidance_scale, self._do_cfg, self._interrupt, self._current_timestep = guidance_scale, do_cfg, False, None
 
         cond, uncond = {}, {}
         if cfg.text_dim is not None:
-            cond["encoder_hidden_states"] = prompt_embeds.to(device, dtype)
-            neg = negative_prompt_embeds if negative_prompt_embeds is not None else torch.zeros_like(prompt_embeds)
-            uncond["encoder_hidden_states"] = neg.to(device, dtype)
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt, negative_prompt, do_cfg, n, prompt_embeds, negative_prompt_embeds, max_sequence_length,
+                device, dtype)
             if prompt_attention_mask is not None:
                 # bool, 0/1 integer or additive float masks, as the model reads them (a plain .bool() would invert
                 # an additive mask); one dtype for both branches, which guidance may batch together
-                cond["encoder_attention_mask"] = as_keep_mask(prompt_attention_mask.to(device), "prompt_attention_mask")
+                cond["encoder_attention_mask"] = _repeat(
+                    as_keep_mask(prompt_attention_mask.to(device), "prompt_attention_mask"), n)
                 neg_mask = negative_prompt_attention_mask
                 if neg_mask is None and negative_prompt_embeds is None:
                     neg_mask = prompt_attention_mask
                 if neg_mask is not None:
-                    uncond["encoder_attention_mask"] = as_keep_mask(neg_mask.to(device),
-                                                                    "negative_prompt_attention_mask")
+                    uncond["encoder_attention_mask"] = _repeat(
+                        as_keep_mask(neg_mask.to(device), "negative_prompt_attention_mask"), n)
         if cfg.num_classes:
-            labels = torch.as_tensor(class_labels if class_labels is not None else [cfg.num_classes] * b)
-            cond["class_labels"] = labels.to(device=device, dtype=torch.long).reshape(b)
+            labels = torch.as_tensor(class_labels if class_labels is not None else [cfg.num_classes] * b0)
+            cond["class_labels"] = _repeat(labels.to(device=device, dtype=torch.long).reshape(b0), n)
             uncond["class_labels"] = torch.full((b,), cfg.num_classes, device=device, dtype=torch.long)
         if image is not None or cfg.condition_channels:
             if image is None:
                 raise ValueError("this is an image-to-video model: pass image= (the first frame).")
-            cond["condition"] = uncond["condition"] = self._first_frame_condition(
-                image, b, shape[2], height, width, device, dtype)
+            cond["condition"] = uncond["condition"] = _repeat(self._first_frame_condition(
+                image, b0, shape[2], height, width, device, dtype), n)
 
+        def set_text(prompt_embeds, negative_prompt_embeds):
+            if cfg.text_dim is not None:
+                cond["encoder_hidden_states"] = prompt_embeds.to(device, dtype)
+                neg = negative_prompt_embeds if negative_prompt_embeds is not None else torch.zeros_like(prompt_embeds)
+                uncond["encoder_hidden_states"] = neg.to(device, dtype)
+            return {k: torch.cat([uncond[k], cond[k]]) for k in cond} if do_cfg else None
+
+        both = set_text(prompt_embeds, negative_prompt_embeds)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
         latents = latents.to(device, torch.float32)
 
-        if do_cfg:
-            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as bar:
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
                 if do_cfg:
                     x = torch.cat([latents, latents]).to(dtype)
                     out = self.transformer(x, t.expand(2 * b), return_dict=False, **both)[0].float()
@@ -230,7 +403,17 @@ class StDiTPipeline(DiffusionPipeline):
                 else:
                     velocity = self.transformer(latents.to(dtype), t.expand(b), return_dict=False, **cond)[0].float()
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds,
+                             "negative_prompt_embeds": negative_prompt_embeds}
+                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                    if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
+                        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                        both = set_text(prompt_embeds, negative_prompt_embeds)
                 bar.update()
+        self._current_timestep = None
 
         if output_type == "latent":
             frames = latents

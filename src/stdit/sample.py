@@ -1,9 +1,15 @@
-"""``stdit sample``: sample videos from a saved StDiT and write them as mp4 / GIF."""
+"""``stdit sample``: sample videos from a saved StDiT (or a saved StDiTPipeline) and write them as mp4 / GIF.
+
+Every check a user can fail (output path and format, sizes, conditioning flags) runs before the model is sampled,
+and the heavy components load in order of need, so a typo costs seconds, not a text encoder load and a sampling
+run. Errors are raised as ``ValueError`` / ``OSError``; :func:`stdit.cli.run_command` prints them as one line.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -13,14 +19,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("examples:\n  stdit sample --model runs/tiny/model --class-label 0 1 2 3 --out samples.gif\n"
                      "  stdit sample --model DIR --vae VAE_DIR --prompt-embeds text.safetensors --frames 17 "
-                     "--height 256 --width 256 --out clip.mp4")
-    parser.add_argument("--model", required=True, help="directory written by save_pretrained (e.g. runs/tiny/model)")
+                     "--height 256 --width 256 --out clip.mp4\n"
+                     "  stdit sample --model DIR --vae VAE_DIR --text-encoder Wan2.1-T2V-1.3B-Diffusers "
+                     "--prompt \"a red square moves left\" --negative-prompt \"blurry\" --guidance 5 --out clip.mp4")
+    parser.add_argument("--model", required=True, help="directory written by save_pretrained: a model "
+                        "(config.json, e.g. runs/tiny/model) or a StDiTPipeline (model_index.json)")
     parser.add_argument("--out", default="sample.mp4", help="output file (.mp4 or .gif); several videos are tiled")
     parser.add_argument("--class-label", type=int, nargs="*", help="class labels, one video each (class models)")
+    parser.add_argument("--prompt", nargs="+", help="text prompt(s), one video each (text models with a text "
+                        "encoder: in the model/pipeline directory or given with --text-encoder)")
+    parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: zeros, "
+                        "the null text stdit trains with)")
+    parser.add_argument("--text-encoder", help="text encoder directory (transformers; tokenizer beside it), or a "
+                        "directory holding text_encoder/ and tokenizer/ (a Wan diffusers checkpoint)")
+    parser.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens (Wan: 512)")
     parser.add_argument("--prompt-embeds", help="safetensors file with prompt_embeds [B, L, D] or [L, D] "
                         "(and optionally negative_prompt_embeds) for text models")
     parser.add_argument("--image", help="first frame (image file) for image-to-video models")
-    parser.add_argument("--num-videos", type=int, default=1, help="videos to sample (unconditional models)")
+    parser.add_argument("--num-videos", type=int, default=1, help="videos per prompt / label / first frame (or in "
+                        "all, for unconditional models)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--height", type=int, default=32)
     parser.add_argument("--width", type=int, default=32)
@@ -37,13 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _scheduler(model_dir: Path, name: str | None, shift: float | None):
+def _scheduler(scheduler_dir: Path, name: str | None, shift: float | None):
     from stdit.pipeline import make_scheduler
 
-    saved = model_dir / "scheduler_config.json"
+    saved = scheduler_dir / "scheduler_config.json"
     if name is None and saved.is_file():
-        import json
-
         cfg = json.loads(saved.read_text())
         name = "unipc" if cfg.get("_class_name") == "UniPCMultistepScheduler" else "euler"
         if shift is None:
@@ -51,52 +66,158 @@ def _scheduler(model_dir: Path, name: str | None, shift: float | None):
     return make_scheduler(name or "euler", shift if shift is not None else 1.0)
 
 
-def run(args: argparse.Namespace) -> int:
-    from stdit.export import export_video, video_grid
+def check_output(out: str | Path) -> Path:
+    """The output path, if a video can be written there: a supported suffix, not a directory, and a writable
+    directory (or a missing one that a writable parent can hold)."""
+    from stdit.export import FORMATS
+
+    path = Path(out)
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"--out {out}: unsupported video format {path.suffix or '(no suffix)'!r}; use one of "
+                         f"{', '.join(FORMATS)}.")
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory; name a file such as {path / ('sample' + FORMATS[0])}.")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write to {parent} (permission denied).")
+    return path
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that needs no model: sizes, counts and which flags go together."""
+    check_output(args.out)
+    for flag, value in (("--frames", args.frames), ("--height", args.height), ("--width", args.width),
+                        ("--steps", args.steps), ("--num-videos", args.num_videos), ("--fps", args.fps),
+                        ("--scale", args.scale), ("--max-sequence-length", args.max_sequence_length)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer.")
+    if args.prompt and args.prompt_embeds:
+        raise ValueError("give --prompt or --prompt-embeds, not both.")
+    if args.prompt and args.class_label:
+        raise ValueError("give --prompt or --class-label, not both.")
+    for flag, value in (("--model", args.model), ("--vae", args.vae), ("--text-encoder", args.text_encoder),
+                        ("--prompt-embeds", args.prompt_embeds), ("--image", args.image)):
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"{flag} {value}: no such file or directory.")
+    model_dir = Path(args.model)
+    if not ((model_dir / "config.json").is_file() or (model_dir / "model_index.json").is_file()):
+        raise ValueError(f"{model_dir} is not a saved model directory (no config.json, and no model_index.json of "
+                         "a saved pipeline).")
+
+
+def load_text_encoder(path: str | Path, dtype: torch.dtype):
+    """``(text_encoder, tokenizer)`` from a transformers directory, or from the text_encoder/ and tokenizer/
+    folders of a pipeline checkpoint. T5 / mT5 / UMT5 load as their encoder-only models, as Wan uses them."""
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise ImportError("--prompt needs the transformers package: pip install transformers") from e
+    path = Path(path)
+    enc_dir, tok_dir = path, path
+    if (path / "text_encoder").is_dir():
+        enc_dir, tok_dir = path / "text_encoder", path / "tokenizer"
+        if not tok_dir.is_dir():
+            tok_dir = enc_dir
+    if not (enc_dir / "config.json").is_file():
+        raise ValueError(f"--text-encoder {path}: no config.json (a transformers model directory, or one with "
+                         "text_encoder/ and tokenizer/ in it).")
+    model_type = AutoConfig.from_pretrained(enc_dir).model_type
+    cls = {"t5": transformers.T5EncoderModel, "mt5": transformers.MT5EncoderModel,
+           "umt5": transformers.UMT5EncoderModel}.get(model_type, AutoModel)
+    return cls.from_pretrained(enc_dir).to(dtype).eval(), AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _has_text_encoder(d: Path) -> bool:
+    return (d / "text_encoder" / "config.json").is_file()
+
+
+def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The pipeline without its text encoder (loaded later, once the sizes are known to be valid), and where the
+    text encoder will come from (a directory, or None)."""
     from stdit.model import StDiT
     from stdit.pipeline import StDiTPipeline
 
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        print(f"error: {model_dir} is not a saved model directory (no config.json).", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = StDiT.from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
-    vae = None
+    if (model_dir / "model_index.json").is_file():
+        pipe = StDiTPipeline.from_pretrained(model_dir, text_encoder=None, tokenizer=None)
+        pipe.transformer.to(dtype)  # (the VAE stays in its saved precision, as --vae loads one)
+        if args.scheduler is not None or args.shift is not None:
+            pipe.scheduler = _scheduler(model_dir / "scheduler", args.scheduler, args.shift)
+    else:
+        model = StDiT.from_pretrained(model_dir, torch_dtype=dtype)
+        pipe = StDiTPipeline(model, _scheduler(model_dir, args.scheduler, args.shift))
     if args.vae:
         from diffusers import AutoModel
 
-        vae = AutoModel.from_pretrained(args.vae).to(device).eval()
-    pipe = StDiTPipeline(model, _scheduler(model_dir, args.scheduler, args.shift), vae)
-    pipe.set_progress_bar_config(disable=args.no_progress)
+        pipe = StDiTPipeline(pipe.transformer, pipe.scheduler, AutoModel.from_pretrained(args.vae).eval())
+    pipe.to(device)
+    pipe.transformer.eval()
+    text_dir = args.text_encoder or (str(model_dir) if _has_text_encoder(model_dir) else None)
+    return pipe, text_dir
+
+
+def _conditioning(args: argparse.Namespace, pipe, text_dir) -> dict:
+    cfg = pipe.transformer.config
     kwargs = {}
+    if args.prompt or args.negative_prompt:
+        if cfg.text_dim is None:
+            raise ValueError("--prompt was given but this model takes no text (its text_dim is not set).")
+        if text_dir is None:
+            raise ValueError(f"--prompt needs a text encoder and {args.model} holds none (no text_encoder/): pass "
+                             "--text-encoder DIR (e.g. a Wan checkpoint's text_encoder/ folder), or use "
+                             "--prompt-embeds.")
     if args.class_label:
         kwargs["class_labels"] = args.class_label
-    else:
-        kwargs["batch_size"] = args.num_videos
+    if args.prompt:
+        kwargs["prompt"] = args.prompt
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
     if args.prompt_embeds:
         from safetensors.torch import load_file
 
         t = load_file(args.prompt_embeds)
+        if "prompt_embeds" not in t:
+            raise ValueError(f"--prompt-embeds {args.prompt_embeds}: no 'prompt_embeds' tensor in it.")
         emb = t["prompt_embeds"]
         kwargs["prompt_embeds"] = emb[None] if emb.ndim == 2 else emb
-        if "negative_prompt_embeds" in t:
+        if "negative_prompt_embeds" in t and args.negative_prompt is None:
             neg = t["negative_prompt_embeds"]
             kwargs["negative_prompt_embeds"] = neg[None] if neg.ndim == 2 else neg
     if args.image:
         from PIL import Image
 
         kwargs["image"] = Image.open(args.image).convert("RGB")
-    try:
-        frames = pipe(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
-                      output_type="pt", **kwargs).frames
-        video = frames[0] if len(frames) == 1 else video_grid(list(frames.float().cpu()))
-        path = export_video(video, args.out, fps=args.fps, scale=args.scale)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
+    return kwargs
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    from stdit.export import export_video, video_grid
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe, text_dir = build_pipeline(args, device, dtype)
+    pipe.latent_shape(1, args.frames, args.height, args.width)  # sizes the patch and VAE take, before sampling
+    kwargs = _conditioning(args, pipe, text_dir)
+    if args.prompt or args.negative_prompt:
+        text_encoder, tokenizer = load_text_encoder(text_dir, dtype)
+        pipe.register_modules(text_encoder=text_encoder.to(device), tokenizer=tokenizer)
+    if any(k in kwargs for k in ("class_labels", "prompt", "prompt_embeds", "image")):
+        kwargs["num_videos_per_prompt"] = args.num_videos
+    else:
+        kwargs["batch_size"] = args.num_videos
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    frames = pipe(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                  max_sequence_length=args.max_sequence_length, output_type="pt", **kwargs).frames
+    video = frames[0] if len(frames) == 1 else video_grid(list(frames.float().cpu()))
+    path = export_video(video, args.out, fps=args.fps, scale=args.scale)
+    print(f"wrote {path} ({len(frames)} video{'s' if len(frames) > 1 else ''}, {args.frames} frames, "
+          f"{args.height}x{args.width}, {args.steps} steps)")
     return 0
