@@ -21,7 +21,8 @@ _OPTIONAL_POSITIVE_INTS = ("out_channels", "text_dim", "num_classes", "image_dim
 _POSITIVE_FLOATS = ("eps", "rope_theta")
 
 
-def _int(value) -> int | None:
+def as_int(value) -> int | None:
+    """``value`` as an int if it is one (numpy and torch ints included; bool is not), else None."""
     if isinstance(value, bool):
         return None
     try:
@@ -37,15 +38,15 @@ def _bad(name: str, value, want: str) -> ValueError:
 def check_config(config: dict) -> None:
     """Raise one ValueError naming the first config value of the wrong type or out of range."""
     for name in _POSITIVE_INTS:
-        if name in config and ((v := _int(config[name])) is None or v < 1):
+        if name in config and ((v := as_int(config[name])) is None or v < 1):
             raise _bad(name, config[name], "must be an int >= 1")
     for name in _OPTIONAL_POSITIVE_INTS:
         value = config.get(name)
         # 0 has always meant "off" for out_channels (= in_channels) and num_classes
         floor = 0 if name in ("out_channels", "num_classes") else 1
-        if value is not None and ((v := _int(value)) is None or v < floor):
+        if value is not None and ((v := as_int(value)) is None or v < floor):
             raise _bad(name, value, f"must be null or an int >= {floor}")
-    if "condition_channels" in config and ((v := _int(config["condition_channels"])) is None or v < 0):
+    if "condition_channels" in config and ((v := as_int(config["condition_channels"])) is None or v < 0):
         raise _bad("condition_channels", config["condition_channels"], "must be an int >= 0")
     for name in _POSITIVE_FLOATS:
         value = config.get(name)
@@ -56,7 +57,7 @@ def check_config(config: dict) -> None:
         raise _bad("cross_attn_norm", config["cross_attn_norm"], "must be true or false")
     if "patch_size" in config:
         p = config["patch_size"]
-        parts = [_int(x) for x in p] if isinstance(p, (list, tuple)) else []
+        parts = [as_int(x) for x in p] if isinstance(p, (list, tuple)) else []
         if len(parts) != 3 or any(x is None or x < 1 for x in parts):
             raise _bad("patch_size", p, "must be three ints >= 1 (pt, ph, pw), e.g. [1, 2, 2]")
     for name in ("attention_mode", "qk_norm"):

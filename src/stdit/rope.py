@@ -9,24 +9,15 @@ Default split (Wan's rule): ``h = w = 2 * (D // 6)``, ``t = D - h - w`` -> 44/42
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
-
-def _as_int(x) -> int | None:
-    if isinstance(x, bool):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
+from stdit.checks import as_int
 
 
 def axis_split(head_dim: int, split: tuple[int, int, int] | list[int] | None = None) -> tuple[int, int, int]:
     """The (t, h, w) share of the head dim; ``split`` overrides Wan's rule and must be even and sum to D."""
-    d = _as_int(head_dim)
+    d = as_int(head_dim)
     if d is None or d < 2 or d % 2:
         # RoPE rotates pairs, so the head dim and each axis share must be even (Wan's rule gives an odd t share for
         # an odd head dim).
@@ -36,7 +27,7 @@ def axis_split(head_dim: int, split: tuple[int, int, int] | list[int] | None = N
     if split is None:
         hw = 2 * (d // 6)
         split = (d - 2 * hw, hw, hw)
-    parts = tuple(_as_int(s) for s in split) if isinstance(split, (tuple, list)) else (None,)
+    parts = tuple(as_int(s) for s in split) if isinstance(split, (tuple, list)) else (None,)
     if len(parts) != 3 or None in parts or sum(parts) != d or any(s < 0 or s % 2 for s in parts):
         raise ValueError(
             f"rope_axes_dim={list(split) if isinstance(split, (tuple, list)) else split!r} must be three even "

@@ -485,7 +485,7 @@ def _report(s: dict) -> None:
         lines.append(f"  loss: {s['first_loss']:.4f} (first 20 steps) -> {s['last_loss']:.4f} (last 20 steps), "
                      f"{s['first_loss'] / s['last_loss']:.1f}x lower")
     for p in s.get("samples", []):
-        lines.append(f"  sample video: {p}")
+        lines.append(f"  {'samples vs data' if str(p).endswith('.png') else 'sample video'}: {p}")
     if "loss_png" in s:
         lines.append(f"  loss curve:   {s['loss_png']}")
     if "model_dir" in s:
