@@ -251,6 +251,19 @@ def test_attention_processors_and_qkv_fusion():
     assert (out(st, x, t, text) - ref).abs().max() == 0
 
 
+
+def test_qkv_fusion_refuses_to_drop_lora_adapters():
+    from peft import LoraConfig
+
+    _, st = pair()
+    st.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    x, t, text = inputs()
+    ref = out(st, x, t, text)
+    with pytest.raises(ValueError, match="bypass the LoRA adapters"):
+        st.fuse_qkv_projections()
+    assert not st.blocks[0].attn1.fused_projections and not hasattr(st.blocks[0].attn1, "to_qkv")
+    assert (out(st, x, t, text) - ref).abs().max() == 0
+
 def test_diffusers_backend_names():
     _, st = pair()
     x, t, text = inputs()

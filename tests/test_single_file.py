@@ -202,13 +202,12 @@ def test_missing_and_unexpected_keys_named(tmp_path):
         StDiT.from_single_file(tmp_path / "other.safetensors")
 
 
-def test_wan22_ti2v_refused_clearly(tmp_path):
-    torch.manual_seed(0)
-    wan = WanTransformer3DModel(num_attention_heads=1, attention_head_dim=128, in_channels=48, out_channels=48,
-                                text_dim=32, freq_dim=32, ffn_dim=16, num_layers=1)
-    save_file(original_layout(wan.state_dict()), str(tmp_path / "ti2v.safetensors"))
-    with pytest.raises(NotImplementedError, match="Wan 2.2 TI2V"):
-        StDiT.from_single_file(tmp_path / "ti2v.safetensors")
+def test_wan22_animate_refused_clearly(tmp_path):
+    original = original_layout(random_wan("t2v").state_dict())
+    original["motion_encoder.enc.fc.0.weight"] = torch.zeros(2, 2)
+    save_file(original, str(tmp_path / "animate.safetensors"))
+    with pytest.raises(NotImplementedError, match="Wan 2.2 Animate"):
+        StDiT.from_single_file(tmp_path / "animate.safetensors")
 
 
 def test_convert_cli_takes_original_layout(tmp_path, capsys):
@@ -227,8 +226,8 @@ def test_convert_cli_takes_original_layout(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "safetensors only" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
-    save_file(original_layout(WanTransformer3DModel(num_attention_heads=1, attention_head_dim=128, in_channels=48,
-                                                    out_channels=48, text_dim=32, freq_dim=32, ffn_dim=16,
-                                                    num_layers=1).state_dict()), str(tmp_path / "ti2v.safetensors"))
-    assert main(["convert", str(tmp_path / "ti2v.safetensors"), str(tmp_path / "y")]) == 2
-    assert "Wan 2.2 TI2V" in capsys.readouterr().err
+    animate = original_layout(wan.state_dict())
+    animate["motion_encoder.enc.fc.0.weight"] = torch.zeros(2, 2)
+    save_file(animate, str(tmp_path / "animate.safetensors"))
+    assert main(["convert", str(tmp_path / "animate.safetensors"), str(tmp_path / "y")]) == 2
+    assert "Wan 2.2 Animate" in capsys.readouterr().err

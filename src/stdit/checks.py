@@ -17,7 +17,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 _POSITIVE_INTS = ("num_attention_heads", "attention_head_dim", "in_channels", "freq_dim", "ffn_dim", "num_layers")
 _OPTIONAL_POSITIVE_INTS = ("out_channels", "text_dim", "num_classes", "image_dim", "added_kv_proj_dim",
-                           "pos_embed_seq_len")
+                           "pos_embed_seq_len", "vace_in_channels")
 _POSITIVE_FLOATS = ("eps", "rope_theta")
 
 
@@ -63,11 +63,62 @@ def check_config(config: dict) -> None:
     for name in ("attention_mode", "qk_norm"):
         if config.get(name) is not None and not isinstance(config[name], str):
             raise _bad(name, config[name], "must be a string")
+    _check_vace(config)
+
+
+def _check_vace(config: dict) -> None:
+    """Wan VACE's ``vace_layers`` (the main blocks that get a control hint) and ``vace_in_channels``."""
+    layers, channels = config.get("vace_layers"), config.get("vace_in_channels")
+    if layers is None and channels is None:
+        return
+    if layers is None or channels is None:
+        raise ValueError(f"vace_layers={layers!r} and vace_in_channels={channels!r} come together (Wan VACE's "
+                         "control blocks and their input channels); set both or neither.")
+    num_layers = as_int(config.get("num_layers", 30))
+    ints = [as_int(i) for i in layers] if isinstance(layers, (list, tuple)) else [None]
+    if not ints or None in ints or len(set(ints)) != len(ints) or 0 not in ints or (
+            num_layers is not None and not all(0 <= i < num_layers for i in ints)):
+        raise _bad("vace_layers", layers, f"must be distinct block indices in [0, num_layers={num_layers}) "
+                   "including 0 (the first control block takes the video tokens), e.g. [0, 5, 10]")
 
 
 def _floating(name: str, x: torch.Tensor | None) -> None:
     if x is not None and not (x.is_floating_point() and not x.is_complex()):
         raise ValueError(f"{name} must be a floating-point tensor; got {x.dtype}.")
+
+
+def _check_timestep(cfg, x, timestep) -> None:
+    b = x.shape[0]
+    if timestep.ndim <= 1 and timestep.numel() in (1, b):
+        return
+    tokens = math.prod(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+    if timestep.ndim == 2 and timestep.shape[0] in (1, b) and timestep.shape[1] == tokens:
+        return
+    raise ValueError(f"timestep must be a scalar or shape [B]=[{b}]; got shape {tuple(timestep.shape)}. Per token "
+                     f"(Wan 2.2 TI2V) it is [B, S]=[{b}, {tokens}], S = (T/pt)(H/ph)(W/pw) the token count.")
+
+
+def _check_control(cfg, x, control, control_scale) -> None:
+    """A VACE model's control latents and hint scales."""
+    if cfg.vace_layers is None:
+        if control is not None or control_scale is not None:
+            raise ValueError("control_hidden_states was passed, but this model has no VACE control blocks "
+                             "(vace_layers is None); it would be ignored.")
+        return
+    b, _, t, h, w = x.shape
+    if control is None:
+        raise ValueError(f"This is a Wan VACE model: pass control_hidden_states [B, vace_in_channels="
+                         f"{cfg.vace_in_channels}, T, H, W] (the control latents).")
+    c_shape = tuple(control.shape)
+    if control.ndim != 5 or c_shape[:2] != (b, cfg.vace_in_channels) or c_shape[3:] != (h, w) or not (
+            0 < c_shape[2] <= t) or c_shape[2] % cfg.patch_size[0]:
+        raise ValueError(f"control_hidden_states must be [B={b}, vace_in_channels={cfg.vace_in_channels}, T', "
+                         f"H={h}, W={w}] with T' <= T={t} a multiple of the patch's {cfg.patch_size[0]} (missing "
+                         f"frames at the end get no control); got shape {c_shape}.")
+    n = len(cfg.vace_layers)
+    if control_scale is not None and tuple(control_scale.shape) != (n,):
+        raise ValueError(f"control_hidden_states_scale must hold one scale per VACE layer, shape [{n}]; "
+                         f"got shape {tuple(control_scale.shape)}.")
 
 
 def _check_shapes(cfg, x, timestep, text, text_mask, class_labels, condition, image) -> None:
@@ -82,8 +133,7 @@ def _check_shapes(cfg, x, timestep, text, text_mask, class_labels, condition, im
             lo = n // p * p
             near = f"{lo} or {lo + p}" if lo else f"{p}"
             raise ValueError(f"{name}={n} is not divisible by the patch size {p}; nearest valid sizes: {near}.")
-    if timestep.ndim > 1 or timestep.numel() not in (1, b):
-        raise ValueError(f"timestep must be a scalar or shape [B]=[{b}]; got shape {tuple(timestep.shape)}.")
+    _check_timestep(cfg, x, timestep)
     if cfg.text_dim is not None:
         if text is None:
             raise ValueError("This model is text-conditioned: pass encoder_hidden_states [B, L, text_dim].")
@@ -117,10 +167,12 @@ def _check_shapes(cfg, x, timestep, text, text_mask, class_labels, condition, im
                              f"(see StDiT.i2v_condition); got {got}.")
 
 
-def check_call(cfg, x, timestep, text, text_mask, class_labels, condition, image) -> None:
+def check_call(cfg, x, timestep, text, text_mask, class_labels, condition, image, control=None,
+               control_scale=None) -> None:
     """What ``StDiT.forward`` takes: shapes, the inputs the model needs, inputs it would ignore, tensors of a dtype
     no layer takes, and timesteps off the schedule's scale. One ValueError saying what is wrong and what is valid."""
     _check_shapes(cfg, x, timestep, text, text_mask, class_labels, condition, image)
+    _check_control(cfg, x, control, control_scale)
     if text is not None and cfg.text_dim is None:
         raise ValueError("encoder_hidden_states was passed, but this model has no text cross-attention "
                          "(text_dim is None); it would be ignored.")
@@ -133,7 +185,8 @@ def check_call(cfg, x, timestep, text, text_mask, class_labels, condition, image
         raise ValueError("condition was passed, but this model takes no condition channels "
                          "(condition_channels=0); it would be ignored.")
     for name, t in (("hidden_states", x), ("encoder_hidden_states", text), ("condition", condition),
-                    ("encoder_hidden_states_image", image)):
+                    ("encoder_hidden_states_image", image), ("control_hidden_states", control),
+                    ("control_hidden_states_scale", control_scale)):
         _floating(name, t)
     if timestep.dtype == torch.bool or timestep.is_complex():
         raise ValueError(f"timestep must be a real number (int or float, 0..{NUM_TRAIN_TIMESTEPS}); "

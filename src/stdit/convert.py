@@ -1,4 +1,4 @@
-"""Wan (diffusers ``WanTransformer3DModel`` layout) <-> StDiT.
+"""Wan (diffusers ``WanTransformer3DModel`` / ``WanVACETransformer3DModel`` layout) <-> StDiT.
 
 Config names and state-dict keys are shared, so conversion is a config translation plus an identity key map:
 Wan-only keys (``rope_max_seq_len`` etc.) are dropped on the way in and restored on the way out, and StDiT
@@ -28,13 +28,20 @@ _STDIT_ONLY = {"rope_theta": 10000.0, "rope_axes_dim": None, "num_classes": None
 _STDIT_KEYS = set(_STDIT_ONLY) | {
     "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
     "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim", "added_kv_proj_dim",
-    "pos_embed_seq_len"}
+    "pos_embed_seq_len", "vace_layers", "vace_in_channels"}
+# Wan VACE's config keys: a StDiT with them set exports to WanVACETransformer3DModel.
+_VACE_KEYS = ("vace_layers", "vace_in_channels")
+WAN_CLASSES = ("WanTransformer3DModel", "WanVACETransformer3DModel")
 
 
 def wan_config_to_stdit(wan_config: dict) -> dict:
-    """StDiT kwargs for a ``WanTransformer3DModel`` config (text-to-video, or Wan 2.1 I2V / FLF2V with the CLIP
-    image branch)."""
-    return {k: (tuple(v) if k == "patch_size" else v) for k, v in wan_config.items() if k in _STDIT_KEYS}
+    """StDiT kwargs for a ``WanTransformer3DModel`` config (Wan 2.1 / 2.2 text-to-video, image-to-video, FLF2V,
+    TI2V; the config says nothing of Wan 2.2's per-token timesteps, which need none) or a
+    ``WanVACETransformer3DModel`` config (VACE's ``vace_layers``, ``vace_in_channels``)."""
+    config = {k: (tuple(v) if k == "patch_size" else v) for k, v in wan_config.items() if k in _STDIT_KEYS}
+    if config.get("vace_layers") is not None:
+        config["vace_layers"] = list(config["vace_layers"])
+    return config
 
 
 def stdit_config_to_wan(config: dict) -> dict:
@@ -57,6 +64,9 @@ def stdit_config_to_wan(config: dict) -> dict:
                          f"(Wan needs {{text_dim: int, **{_STDIT_ONLY}}}).")
     wan = {k: config[k] for k in _STDIT_KEYS - set(_STDIT_ONLY) if k in config}
     wan["patch_size"] = tuple(wan["patch_size"])
+    if wan.get("vace_layers") is None:  # WanTransformer3DModel has no VACE arguments
+        for k in _VACE_KEYS:
+            wan.pop(k, None)
     return {**wan, **_WAN_ONLY}
 
 
@@ -65,8 +75,9 @@ def _is_pipeline_dir(path: Path) -> bool:
 
 
 def from_wan(model_or_path, subfolder: str | None = None, share_weights: bool = False, **kwargs) -> StDiT:
-    """A StDiT with the weights of a Wan transformer: a ``WanTransformer3DModel`` object, or a local directory or
-    Hub repo id in diffusers layout (a whole Wan pipeline directory/repo is read from its ``transformer/``).
+    """A StDiT with the weights of a Wan transformer: a ``WanTransformer3DModel`` or ``WanVACETransformer3DModel``
+    object, or a local directory or Hub repo id in diffusers layout (a whole Wan pipeline directory/repo is read
+    from its ``transformer/``).
     ``kwargs`` (``torch_dtype``, ``cache_dir``, ...) go to :meth:`StDiT.from_pretrained`.
 
     From a model object the weights are copied, so training the StDiT leaves the Wan model as it was;
@@ -92,12 +103,14 @@ def from_wan(model_or_path, subfolder: str | None = None, share_weights: bool = 
 
 
 def to_wan(model: StDiT):
-    """A diffusers ``WanTransformer3DModel`` holding ``model``'s weights (strict: no missing/unexpected keys)."""
-    from diffusers import WanTransformer3DModel
+    """A diffusers ``WanTransformer3DModel`` (``WanVACETransformer3DModel`` for a VACE model) holding ``model``'s
+    weights (strict: no missing/unexpected keys)."""
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     config = stdit_config_to_wan(dict(model.config))
+    cls = WanVACETransformer3DModel if "vace_layers" in config else WanTransformer3DModel
     with torch.device("meta"):
-        wan = WanTransformer3DModel(**config)
+        wan = cls(**config)
     wan.load_state_dict(model.state_dict(), strict=True, assign=True)
     # Wan keeps its RoPE tables in non-persistent buffers, which the meta-device build left empty.
     wan.rope = type(wan.rope)(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"])
@@ -128,7 +141,7 @@ def _is_single_file_source(path: str) -> bool:
         config = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
     except ValueError:
         config = {}
-    return config.get("_class_name") not in ("WanTransformer3DModel", "StDiT")
+    return config.get("_class_name") not in (*WAN_CLASSES, "StDiT")
 
 
 def run(args: argparse.Namespace) -> int:

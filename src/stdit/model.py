@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -29,11 +29,12 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from einops import rearrange
 from torch import nn
 
-from stdit.attention import (BACKENDS, as_keep_mask, attention, attention_backend, context_backend,
-                             keep_attention_and_matmuls_policy, keep_self_attention_policy, qk_norm_rope)
+from stdit.attention import (BACKENDS, as_keep_mask, attention_backend, context_backend,
+                             keep_attention_and_matmuls_policy, keep_self_attention_policy)
+from stdit.attention_layer import StDiTAttention, StDiTAttnProcessor
 from stdit.checks import check_call, check_config
 from stdit.ops import add_norm_modulate, feed_forward, is_plain, norm_modulate
-from stdit.rope import RotaryEmbedding3D, apply_rope, axis_split
+from stdit.rope import RotaryEmbedding3D, axis_split
 
 ATTENTION_MODES = ("full", "factorized")
 # diffusers' attention-backend names that mean one of stdit's backends
@@ -78,154 +79,12 @@ def lora_scale(model: nn.Module, attention_kwargs: dict[str, Any] | None):
         unscale_lora_layers(model, scale)
 
 
-class StDiTAttnProcessor:
-    """What :class:`StDiTAttention` computes, as a diffusers attention processor: projections (called as modules, so
-    LoRA layers and hooks on them run), QK RMSNorm + 3D RoPE, the attention core through :func:`stdit.attention.
-    attention`, the output projection. Being a processor lets diffusers' ``attn_processors``, ``set_attn_processor``
-    and its attention hooks (layer skip, caches) treat StDiT's attentions as they treat Wan's."""
-
-    def __call__(self, attn: "StDiTAttention", hidden_states: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, layout=None,
-                 encoder_hidden_states_image: torch.Tensor | None = None) -> torch.Tensor:
-        x, context = hidden_states, encoder_hidden_states
-        q, k, v = attn.project(x, context)
-        q, k = attn.norm_rope(q, k, rotary_emb)
-        v = v.unflatten(-1, (attn.heads, -1))
-        if context is not None:  # cross-attention is per query token: no communication under sequence parallelism
-            out = attention(q, k, v, key_padding_mask=attention_mask, backend=attn.backend)
-            if encoder_hidden_states_image is not None:  # Wan I2V: the CLIP image tokens, attended to apart
-                k_img, v_img = attn.project_image(encoder_hidden_states_image)
-                out = out + attention(q, k_img, v_img, backend=attn.backend)
-        elif attn.sp is not None:
-            q, k, v = (attn.sp.seq_to_heads(t) for t in (q, k, v))
-            out = attn.sp.heads_to_seq(attn.self_attention(q, k, v, layout, attn.sp.seq_len))
-        else:
-            out = attn.self_attention(q, k, v, layout, q.shape[1])
-        return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(x)))
-
-
-class StDiTAttention(nn.Module, AttentionModuleMixin):
-    """Multi-head attention on ``[B, S, H*D]`` activations; self-attention (with RoPE) or cross-attention.
-
-    Self-attention takes a ``layout`` ``(mode, grid)``: ``"full"`` attends over all tokens, ``"spatial"`` over the
-    tokens of each frame, ``"temporal"`` over the frames at each position. Projections, QK norm and RoPE are
-    per-token, so under sequence parallelism they run on the local shard and only the attention core sees the
-    whole sequence (Ulysses all-to-all from sequence shards to head shards and back). Module names and
-    ``fuse_projections`` follow diffusers' ``WanAttention``.
-    """
-
-    _default_processor_cls = StDiTAttnProcessor
-    _available_processors = [StDiTAttnProcessor]
-
-    def __init__(self, dim: int, heads: int, head_dim: int, eps: float, qk_norm: bool = True,
-                 is_cross_attention: bool = False, added_kv_proj_dim: int | None = None):
-        super().__init__()
-        self.heads = heads
-        self.is_cross_attention = is_cross_attention
-        self.added_kv_proj_dim = added_kv_proj_dim
-        self.fused_projections = False
-        inner = heads * head_dim
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-        self.norm_q = nn.RMSNorm(inner, eps=eps) if qk_norm else None
-        self.norm_k = nn.RMSNorm(inner, eps=eps) if qk_norm else None
-        self.add_k_proj = self.add_v_proj = None
-        if added_kv_proj_dim is not None:  # Wan I2V's image key/value projections
-            self.add_k_proj = nn.Linear(added_kv_proj_dim, inner)
-            self.add_v_proj = nn.Linear(added_kv_proj_dim, inner)
-            self.norm_added_k = nn.RMSNorm(inner, eps=eps)
-        self.eps = eps
-        self.backend: str | None = None  # runtime choice, set by StDiT.set_attention_backend
-        self.sp = None  # runtime: a stdit.parallel.ulysses.SequenceParallel, set by StDiT.enable_sequence_parallel
-        self.set_processor(StDiTAttnProcessor())
-
-    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, layout=None,
-                encoder_hidden_states_image=None):
-        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, layout,
-                              encoder_hidden_states_image)
-
-    def project(self, x, context=None):
-        """q, k, v ``[B, S, H*D]``: k and v from ``context`` in cross-attention."""
-        if self.fused_projections:
-            if context is None:
-                return self.to_qkv(x).chunk(3, dim=-1)
-            return (self.to_q(x), *self.to_kv(context).chunk(2, dim=-1))
-        src = x if context is None else context
-        return self.to_q(x), self.to_k(src), self.to_v(src)
-
-    def project_image(self, image_tokens):
-        """Image keys (RMS-normed) and values ``[B, L_img, H, D]`` for Wan I2V's image cross-attention."""
-        if self.fused_projections:
-            k, v = self.to_added_kv(image_tokens).chunk(2, dim=-1)
-        else:
-            k, v = self.add_k_proj(image_tokens), self.add_v_proj(image_tokens)
-        return self.norm_added_k(k).unflatten(-1, (self.heads, -1)), v.unflatten(-1, (self.heads, -1))
-
-    def norm_rope(self, q, k, rotary_emb=None):
-        """QK RMSNorm and RoPE: ``[B, S, H*D]`` -> ``[B, S, H, D]``. The fused kernel reads the norms' weights, so it
-        runs only on plain hook-free ``nn.RMSNorm`` s; a hooked norm (offloading, ``device_map``, casting) runs as its
-        module, where its hook loads the weight."""
-        cos, sin = rotary_emb if rotary_emb is not None else (None, None)
-        if self.norm_q is not None and is_plain(self.norm_q, nn.RMSNorm) and is_plain(self.norm_k, nn.RMSNorm):
-            return qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, self.eps, cos, sin, self.heads,
-                                self.backend)
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k = q.unflatten(-1, (self.heads, -1)), k.unflatten(-1, (self.heads, -1))
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k
-
-    @torch.no_grad()
-    def fuse_projections(self) -> None:
-        """One matmul for q, k, v (self-attention) or k, v (cross-attention), as diffusers' ``WanAttention`` does."""
-        if self.fused_projections:
-            return
-        groups = {"to_kv": ("to_k", "to_v")} if self.is_cross_attention else {"to_qkv": ("to_q", "to_k", "to_v")}
-        if self.add_k_proj is not None:
-            groups["to_added_kv"] = ("add_k_proj", "add_v_proj")
-        for fused_name, names in groups.items():
-            parts = [getattr(self, n) for n in names]
-            w = parts[0].weight
-            fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), device=w.device, dtype=w.dtype)
-            fused.weight.copy_(torch.cat([p.weight for p in parts]))
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-            setattr(self, fused_name, fused)
-        self.fused_projections = True
-
-    @torch.no_grad()
-    def unfuse_projections(self) -> None:
-        for name in ("to_qkv", "to_kv", "to_added_kv"):
-            if hasattr(self, name):
-                delattr(self, name)
-        self.fused_projections = False
-
-    def self_attention(self, q, k, v, layout, seq_len):
-        """Attention over the first ``seq_len`` tokens (the rest is sequence-parallel padding, output zero)."""
-        mode, (t, h, w) = layout if layout is not None else ("full", (1, 1, q.shape[1]))
-        pad = q.shape[1] - seq_len
-        if pad:
-            q, k, v = q[:, :seq_len], k[:, :seq_len], v[:, :seq_len]
-        if mode == "spatial":
-            q, k, v = (rearrange(z, "b (t s) n d -> (b t) s n d", t=t) for z in (q, k, v))
-        elif mode == "temporal":
-            q, k, v = (rearrange(z, "b (t s) n d -> (b s) t n d", t=t) for z in (q, k, v))
-        out = attention(q, k, v, backend=self.backend)
-        if mode == "spatial":
-            out = rearrange(out, "(b t) s n d -> b (t s) n d", t=t)
-        elif mode == "temporal":
-            out = rearrange(out, "(b s) t n d -> b (t s) n d", s=h * w)
-        return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad)) if pad else out
-
-
 class StDiTBlock(nn.Module):
     """Wan block: ``x += g·SelfAttn(LN(x)(1+s)+b)``; ``x += CrossAttn(norm2(x), text)``; ``x += g'·FFN(...)``.
 
     In factorized mode the self-attention is spatial (per frame, RoPE on h, w) and is followed by a temporal
-    attention (per position, RoPE on t) with its own modulation, Latte/STDiT style.
+    attention (per position, RoPE on t) with its own modulation, Latte/STDiT style. ``temb`` is ``[B, n, dim]`` (one
+    modulation per sample) or ``[B, S, n, dim]`` (per token: Wan 2.2 TI2V's per-token timesteps).
     """
 
     def __init__(self, dim, ffn_dim, heads, cross_attn_norm, eps, has_text, qk_norm, factorized,
@@ -246,7 +105,9 @@ class StDiTBlock(nn.Module):
     def forward(self, hidden_states, temb, rope, grid, encoder_hidden_states=None, encoder_attention_mask=None,
                 encoder_hidden_states_image=None):
         x = hidden_states
-        mods = (self.scale_shift_table + temb.float()).chunk(self.scale_shift_table.shape[1], dim=1)
+        mods = (self.scale_shift_table + temb.float()).chunk(self.scale_shift_table.shape[1], dim=-2)
+        if temb.ndim == 4:  # per token: [B, S, 1, dim] -> [B, S, dim], which broadcasts against x as [B, 1, dim] does
+            mods = [m.squeeze(-2) for m in mods]
         shift, scale, gate, c_shift, c_scale, c_gate = mods[:6]
         n = norm_modulate(x, shift, scale, eps=self.eps)
         if self.factorized:
@@ -271,8 +132,31 @@ class StDiTBlock(nn.Module):
         return x
 
 
+class StDiTVACEBlock(StDiTBlock):
+    """A VACE control block (diffusers' ``WanVACETransformerBlock``, same weights): a Wan block run on the control
+    video's tokens. It returns ``(hint, control)``: the hint (``proj_out`` of the result) is added to the output of
+    one main block, the control tokens go on to the next control block. The first one adds the video tokens to its
+    projected input (``proj_in``), so every hint depends on both."""
+
+    def __init__(self, dim, *args, apply_input_projection: bool = False, **kwargs):
+        super().__init__(dim, *args, **kwargs)
+        self.proj_in = nn.Linear(dim, dim) if apply_input_projection else None
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, control, hidden_states, temb, rope, grid, encoder_hidden_states=None,
+                encoder_attention_mask=None, encoder_hidden_states_image=None):
+        if self.proj_in is not None:
+            control = self.proj_in(control) + hidden_states
+        control = super().forward(control, temb, rope, grid, encoder_hidden_states, encoder_attention_mask,
+                                  encoder_hidden_states_image)
+        return self.proj_out(control), control
+
+
 class ConditionEmbedder(nn.Module):
-    """Timestep (+ class label) -> ``temb`` and the per-block modulation ``timestep_proj``; text -> tokens."""
+    """Timestep (+ class label) -> ``temb`` and the per-block modulation ``timestep_proj``; text -> tokens.
+
+    ``timestep`` ``[B]``, or ``[B, S]`` per token (Wan 2.2 TI2V): ``temb`` is then ``[B, S, dim]`` and
+    ``timestep_proj`` ``[B, S, n*dim]``, computed token by token as diffusers' Wan does."""
 
     def __init__(self, dim, freq_dim, num_mod, text_dim, num_classes, image_dim=None, pos_embed_seq_len=None):
         super().__init__()
@@ -287,10 +171,12 @@ class ConditionEmbedder(nn.Module):
         self.image_embedder = WanImageEmbedding(image_dim, dim, pos_embed_seq_len) if image_dim else None
 
     def forward(self, timestep, dtype, text=None, class_labels=None, image=None):
-        t = self.timesteps_proj(timestep).to(self.time_embedder.linear_1.weight.dtype)
-        temb = self.time_embedder(t).to(dtype)
+        # the sinusoidal embedding takes a flat vector; unflatten restores [B] (a no-op) or [B, S]
+        t = self.timesteps_proj(timestep.flatten()).unflatten(0, timestep.shape)
+        temb = self.time_embedder(t.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)
         if self.class_embedder is not None:
-            temb = temb + self.class_embedder(class_labels).to(dtype)
+            label = self.class_embedder(class_labels).to(dtype)
+            temb = temb + (label.unsqueeze(1) if temb.ndim == 3 else label)
         timestep_proj = self.time_proj(self.act_fn(temb))
         if self.text_embedder is not None and text is not None:
             text = self.text_embedder(text)
@@ -308,13 +194,15 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         condition_channels: image-to-video channels concatenated to the input (see :meth:`i2v_condition`).
         attention_mode: ``"full"`` 3D attention or ``"factorized"`` spatial + temporal attention.
     ``text_dim=None`` builds a model without text cross-attention (class-conditional or unconditional).
+    ``vace_layers`` / ``vace_in_channels`` (diffusers' ``WanVACETransformer3DModel`` names): Wan VACE's control
+    blocks, one per listed main block, fed by a ``vace_in_channels``-channel control video.
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["StDiTBlock"]
+    _no_split_modules = ["StDiTBlock", "StDiTVACEBlock"]
     _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm2"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
-    _repeated_blocks = ["StDiTBlock"]
+    _repeated_blocks = ["StDiTBlock", "StDiTVACEBlock"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]  # in some Wan I2V checkpoints, unused (as in diffusers)
 
     @register_to_config
@@ -340,6 +228,8 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         image_dim: int | None = None,
         added_kv_proj_dim: int | None = None,
         pos_embed_seq_len: int | None = None,
+        vace_layers: list[int] | None = None,
+        vace_in_channels: int | None = None,
     ):
         check_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__()
@@ -355,6 +245,9 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         self.rope = RotaryEmbedding3D(attention_head_dim, axis_split(attention_head_dim, rope_axes_dim), rope_theta)
         self.patch_embedding = nn.Conv3d(in_channels + condition_channels, dim, kernel_size=patch_size,
                                          stride=patch_size)
+        self.vace_patch_embedding = self.vace_blocks = None
+        if vace_layers is not None:
+            self.vace_patch_embedding = nn.Conv3d(vace_in_channels, dim, kernel_size=patch_size, stride=patch_size)
         if (image_dim is None) != (added_kv_proj_dim is None) or (image_dim is not None and text_dim is None):
             raise ValueError(f"image_dim={image_dim} and added_kv_proj_dim={added_kv_proj_dim} come together (Wan "
                              "I2V's image branch: image tokens attended to beside the text) and need text_dim.")
@@ -365,6 +258,12 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
                        qk_norm is not None, factorized, added_kv_proj_dim)
             for _ in range(num_layers)
         )
+        if vace_layers is not None:
+            self.vace_blocks = nn.ModuleList(
+                StDiTVACEBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, text_dim is not None,
+                               qk_norm is not None, factorized, added_kv_proj_dim, apply_input_projection=i == 0)
+                for i in range(len(vace_layers))
+            )
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
@@ -404,7 +303,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         them, as slow as ``keep_attention``.
         """
         self._compile_kwargs = dict(compile_kwargs)
-        for block in self.blocks:
+        for block in [*self.blocks, *(self.vace_blocks or [])]:
             block.compile(**compile_kwargs)
         if self.gradient_checkpointing:
             self._compile_checkpointing()
@@ -466,6 +365,8 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         nn.init.zeros_(self.proj_out.weight)
         if self.condition_embedder.class_embedder is not None:
             nn.init.normal_(self.condition_embedder.class_embedder.weight, std=0.02)
+        for block in self.vace_blocks or []:  # zero hints: a new control branch starts without changing the model
+            nn.init.zeros_(block.proj_out.weight)
 
     # ---- inputs ----------------------------------------------------------------------------------------
     @staticmethod
@@ -505,38 +406,48 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         encoder_hidden_states_image: torch.Tensor | None = None,
+        control_hidden_states: torch.Tensor | None = None,
+        control_hidden_states_scale: torch.Tensor | None = None,
     ):
         """Predict the flow (or noise) for ``hidden_states`` ``[B, C, T, H, W]`` at ``timestep`` (0..1000).
 
         ``encoder_hidden_states`` ``[B, L, text_dim]`` with optional ``encoder_attention_mask`` ``[B, L]`` (bool,
         True = real token; 0/1 int; or additive float, 0 = real, -inf = padding; padded tokens are zeroed, so nothing
-        in them reaches the output); ``timestep`` in [0, 1000], int or float. Float inputs of another precision are
-        cast to the model's; inputs the model does not use are refused. ``class_labels`` ``[B]`` (None = the null
-        class); ``condition`` for image-to-video.
+        in them reaches the output); ``timestep`` in [0, 1000], int or float: a scalar, ``[B]``, or ``[B, S]`` per
+        token (S = (T/pt)(H/ph)(W/pw), the token count; Wan 2.2 TI2V, as ``WanPipeline(expand_timesteps=True)`` passes
+        it). Float inputs of another precision are cast to the model's; inputs the model does not use are refused.
+        ``class_labels`` ``[B]`` (None = the null class); ``condition`` for image-to-video.
         ``encoder_hidden_states_image`` ``[B, L_img, image_dim]``: CLIP image features for a Wan I2V model (as
         diffusers' Wan takes them). ``attention_kwargs={"scale": s}`` scales the LoRA adapters for this call, as in diffusers' Wan.
+        ``control_hidden_states`` ``[B, vace_in_channels, T', H, W]`` (T' <= T) and ``control_hidden_states_scale``
+        ``[len(vace_layers)]`` (default ones): a VACE model's control latents and the weight of each hint, as
+        diffusers' ``WanVACETransformer3DModel`` takes them.
         Returns ``Transformer2DModelOutput(sample=[B, out_channels, T, H, W])`` (or a tuple).
         """
         with lora_scale(self, attention_kwargs):
             return self._forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                                 class_labels, condition, return_dict, encoder_hidden_states_image)
+                                 class_labels, condition, return_dict, encoder_hidden_states_image,
+                                 control_hidden_states, control_hidden_states_scale)
 
     def _forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
-                 condition, return_dict, image):
+                 condition, return_dict, image, control=None, control_scale=None):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if control_scale is not None:
+            control_scale = torch.as_tensor(control_scale, device=hidden_states.device)
         check_call(self.config, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
-                   condition, image)
+                   condition, image, control, control_scale)
         want = getattr(getattr(self.patch_embedding, "weight", None), "dtype", None)
         if want in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float inputs of another precision
-            hidden_states, encoder_hidden_states, condition, image = (
-                None if t is None else t.to(want) for t in (hidden_states, encoder_hidden_states, condition, image))
+            hidden_states, encoder_hidden_states, condition, image, control = (
+                None if t is None else t.to(want)
+                for t in (hidden_states, encoder_hidden_states, condition, image, control))
         if encoder_attention_mask is not None:
             encoder_attention_mask = as_keep_mask(encoder_attention_mask, "encoder_attention_mask").to(
                 hidden_states.device)
             # Zeroed, a padded token's NaN or inf cannot reach the output (0 attention weight * NaN value = NaN).
             encoder_hidden_states = encoder_hidden_states.masked_fill(~encoder_attention_mask[..., None], 0)
         b = hidden_states.shape[0]
-        timestep = timestep.reshape(-1).expand(b)
+        timestep = timestep.expand(b, -1) if timestep.ndim == 2 else timestep.reshape(-1).expand(b)
         if self.config.num_classes and class_labels is None:
             class_labels = torch.full((b,), self.config.num_classes, device=hidden_states.device, dtype=torch.long)
         if condition is not None:
@@ -554,16 +465,18 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         ref = encoder_hidden_states if encoder_hidden_states is not None else x
         temb, timestep_proj, text, image = self.condition_embedder(timestep, ref.dtype, encoder_hidden_states,
                                                                    class_labels, image)
-        timestep_proj = timestep_proj.unflatten(1, (-1, x.shape[-1]))
+        timestep_proj = timestep_proj.unflatten(-1, (-1, x.shape[-1]))  # [B, n, dim], per token [B, S, n, dim]
+        if sp is not None and temb.ndim == 3:  # per-token modulation goes with its tokens' shard
+            temb, timestep_proj = sp.shard(temb), sp.shard(timestep_proj)
 
-        for block in self.blocks:
-            args = (x, timestep_proj, rope, grid, text, encoder_attention_mask, image)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, *args)
-            else:
-                x = block(*args)
+        block_args = (timestep_proj, rope, grid, text, encoder_attention_mask, image)
+        hints = None if self.vace_blocks is None else self._vace_hints(x, control, control_scale, seq_len, sp,
+                                                                         block_args)
+        x = self._run_blocks(x, *block_args, hints=hints)
 
-        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        mod = self.scale_shift_table + temb.unsqueeze(-2)
+        # per sample: two [B, 1, dim]; per token ([B, S, 2, dim]): two [B, S, dim]
+        shift, scale = mod.chunk(2, dim=-2) if temb.ndim == 2 else mod.unbind(-2)
         x = self.proj_out(norm_modulate(x, shift, scale, eps=self.config.eps))
         if sp is not None:
             x = sp.gather(x, seq_len)
@@ -571,6 +484,40 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+    def _run_blocks(self, x, timestep_proj, rope, grid, text, encoder_attention_mask, image, hints=None):
+        """The block stack on the (local shard of the) tokens. A method of its own so that a step cache
+        (:mod:`stdit.cache`) can wrap it on one instance and skip it, as diffusers' hooks wrap ``forward``.
+        ``hints`` (VACE models only): ``{block index: (hint, scale)}``, added to those blocks' outputs."""
+        for i, block in enumerate(self.blocks):
+            args = (x, timestep_proj, rope, grid, text, encoder_attention_mask, image)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, *args)
+            else:
+                x = block(*args)
+            if hints is not None and i in hints:
+                hint, scale = hints[i]
+                x = x + hint * scale
+        return x
+
+    def _vace_hints(self, x, control, scales, seq_len, sp, block_args):
+        """Wan VACE: the control latents' tokens through the control blocks, each giving one hint. Returns
+        ``{main block index: (hint, scale)}``: hint j goes to the j-th smallest of ``vace_layers``, as in diffusers'
+        ``WanVACETransformer3DModel``, where a control shorter than the video is padded with zero tokens."""
+        c = self.vace_patch_embedding(control).flatten(2).transpose(1, 2)
+        c = torch.nn.functional.pad(c, (0, 0, 0, seq_len - c.shape[1]))
+        if sp is not None:
+            c = sp.shard(c)
+        if scales is None:
+            scales = c.new_ones(len(self.vace_blocks))
+        hints = []
+        for block in self.vace_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hint, c = self._gradient_checkpointing_func(block, c, x, *block_args)
+            else:
+                hint, c = block(c, x, *block_args)
+            hints.append(hint)
+        return dict(zip(sorted(self.config.vace_layers), zip(hints, scales.unbind())))
 
     # ---- construction helpers --------------------------------------------------------------------------
     @classmethod

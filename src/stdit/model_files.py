@@ -30,8 +30,9 @@ from stdit.hub import CheckpointError
 CRC_KEY = "stdit.crc32"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Fields added to StDiT after models were first saved. None is what a model saved before them computes (no Wan
-# image branch), and strict weight loading refuses a file that has that branch's weights.
-ADDED_LATER = {"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None}
+# image branch, no VACE control blocks), and strict weight loading refuses a file that has those weights.
+ADDED_LATER = {"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None, "vace_layers": None,
+               "vace_in_channels": None}
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 

@@ -152,7 +152,9 @@ def norm_modulate(
 ) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` (LN with optional affine ``weight``/``bias``), in fp32, cast to x's dtype.
 
-    x ``[B, S, D]``; shift/scale broadcast against it (``[B, 1, D]``), fp32.
+    x ``[B, S, D]``; shift/scale broadcast against it: ``[B, 1, D]``, or per token ``[B, S, D]`` (Wan 2.2 TI2V's
+    per-token timesteps). The fused kernels read one vector per sample, so per-token vectors run the torch function
+    (the same math, unfused: exact, at the eager cost).
     """
     if _fused_enabled(x, shift, scale):
         from stdit.kernels.adaln import fused_norm_modulate
@@ -174,7 +176,8 @@ def add_norm_modulate(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Residual ``h = x + gate * y`` (fp32 math, x's dtype), then ``norm_modulate(h, ...)`` if ``norm``.
 
-    Returns ``(h, normed)``; ``normed`` is None when ``norm`` is False.
+    Returns ``(h, normed)``; ``normed`` is None when ``norm`` is False. Per-token vectors ``[B, S, D]`` run the
+    torch function, as in :func:`norm_modulate`.
     """
     if y.shape == x.shape and y.dtype == x.dtype and _fused_enabled(x, gate, shift, scale):
         from stdit.kernels.adaln import fused_add_norm_modulate

@@ -16,7 +16,10 @@ renamed here.
 
 The config comes from tensor shapes: width, channels and patch from ``patch_embedding``, depth from the block
 indices, ``ffn_dim``, ``text_dim``, ``freq_dim``, ``cross_attn_norm`` (the cross-attention LayerNorm's weights),
-QK-norm, and the Wan 2.1 I2V / FLF2V image branch (``image_dim``, ``added_kv_proj_dim``, ``pos_embed_seq_len``).
+QK-norm, the Wan 2.1 I2V / FLF2V image branch (``image_dim``, ``added_kv_proj_dim``, ``pos_embed_seq_len``) and
+VACE's control blocks (``vace_in_channels``; ``vace_layers``, which no shape holds, from a config.json beside the
+weights, else spread evenly from block 0 as in every Wan VACE release: every 2nd of 30 blocks, every 5th of 40).
+Wan 2.2 TI2V-5B (48 latent channels) and the A14B experts need nothing beyond Wan 2.1's keys.
 The head count is not in any shape (QK RMSNorm spans all heads): every Wan has 128-dim heads (RoPE split 44/42/42),
 so it is ``dim // 128`` unless a config.json beside the weights or a keyword argument says otherwise.
 """
@@ -36,7 +39,7 @@ from stdit.hub import CheckpointError, _fmt
 
 
 class UnsupportedCheckpoint(CheckpointError, NotImplementedError):
-    """A Wan variant StDiT does not implement yet (Wan 2.2 TI2V, VACE, Animate). Both a ``NotImplementedError`` and
+    """A Wan variant StDiT does not implement (Wan 2.2 Animate). Both a ``NotImplementedError`` and
     a :class:`~stdit.hub.CheckpointError`, so ``stdit convert`` reports it as one line like any bad checkpoint."""
 
 
@@ -163,9 +166,6 @@ def to_diffusers_layout(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, to
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
     keys = state.keys()
-    if any(k.startswith(("vace_blocks.", "vace_patch_embedding.")) for k in keys):
-        raise UnsupportedCheckpoint("This is a Wan VACE checkpoint (vace_blocks): StDiT does not implement VACE's "
-                                  "control blocks yet; use diffusers' WanVACETransformer3DModel.")
     if any(k.startswith(("motion_encoder.", "face_adapter.", "face_encoder.")) for k in keys):
         raise UnsupportedCheckpoint("This is a Wan 2.2 Animate checkpoint (motion encoder, face adapter): StDiT does "
                                   "not implement it; use diffusers' WanAnimateTransformer3DModel.")
@@ -200,10 +200,6 @@ def infer_config(state: Mapping[str, torch.Tensor], known: Mapping | None = None
 
     dim, in_channels, *patch = need("patch_embedding.weight")
     patch_size = tuple(int(p) for p in patch)
-    if in_channels == 48 or known.get("model_type") == "ti2v":
-        raise UnsupportedCheckpoint(
-            "This looks like Wan 2.2 TI2V-5B (48-channel latents, per-token timesteps): StDiT does not support "
-            "Wan 2.2 TI2V yet. Use diffusers' WanTransformer3DModel for it.")
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
         raise CheckpointError("not a complete Wan transformer checkpoint: no transformer blocks.")
@@ -237,7 +233,28 @@ def infer_config(state: Mapping[str, torch.Tensor], known: Mapping | None = None
         config["added_kv_proj_dim"] = int(need("blocks.0.attn2.add_k_proj.weight")[1])
     if "condition_embedder.image_embedder.pos_embed" in state:
         config["pos_embed_seq_len"] = int(state["condition_embedder.image_embedder.pos_embed"].shape[1])
+    config["vace_layers"], config["vace_in_channels"] = _vace_config(state, known, config["num_layers"])
     return config
+
+
+def _vace_config(state: Mapping[str, torch.Tensor], known: Mapping, num_layers: int):
+    """``(vace_layers, vace_in_channels)`` of a VACE checkpoint, ``(None, None)`` for any other."""
+    vace = {int(m.group(1)) for k in state if (m := re.match(r"vace_blocks\.(\d+)\.", k))}
+    if not vace:
+        return None, None
+    if "vace_patch_embedding.weight" not in state:
+        raise CheckpointError("not a complete Wan VACE checkpoint: vace_blocks but no 'vace_patch_embedding.weight'.")
+    channels = int(state["vace_patch_embedding.weight"].shape[1])
+    n, layers = max(vace) + 1, known.get("vace_layers")
+    if layers is None:
+        if num_layers % n:
+            raise CheckpointError(f"a VACE checkpoint with {n} control blocks for {num_layers} blocks: which blocks "
+                                  "take their hints is not stored in the weights; pass vace_layers=[...].")
+        layers = list(range(0, num_layers, num_layers // n))
+    if len(layers) != n:
+        raise CheckpointError(f"vace_layers={list(layers)} names {len(layers)} blocks, but the checkpoint has {n} "
+                              "VACE control blocks.")
+    return [int(i) for i in layers], channels
 
 
 # ---- loading -------------------------------------------------------------------------------------------
