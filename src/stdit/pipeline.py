@@ -9,8 +9,11 @@ any diffusers video autoencoder (e.g. ``AutoencoderKLWan``) for latent models.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import re
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +63,11 @@ def make_scheduler(name: str = "euler", shift: float = 1.0):
     raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULERS}.")
 
 
+def _sigma(scheduler, step: int) -> float | None:
+    sigmas = getattr(scheduler, "sigmas", None)
+    return float(sigmas[step]) if sigmas is not None and step < len(sigmas) else None
+
+
 def vae_scale_factors(vae) -> tuple[int, int]:
     """(temporal, spatial) compression of a diffusers video autoencoder; (1, 1) without one."""
     if vae is None:
@@ -105,12 +113,98 @@ def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
     return normalize_latents(vae, z.float())
 
 
+class PartTimer:
+    """Seconds spent in each part of a sampling run (text encoder, transformer, scheduler, VAE decode).
+
+    On a GPU each part is bracketed by CUDA events on the current stream and the spans are summed after one
+    synchronize at the end, so timing adds no synchronization between steps (the host keeps queueing work ahead);
+    on a CPU the parts run synchronously and ``perf_counter`` times them."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.spans: dict[str, list] = defaultdict(list)
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        if self.cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.spans[name].append((begin, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.spans[name].append(time.perf_counter() - t0)
+
+    def seconds(self) -> dict[str, float]:
+        """Each part's seconds and ``total`` (wall time from construction, after the GPU finished)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            out = {k: sum(b.elapsed_time(e) for b, e in v) / 1e3 for k, v in self.spans.items()}
+        else:
+            out = {k: float(sum(v)) for k, v in self.spans.items()}
+        out["total"] = time.perf_counter() - self.start
+        return out
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """``transformer 12.3 s, scheduler 0.1 s, ..., total 14.0 s`` for the end of a run."""
+    return ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in timings.items() if isinstance(v, float))
+
+
+def layout_name(labels: list[str]) -> str:
+    """The cache-context name of a batch whose rows belong to the branches ``labels`` (one per row, each branch's
+    rows together): ``"cond"``, ``"uncond+cond"``, or with row counts where the shares differ (see
+    :func:`stdit.cache.parse_layout`)."""
+    groups: list[list] = []
+    for label in labels:
+        if groups and groups[-1][0] == label:
+            groups[-1][1] += 1
+        else:
+            groups.append([label, 1])
+    if len({n for _, n in groups}) == 1:
+        return "+".join(g for g, _ in groups)
+    return "+".join(f"{g}:{n}" for g, n in groups)
+
+
+def stack_branches(uncond: dict, cond: dict) -> dict:
+    """The transformer inputs of both guidance branches as one batch, unconditional rows first. Text of different
+    lengths is padded with masked-out tokens and a branch without a mask gets an all-true one, so every row attends
+    to exactly the tokens it attends to in a call of its own: the batched call is exact up to rounding."""
+    out = {k: torch.cat([uncond[k], cond[k]]) for k in cond if k not in ("encoder_hidden_states",
+                                                                        "encoder_attention_mask")}
+    if "encoder_hidden_states" not in cond:
+        return out
+    texts = [uncond["encoder_hidden_states"], cond["encoder_hidden_states"]]
+    masks = [uncond.get("encoder_attention_mask"), cond.get("encoder_attention_mask")]
+    length = max(t.shape[1] for t in texts)
+    if all(m is None for m in masks) and all(t.shape[1] == length for t in texts):
+        out["encoder_hidden_states"] = torch.cat(texts)
+        return out
+    masks = [torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m
+             for t, m in zip(texts, masks)]
+    out["encoder_hidden_states"] = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1]))
+                                              for t in texts])
+    out["encoder_attention_mask"] = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1]), value=False)
+                                               for m in masks])
+    return out
+
+
 @dataclass
 class StDiTPipelineOutput(BaseOutput):
     """``frames``: ``[B, T, C, H, W]`` tensor in [0, 1] ("pt"), ``[B, T, H, W, C]`` array ("np"), a list of lists
-    of PIL images ("pil"), or latents ``[B, C, T, H, W]`` ("latent")."""
+    of PIL images ("pil"), or latents ``[B, C, T, H, W]`` ("latent"). ``timings``: seconds per part of the run
+    (``text_encoder``, ``transformer``, ``scheduler``, ``vae_decode``, ``total``) and, with a step cache on, the
+    block-stack calls computed and skipped."""
 
     frames: torch.Tensor | np.ndarray | list
+    timings: dict | None = None
 
 
 class StDiTPipeline(DiffusionPipeline):
@@ -137,6 +231,54 @@ class StDiTPipeline(DiffusionPipeline):
         t, s = vae_scale_factors(vae)
         self.vae_scale_factor_temporal, self.vae_scale_factor_spatial = t, s
         self.video_processor = VideoProcessor(vae_scale_factor=s)
+
+    def enable_cfg_parallel(self, group=None) -> None:
+        """Classifier-free guidance parallel over the ranks of ``group`` (default: the whole world), as xDiT's CFG
+        parallel: each step the guidance batch's rows (unconditional, then conditional) are split into one contiguous
+        share per rank, each rank runs the transformer on its share, and an all-gather gives every rank the whole
+        prediction, so the ranks step the same latents. Every rank calls the pipeline with the same inputs. Needs
+        at least as many rows (2 x videos) as ranks; the model's own sequence parallelism must use another group."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("enable_cfg_parallel needs torch.distributed initialized (torchrun, "
+                             "init_process_group) on every rank.")
+        self._cfg_group = group if group is not None else dist.group.WORLD
+
+    def disable_cfg_parallel(self) -> None:
+        self._cfg_group = None
+
+    def _denoise(self, x, t, inputs: dict, labels: list[str], step: int, steps: int) -> torch.Tensor:
+        """The transformer's prediction for the rows ``x`` (branch ``labels[i]`` for row i), inside a cache context
+        that names the branches of the rows (so step caches keep one state per branch), split over the ranks of the
+        CFG-parallel group when there is one."""
+        group = getattr(self, "_cfg_group", None)
+        rows = slice(None)
+        if group is not None:
+            import torch.distributed as dist
+
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            if x.shape[0] < world:
+                raise ValueError(f"CFG parallel over {world} ranks needs at least {world} rows (2 x videos); this "
+                                 f"call has {x.shape[0]}.")
+            bounds = [len(part) for part in torch.arange(x.shape[0]).tensor_split(world)]
+            start = sum(bounds[:rank])
+            rows = slice(start, start + bounds[rank])
+        context = getattr(self.transformer, "cache_context", None)
+        context = (context(layout_name(labels[rows]), step_index=step, num_inference_steps=steps,
+                           sigma=_sigma(self.scheduler, step))
+                   if context is not None else contextlib.nullcontext())
+        with context:
+            out = self.transformer(x[rows], t[rows], return_dict=False, **{k: v[rows] for k, v in inputs.items()})[0]
+        if group is None:
+            return out
+        import torch.distributed as dist
+
+        most = max(bounds)  # all_gather takes equal shapes: pad each share to the largest
+        padded = torch.nn.functional.pad(out, (0,) * (2 * (out.ndim - 1)) + (0, most - out.shape[0])).contiguous()
+        parts = [torch.empty_like(padded) for _ in bounds]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, bounds)])
 
     # what diffusers' callbacks (e.g. diffusers.callbacks) read from the pipeline while it runs
     @property
@@ -306,6 +448,7 @@ class StDiTPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = 512,
+        guidance_batching: bool = True,
     ):
         """Sample videos.
 
@@ -319,7 +462,10 @@ class StDiTPipeline(DiffusionPipeline):
         ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`` runs after each step with the
         tensors named in ``callback_on_step_end_tensor_inputs`` (of ``_callback_tensor_inputs``); the tensors it
         returns replace them (a diffusers ``PipelineCallback`` works too). ``output_type``: "pt", "np", "pil" or
-        "latent" (see :class:`StDiTPipelineOutput`).
+        "latent" (see :class:`StDiTPipelineOutput`). ``guidance_batching``: both guidance branches in one
+        transformer call of twice the batch (exact: each row sees what it sees alone; False: two calls, half the
+        activation memory). A step cache on the transformer (:mod:`stdit.cache`) keeps one state per branch.
+        The progress bar shows the time left and, with a step cache, the block-stack calls it skipped.
         """
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
@@ -339,6 +485,7 @@ class StDiTPipeline(DiffusionPipeline):
             raise ValueError("class_labels were given but this model has no classes (num_classes is not set).")
         device = self._execution_device
         dtype = self.transformer.dtype
+        timer = PartTimer(device)
         n = num_videos_per_prompt
         prompt_count = len(_as_prompts(prompt, "prompt")) if prompt is not None else None
         b0 = prompt_count or self._batch_size(prompt_embeds, class_labels, image, batch_size)
@@ -349,9 +496,10 @@ class StDiTPipeline(DiffusionPipeline):
 
         cond, uncond = {}, {}
         if cfg.text_dim is not None:
-            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt, negative_prompt, do_cfg, n, prompt_embeds, negative_prompt_embeds, max_sequence_length,
-                device, dtype)
+            with timer.part("text_encoder"):
+                prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                    prompt, negative_prompt, do_cfg, n, prompt_embeds, negative_prompt_embeds, max_sequence_length,
+                    device, dtype)
             if prompt_attention_mask is not None:
                 # bool, 0/1 integer or additive float masks, as the model reads them (a plain .bool() would invert
                 # an additive mask); one dtype for both branches, which guidance may batch together
@@ -378,7 +526,7 @@ class StDiTPipeline(DiffusionPipeline):
                 cond["encoder_hidden_states"] = prompt_embeds.to(device, dtype)
                 neg = negative_prompt_embeds if negative_prompt_embeds is not None else torch.zeros_like(prompt_embeds)
                 uncond["encoder_hidden_states"] = neg.to(device, dtype)
-            return {k: torch.cat([uncond[k], cond[k]]) for k in cond} if do_cfg else None
+            return stack_branches(uncond, cond) if do_cfg and guidance_batching else None
 
         both = set_text(prompt_embeds, negative_prompt_embeds)
         if latents is None:
@@ -389,20 +537,32 @@ class StDiTPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as bar:
+        self._num_timesteps = steps = len(timesteps)
+        from stdit.cache import get_step_cache
+
+        cache = get_step_cache(self.transformer)
+        if cache is not None and cache.config.calibrate:  # a calibration run skips nothing: nothing to report
+            cache = None
+        skipped0, computed0 = (cache.skipped, cache.computed) if cache is not None else (0, 0)
+        with self.progress_bar(total=steps) as bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                if do_cfg:
-                    x = torch.cat([latents, latents]).to(dtype)
-                    out = self.transformer(x, t.expand(2 * b), return_dict=False, **both)[0].float()
-                    out_u, out_c = out.chunk(2)
-                    velocity = out_u + guidance_scale * (out_c - out_u)
-                else:
-                    velocity = self.transformer(latents.to(dtype), t.expand(b), return_dict=False, **cond)[0].float()
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                with timer.part("transformer"):
+                    if do_cfg and guidance_batching:
+                        x = torch.cat([latents, latents]).to(dtype)
+                        out = self._denoise(x, t.expand(2 * b), both, ["uncond"] * b + ["cond"] * b, i, steps)
+                        out_u, out_c = out.float().chunk(2)
+                    elif do_cfg:
+                        x = latents.to(dtype)
+                        out_c = self._denoise(x, t.expand(b), cond, ["cond"] * b, i, steps).float()
+                        out_u = self._denoise(x, t.expand(b), uncond, ["uncond"] * b, i, steps).float()
+                    else:
+                        out_c = self._denoise(latents.to(dtype), t.expand(b), cond, ["cond"] * b, i, steps).float()
+                    velocity = out_u + guidance_scale * (out_c - out_u) if do_cfg else out_c
+                with timer.part("scheduler"):
+                    latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": prompt_embeds,
                              "negative_prompt_embeds": negative_prompt_embeds}
@@ -412,6 +572,9 @@ class StDiTPipeline(DiffusionPipeline):
                         prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                         both = set_text(prompt_embeds, negative_prompt_embeds)
+                if cache is not None:  # tqdm's bar itself shows the elapsed and the remaining time
+                    skipped = cache.skipped - skipped0
+                    bar.set_postfix_str(f"skipped {skipped}/{skipped + cache.computed - computed0}", refresh=False)
                 bar.update()
         self._current_timestep = None
 
@@ -420,10 +583,14 @@ class StDiTPipeline(DiffusionPipeline):
         else:
             video = latents
             if self.vae is not None:
-                z = denormalize_latents(self.vae, latents).to(self.vae.dtype)
-                video = self.vae.decode(z, return_dict=False)[0]
+                with timer.part("vae_decode"):
+                    z = denormalize_latents(self.vae, latents).to(self.vae.dtype)
+                    video = self.vae.decode(z, return_dict=False)[0]
             frames = self.video_processor.postprocess_video(video.float().clamp(-1, 1), output_type=output_type)
         self.maybe_free_model_hooks()
+        timings = timer.seconds()
+        if cache is not None:
+            timings.update(blocks_computed=cache.computed - computed0, blocks_skipped=cache.skipped - skipped0)
         if not return_dict:
             return (frames,)
-        return StDiTPipelineOutput(frames=frames)
+        return StDiTPipelineOutput(frames=frames, timings=timings)
