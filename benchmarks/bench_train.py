@@ -3,9 +3,14 @@ WanTransformer3DModel holding the same weights: tokens/s, model FLOP utilization
 
     python benchmarks/bench_train.py                      # Wan2.1-T2V-1.3B, 480p x 81 frames (32,760 tokens)
     python benchmarks/bench_train.py --compile            # add torch.compile rows (regional, both models)
+    python benchmarks/bench_train.py --lora               # a LoRA step (peft, rank 64) of both models instead
 
 With ``--compile`` diffusers' blocks are compiled inside its checkpoints, and ours through ``StDiT.compile_blocks``
 as ``train.compile`` does (the checkpointed calls compiled too, so the selective-checkpointing policies still apply).
+
+With ``--lora`` both bases are frozen and carry the same peft LoRA adapters (``--lora-rank``, on every attention
+q/k/v/out and FFN projection, as ``train.lora``'s default; the adapters in bf16 like the base, as FSDP2 computes
+them in training), and only the adapters get gradients.
 
 Rows per backend: full recompute; selective checkpointing that keeps each self-attention's output; and one that also
 keeps every matmul output (only elementwise ops recomputed). The fastest stdit row is profiled per op family
@@ -42,11 +47,27 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile rows (regional: each block), after the eager ones")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--lora", action="store_true", help="time a LoRA step (frozen base, peft adapters) instead")
+    p.add_argument("--lora-rank", type=int, default=64)
     return run_on_gpu("bench_train", _run, p.parse_args(argv))
+
+
+def add_lora(models, rank: int) -> None:
+    """The same peft LoRA adapters (same init) on each frozen model."""
+    from peft import LoraConfig
+
+    from stdit.train_config import LORA_TARGETS
+
+    for model in models:
+        model.requires_grad_(False)
+        torch.manual_seed(0)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name="default")
 
 
 def _run(args, clock: GpuClock) -> int:
     wan, ours = random_wan_pair(args.config)
+    if args.lora:
+        add_lora((wan, ours), args.lora_rank)
     for m in (wan, ours):
         m.train()
         m.enable_gradient_checkpointing()
@@ -58,8 +79,13 @@ def _run(args, clock: GpuClock) -> int:
     target = torch.randn(1, 16, t, h, w, device="cuda", dtype=torch.float32, generator=gen)
     text = torch.randn(1, TEXT_LEN, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
     ts = torch.tensor([500.0], device="cuda")
-    params = list(wan.parameters())  # the same tensors as ours
-    flops = 3 * model_flops(dict(ours.config), grid, TEXT_LEN)  # forward + backward; recompute not counted
+    params = [p for m in (wan, ours) for p in m.parameters() if p.requires_grad]
+    cfg = dict(ours.config)
+    flops = 3 * model_flops(cfg, grid, TEXT_LEN)  # forward + backward; recompute not counted
+    if args.lora:  # no weight gradients of the frozen matmuls: 2x their forward; attention's backward stays 2x
+        d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        attn = cfg["num_layers"] * (4 * tokens * tokens * d + 4 * tokens * TEXT_LEN * d)
+        flops = 2 * model_flops(cfg, grid, TEXT_LEN) + attn
     peak = peak_tflops(machine()["gpu"])
 
     def step(model):
@@ -69,12 +95,14 @@ def _run(args, clock: GpuClock) -> int:
         return fn
 
     rows, base = [], None
-    candidates = [("diffusers Wan", wan, None, "none", False)]
-    candidates += [(f"stdit ({b})", ours, b, "none", False) for b in args.backends]
+    lora = " + LoRA" if args.lora else ""
+    candidates = [(f"diffusers Wan{' + peft LoRA' if args.lora else ''}", wan, None, "none", False)]
+    candidates += [(f"stdit{lora} ({b})", ours, b, "none", False) for b in args.backends]
     # Selective checkpointing: the recompute skips each self-attention forward (its output is kept instead), and
     # with matmuls kept too, it runs only the elementwise ops.
-    candidates += [(f"stdit ({b}, checkpoint keeps attention)", ours, b, "attention", False) for b in args.backends]
-    candidates += [(f"stdit ({b}, checkpoint keeps attention + matmuls)", ours, b, "matmuls", False)
+    candidates += [(f"stdit{lora} ({b}, checkpoint keeps attention)", ours, b, "attention", False)
+                   for b in args.backends]
+    candidates += [(f"stdit{lora} ({b}, checkpoint keeps attention + matmuls)", ours, b, "matmuls", False)
                    for b in args.backends]
     # Compiled rows come last: compiling our blocks has no way back.
     compiled_rows = [(f"{name} + compile", model, backend, keep, True)
@@ -110,7 +138,7 @@ def _run(args, clock: GpuClock) -> int:
         print(rows[-1])
         return tps
 
-    name = "train" if args.config == "wan2.1-t2v-1.3b" else f"train-{args.config}"
+    name = ("train-lora" if args.lora else "train") + ("" if args.config == "wan2.1-t2v-1.3b" else f"-{args.config}")
     best = None
     for row_name, model, backend, keep, _ in candidates:
         tps = time_row(row_name, model, backend, keep, False)
@@ -129,10 +157,13 @@ def _run(args, clock: GpuClock) -> int:
         ours.compile_blocks()
     for row in compiled_rows:
         time_row(*row)
+    step_name = f"LoRA (rank {args.lora_rank}) training step" if args.lora else "Training step"
+    counted = ("2x forward matmul + 3x attention FLOPs: the frozen base has no weight gradients" if args.lora
+               else "3x forward matmul + attention FLOPs")
     md = write_results(
-        name, f"Training step (fwd+bwd, activation checkpointing), {args.config}, {args.shape}, bf16", rows,
+        name, f"{step_name} (fwd+bwd, activation checkpointing), {args.config}, {args.shape}, bf16", rows,
         ["impl", "tokens", "step ms", "tokens/s", "vs diffusers", "TFLOP/s", "MFU", "peak GiB", "SM MHz", "W", "error"],
-        notes=f"MFU = model FLOPs (3x forward matmul + attention FLOPs; recompute not counted) / step time / "
+        notes=f"MFU = model FLOPs ({counted}; recompute not counted) / step time / "
               f"{peak} TFLOP/s dense bf16 peak. `SM MHz` and `W`: the GPU's mean SM clock and board power in the "
               f"timed loop (NVML).")
     ok = [r for r in rows if "tokens/s" in r]

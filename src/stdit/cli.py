@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("stdit.data.encode", "encode a video folder to VAE latents + text features (safetensors shards)"),
     "convert": ("stdit.convert", "convert a Wan checkpoint (diffusers or original layout) to stdit, or back"),
     "push": ("stdit.hub", "push a saved model directory to the Hugging Face Hub"),
+    "merge-lora": ("stdit.lora", "merge a LoRA adapter into its base model and write the full model"),
     "bench": ("stdit.bench", "run a benchmark script from benchmarks/"),
 }
 

@@ -5,7 +5,9 @@ CPU too. Every random draw of a sample (noise, timestep, condition dropout) is s
 the global batch stream, so a run gives the same losses on 1 or N ranks and after a resume.
 
 Writes to ``train.output_dir``: ``log.jsonl``, ``checkpoints/``, ``samples/``, ``loss.png``, ``config.yaml`` and
-the final ``model/`` (``StDiT.from_pretrained`` loads it; it also holds the sampling scheduler's config).
+the final ``model/`` (``StDiT.from_pretrained`` loads it; it also holds the sampling scheduler's config). With
+``train.lora`` (finetuning ``model.pretrained`` through peft, see :mod:`stdit.lora`) only the adapters train and are
+checkpointed, and ``model/`` holds the adapter in diffusers' LoRA format instead.
 
 Re-running into an output directory resumes its newest good checkpoint. It refuses, changing nothing, when another
 trainer holds the directory (``.lock``), when every checkpoint is corrupt, when it holds a previous run but no
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import signal
@@ -88,22 +89,16 @@ def _conditioning(core, batch: dict, x0: torch.Tensor, drop: torch.Tensor, devic
     return kwargs
 
 
-def _full_weights(wrapped, ema) -> dict[str, torch.Tensor]:
-    """Unsharded CPU weights for sampling and export (EMA if kept); a collective, so every rank calls it."""
+def _full_weights(wrapped, ema, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded CPU weights for sampling and export (EMA if kept; ``trainable_only``: a LoRA run's adapters); a
+    collective, so every rank calls it."""
     if ema is not None:
         return ema.full_state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=trainable_only))
     return {k: v.float() for k, v in sd.items()}
-
-
-def _inference_model(cfg: Config, weights: dict):
-    from stdit.model import StDiT
-
-    model = StDiT(**cfg.model)
-    model.load_state_dict(weights)
-    return model.eval()
 
 
 def write_samples(cfg: Config, model, dataset, out_dir: Path, tag: str, shift: float, device) -> list[Path]:
@@ -261,23 +256,19 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     from stdit.data.buckets import BucketBatchSampler
     from stdit.data.loader import batch_stream, bucket_ids, build_dataset
     from stdit.diffusion import RectifiedFlow
-    from stdit.model import StDiT
+    from stdit.lora import build_model, inference_model, model_config, save_adapter
     from stdit.train_utils import EMA, StopOnSignal, plot_loss, read_log, warmup_cosine
 
     tc, device = cfg.train, info.device
     out = Path(tc.output_dir)
     precision = ("bf16" if device.type == "cuda" else "fp32") if tc.precision == "auto" else tc.precision
     mode = resolve_mode(cfg.parallel.mode, info)
-    sp = cfg.parallel.sp
-    if sp > 1:  # checked before any work starts
-        from stdit.parallel.ulysses import check_sp_size
-
-        if not info.distributed:
-            raise ValueError(f"parallel.sp={sp} needs a multiple of {sp} processes: launch with "
-                             f"torchrun --nproc_per_node=N (N divisible by {sp}).")
-        heads = cfg.model.get("num_attention_heads",
-                              inspect.signature(StDiT.__init__).parameters["num_attention_heads"].default)
-        check_sp_size(sp, heads, info.world_size)
+    sp, lora = cfg.parallel.sp, tc.lora is not None
+    if sp > 1 and not info.distributed:  # checked before any work starts
+        raise ValueError(f"parallel.sp={sp} needs a multiple of {sp} processes: launch with "
+                         f"torchrun --nproc_per_node=N (N divisible by {sp}).")
+    if sp > 1 and "pretrained" not in cfg.model:
+        _check_sp(sp, cfg.model, info.world_size)
     # ranks of one sequence-parallel group train on the same samples: data parallelism is over groups
     dp_rank, dp_world = info.rank // sp, info.world_size // sp
     t_start = time.time()
@@ -287,9 +278,10 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
                                                       tc.batch_size * tc.grad_accum * dp_world)
 
     torch.manual_seed(tc.seed)
-    model = StDiT(**cfg.model)
-    if hasattr(model, "initialize_weights"):
-        model.initialize_weights()
+    model = build_model(cfg, precision)
+    arch = model_config(model)
+    if sp > 1 and "pretrained" in cfg.model:  # a pretrained model's heads are known once it is loaded
+        _check_sp(sp, arch, info.world_size)
     if tc.attention_backend:
         model.set_attention_backend(tc.attention_backend)
     if tc.activation_checkpointing:
@@ -308,8 +300,8 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     wrapped = wrap_model(model, info, mode, torch.bfloat16 if precision == "bf16" else None,
                          cfg.parallel.reshard_after_forward, mesh)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                                  weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=tc.lr,
+                                  betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = warmup_cosine(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     flow = RectifiedFlow(**asdict(cfg.diffusion))
 
@@ -326,7 +318,7 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
 
     step, data_state = 0, {"epoch": 0, "position": 0}
     if resume_from is not None:
-        meta, rng = load_checkpoint(resume_from, wrapped, optimizer, info, ema)
+        meta, rng = load_checkpoint(resume_from, wrapped, optimizer, info, ema, trainable_only=lora)
         scheduler.load_state_dict(meta["scheduler"])
         step, data_state = int(meta["step"]), meta["data"]
         if any(k in changed_keys for k in _OPTIM_KEYS):
@@ -350,8 +342,10 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" and mode != "fsdp"
                 else contextlib.nullcontext())
     gbs = tc.batch_size * dp_world
-    n_params = sum(p.numel() for p in model.parameters())
-    _say(info, f"training {n_params / 1e6:.2f}M parameters on {info.world_size} x {device.type} ({mode}, "
+    n_all = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = f" (LoRA rank {tc.lora.rank}; {(n_all - n_params) / 1e6:.2f}M frozen)" if lora else ""
+    _say(info, f"training {n_params / 1e6:.2f}M parameters{frozen} on {info.world_size} x {device.type} ({mode}, "
                f"{f'sp={sp}, ' if sp > 1 else ''}"
                f"{precision}), global batch {gbs * tc.grad_accum}, {tc.steps} steps -> {out}")
     bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
@@ -363,16 +357,16 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
             rng["cuda"] = torch.cuda.get_rng_state(device)
         return save_checkpoint(ckpt_root, at_step, wrapped, optimizer, info, ema, rng=rng, keep=tc.keep_ckpts,
                                extra={"scheduler": scheduler.state_dict(), "data": data_state,
-                                      "config": cfg.to_dict()})
+                                      "config": cfg.to_dict()}, trainable_only=lora)
 
     def sample(tag: str) -> list[Path]:
         if not cfg.sample.enabled:
             return []
-        weights = _full_weights(wrapped, ema)
+        weights = _full_weights(wrapped, ema, lora)
         paths = []
         if info.is_main:
             try:
-                paths = write_samples(cfg, _inference_model(cfg, weights), dataset, out / "samples", tag,
+                paths = write_samples(cfg, inference_model(cfg, arch, weights), dataset, out / "samples", tag,
                                       sample_shift, device)
             except (ImportError, OSError) as e:  # a missing video codec must not cost the trained model
                 _say(info, f"could not write the {tag} samples: {e}")
@@ -387,7 +381,10 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
             t0 = time.time()
             loss_sum = torch.zeros((), device=device)
             for micro in range(tc.grad_accum):
-                batch, data_state = next(stream)
+                # Fetching may start a DataLoader iterator, which draws its seed from the global RNG; isolated, that
+                # RNG is the model's alone (LoRA dropout), so a resumed run draws the same masks as an unbroken one.
+                with torch.random.fork_rng(devices=[]):
+                    batch, data_state = next(stream)
                 x0 = batch[x_key].to(device, torch.float32)
                 base = ((step * tc.grad_accum + micro) * dp_world + dp_rank) * tc.batch_size
                 uids = list(range(base, base + x0.shape[0]))
@@ -447,7 +444,7 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
         save(step)
     summary: dict = {"output_dir": str(out), "steps": step, "wall_s": time.time() - t_start}
     summary["samples"] = [str(p) for p in sample("final")]
-    weights = _full_weights(wrapped, ema) if tc.export else None
+    weights = _full_weights(wrapped, ema, lora) if tc.export else None
     if info.is_main:
         records = read_log(log_path)
         if records:
@@ -459,12 +456,26 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
             from stdit.pipeline import make_scheduler
 
             model_dir = out / "model"
-            _inference_model(cfg, weights).save_pretrained(model_dir)
+            if lora:
+                summary["lora_file"] = str(save_adapter(model_dir, model, weights, cfg.model["pretrained"]))
+            else:
+                inference_model(cfg, arch, weights).save_pretrained(model_dir)
             make_scheduler(cfg.sample.scheduler, sample_shift).save_pretrained(model_dir)
             summary["model_dir"] = str(model_dir)
         _report(summary)
     barrier()
     return summary
+
+
+def _check_sp(sp: int, arch: dict, world_size: int) -> None:
+    import inspect
+
+    from stdit.model import StDiT
+    from stdit.parallel.ulysses import check_sp_size
+
+    heads = arch.get("num_attention_heads",
+                     inspect.signature(StDiT.__init__).parameters["num_attention_heads"].default)
+    check_sp_size(sp, heads, world_size)
 
 
 def _apply_optim_settings(optimizer, scheduler, tc) -> None:
@@ -488,7 +499,9 @@ def _report(s: dict) -> None:
         lines.append(f"  {'samples vs data' if str(p).endswith('.png') else 'sample video'}: {p}")
     if "loss_png" in s:
         lines.append(f"  loss curve:   {s['loss_png']}")
-    if "model_dir" in s:
+    if "lora_file" in s:
+        lines.append(f"  LoRA adapter: {s['lora_file']}  (WanPipeline.load_lora_weights / stdit merge-lora)")
+    elif "model_dir" in s:
         lines.append(f"  model:        {s['model_dir']}  (StDiT.from_pretrained / stdit sample --model)")
     print("\n".join(lines), flush=True)
 

@@ -55,6 +55,28 @@ class DiffusionConfig:
     base_shift: float = _f(1.0, "shift at base_seq_len tokens", min=1e-3)
 
 
+# The projections Wan LoRAs adapt (diffusers' names): q, k, v and output of every self- and cross-attention, and both
+# FFN linears. peft matches a name against the end of each module path, so "to_q" is attn1.to_q and attn2.to_q.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+# peft initializations that leave the base weights alone and make the adapter a no-op at step 0 (False: random A
+# and B, a debugging aid). PiSSA, OLoRA, CorDA, LoftQ, EVA, MiCA and LoRA-GA rewrite the base weights or need
+# calibration data, so an adapter trained from them would not apply to the published base model.
+LORA_INITS = (True, False, "gaussian", "orthogonal")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = _f(32, "LoRA rank r", min=1)
+    alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha / rank (null: alpha = rank, scale 1)",
+                             min=0.0)
+    target_modules: list = _f(LORA_TARGETS, "module names (or name endings) to adapt; default: every attention "
+                              "q/k/v/out and FFN projection, as Wan LoRAs do")
+    dropout: float = _f(0.0, "dropout on the adapters' input", min=0.0, max=1.0)
+    init_lora_weights: bool | str = _f(True, "peft's init: true (A kaiming, B zero), gaussian, orthogonal (both no-op "
+                                       "at start), false (random, for debugging)")
+    use_rslora: bool = _f(False, "rank-stabilized scaling alpha / sqrt(rank) instead of alpha / rank")
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/run", "where logs, checkpoints, samples and the final model go")
@@ -91,7 +113,10 @@ class TrainConfig:
     sample_every: int = _f(0, "steps between sample videos (0: only at the end)", min=0)
     resume: str = _f("auto", "auto (latest good checkpoint in output_dir), none, or a checkpoint path")
     progress: bool = _f(True, "show a progress bar on rank 0")
-    export: bool = _f(True, "save_pretrained the (EMA) model to output_dir/model at the end")
+    export: bool = _f(True, "save_pretrained the (EMA) model to output_dir/model at the end (with lora: the "
+                      "adapter, in the diffusers LoRA format)")
+    lora: LoraSettings | None = _f(None, "LoRA finetuning of model.pretrained through peft (null: train every weight); "
+                                 "e.g. train.lora.rank=32")
 
 
 @dataclass
@@ -194,7 +219,23 @@ def _build_section(name: str, cls: type, values: dict[str, Any], source: str, li
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid keys in "
                          f"'{name}': {', '.join(fields)}.")
-    return cls(**{k: _coerce(locate(source, lines, name, k), v, fields[k], hints[k]) for k, v in values.items()})
+    out = {}
+    for k, v in values.items():
+        nested = _nested_section(hints[k])
+        if nested is not None and isinstance(v, dict):  # a sub-section such as train.lora
+            sub_lines = {**(lines or {}), **{(f"{name}.{k}", kk): line for kk, line in getattr(v, "lines", {}).items()}}
+            out[k] = _build_section(f"{name}.{k}", nested, v, source, sub_lines)
+        elif nested is not None and v is not None:
+            raise ValueError(f"{locate(source, lines, name, k)}: got {v!r}; expected a mapping of "
+                             f"{', '.join(f.name for f in dataclasses.fields(nested))} (or null for off).")
+        else:
+            out[k] = _coerce(locate(source, lines, name, k), v, fields[k], hints[k])
+    return cls(**out)
+
+
+def _nested_section(tp) -> type | None:
+    """The dataclass a field of type ``X | None`` holds, if X is one (a sub-section), else None."""
+    return next((t for t in _allowed_types(tp) if dataclasses.is_dataclass(t)), None)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
@@ -211,30 +252,56 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
     """Validate a raw config mapping (plus dotted overrides) into a :class:`Config`."""
-    from stdit.config import key_lines, model_kwargs
+    from stdit.config import key_lines
 
     lines = key_lines(raw or {})  # where each key of the file was written, for the error messages
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
     for path, value in parse_overrides(overrides or []):
         section, *rest = path
-        if len(rest) != 1:
-            raise ValueError(f"override {'.'.join(path)!r}: expected exactly section.key.")
+        if len(rest) != 1 and not (len(rest) == 2 and section == "train" and rest[0] == "lora"):
+            raise ValueError(f"override {'.'.join(path)!r}: expected exactly section.key (or train.lora.key).")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping.")
-        raw[section][rest[0]] = value
-        lines[(section, rest[0])] = "override"
+        if len(rest) == 2:  # train.lora.rank=16: sets one key of the sub-section, creating it (LoRA on) if absent
+            sub = raw[section].get(rest[0])
+            lines.update({(f"{section}.{rest[0]}", k): line for k, line in getattr(sub, "lines", {}).items()})
+            sub = dict(sub) if isinstance(sub, dict) else {}
+            sub[rest[1]] = value
+            raw[section][rest[0]] = sub
+            lines[(f"{section}.{rest[0]}", rest[1])] = "override"
+        else:
+            raw[section][rest[0]] = value
+            lines[(section, rest[0])] = "override"
     valid = ["model", *SECTIONS]
     unknown = sorted(set(raw) - set(valid))
     if unknown:
         raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {', '.join(valid)}.")
     if not isinstance(raw.get("model"), dict) or not raw["model"]:
-        raise ValueError(f"{source}: a 'model:' section with StDiT arguments is required.")
-    cfg = Config(model=model_kwargs(raw["model"], source=source, lines=lines),
+        raise ValueError(f"{source}: a 'model:' section with StDiT arguments (or model.pretrained) is required.")
+    cfg = Config(model=_model_section(raw["model"], source, lines),
                  **{name: _build_section(name, cls, raw.get(name) or {}, source, lines)
                     for name, cls in SECTIONS.items()})
     _check_consistency(cfg, source)
     return cfg
+
+
+def _model_section(section: dict, source: str, lines: dict) -> dict[str, Any]:
+    """StDiT arguments, or ``{"pretrained": name}``: a checkpoint brings its own architecture."""
+    from stdit.config import model_kwargs
+
+    if "pretrained" not in section:
+        return model_kwargs(section, source=source, lines=lines)
+    name = section["pretrained"]
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{locate(source, lines, 'model', 'pretrained')}: got {name!r}; expected a directory, "
+                         "checkpoint file or Hub repo id (diffusers Wan, StDiT or the original Wan layout).")
+    others = sorted(set(section) - {"pretrained"}, key=str)
+    if others:
+        raise ValueError(f"{locate(source, lines, 'model', others[0])}: model.pretrained takes the architecture from "
+                         f"the checkpoint; remove {', '.join(f'model.{k}' for k in others)} (or drop "
+                         "model.pretrained to train that architecture from scratch).")
+    return {"pretrained": name}
 
 
 def _check_consistency(cfg: Config, source: str) -> None:
@@ -252,6 +319,30 @@ def _check_consistency(cfg: Config, source: str) -> None:
                                  f"got {b!r}.")
     if cfg.parallel.dp_shard == 0:
         raise ValueError(f"{source}: parallel.dp_shard must be -1 (fill) or >= 1; got 0.")
+    lora = cfg.train.lora
+    if lora is not None:
+        if "pretrained" not in cfg.model:
+            raise ValueError(f"{source}: train.lora finetunes a trained model: set model.pretrained to its directory, "
+                             "checkpoint file or Hub repo id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers).")
+        targets = lora.target_modules
+        if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+            raise ValueError(f"{source}: train.lora.target_modules must be a non-empty list of module names such as "
+                             f"{LORA_TARGETS}; got {targets!r}.")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"{source}: train.lora.target_modules lists a name twice: {targets!r}.")
+        if lora.dropout >= 1:
+            raise ValueError(f"{source}: train.lora.dropout must be below 1 (1 drops every input); got {lora.dropout}.")
+        if lora.alpha is not None and lora.alpha <= 0:
+            raise ValueError(f"{source}: train.lora.alpha must be positive (or null for alpha = rank); got "
+                             f"{lora.alpha}.")
+        if lora.init_lora_weights not in LORA_INITS:
+            raise ValueError(f"{source}: train.lora.init_lora_weights={lora.init_lora_weights!r} is not one of true, "
+                             "false, gaussian, orthogonal (peft's PiSSA, OLoRA, CorDA, LoftQ, EVA and similar inits "
+                             "rewrite the base weights or need calibration data, so the adapter would not apply to "
+                             "the base model).")
+        if lora.init_lora_weights == "orthogonal" and lora.rank % 2:
+            raise ValueError(f"{source}: train.lora.init_lora_weights=orthogonal needs an even train.lora.rank; "
+                             f"got {lora.rank}.")
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -266,9 +357,14 @@ def describe() -> str:
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"{name}:")
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+            nested = _nested_section(hints[f.name])
+            for g in dataclasses.fields(nested) if nested else ():
+                sub = g.default if g.default is not dataclasses.MISSING else g.default_factory()
+                lines.append(f"    {name}.{f.name}.{g.name} = {sub!r}  # {g.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -313,15 +409,29 @@ def resume_report(saved: dict[str, Any], new: dict[str, Any], step: int, saved_g
                   global_batch: int, saved_world: int | None, world: int) -> tuple[list[str], list[str]]:
     """Compare the config a checkpoint was trained with against this run's: ``(refusals, notes)``.
 
-    Refused: a different model (the checkpoint would load partially or into the wrong shapes), turning the EMA on or
-    off (its state is in the checkpoint or not), and ``train.steps`` at or below the checkpoint's step while other
-    settings changed (nothing would run with them). Every other difference applies from step ``step + 1`` and gets one
+    Refused: a different model (the checkpoint would load partially or into the wrong shapes), turning the EMA or
+    LoRA on or off (its state is in the checkpoint or not), another LoRA rank, scale, target or init (another
+    adapter), and ``train.steps`` at or below the checkpoint's step while other settings changed (nothing would run
+    with them). Every other difference applies from step ``step + 1`` and gets one
     note saying so; the optimizer's lr, betas and weight decay are reset to the new values, the schedule follows the
     new warmup/steps, and a change of global batch (batch size, accumulation or world size) is flagged because the
     loss curve then differs from an uninterrupted run.
     """
     refusals = model_changes(saved.get("model") or {}, new.get("model") or {})
     changes = settings_changes(saved, new)
+    if "train.lora" in changes:
+        old, cur = changes["train.lora"]
+        if old is None or cur is None:
+            held = "every weight" if old is None else "only the adapters"
+            refusals.append(f"train.lora: {old!r} -> {cur!r} (turns LoRA {'on' if old is None else 'off'}; the "
+                            f"checkpoint holds {held})")
+            changes.pop("train.lora")
+        else:
+            shape = {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur))
+                     if k != "dropout" and old.get(k) != cur.get(k)}
+            if shape:  # a new rank, scale, target or init is another adapter, not a continuation of this one
+                refusals += [f"train.lora.{k}: {a!r} -> {b!r}" for k, (a, b) in shape.items()]
+                changes.pop("train.lora")
     if "train.ema_decay" in changes and (changes["train.ema_decay"][0] == 0) != (changes["train.ema_decay"][1] == 0):
         old, cur = changes.pop("train.ema_decay")
         refusals.append(f"train.ema_decay: {old!r} -> {cur!r} (turns the EMA {'on' if old == 0 else 'off'}; the "

@@ -34,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from stdit.hub import CheckpointError as _ModelCheckpointError
 from stdit.parallel.dist import DistInfo, barrier, broadcast_object
@@ -218,11 +218,17 @@ def recover_interrupted_swaps(root: str | Path) -> None:
             os.replace(aside, final)
 
 
+def _options(trainable_only: bool) -> StateDictOptions | None:
+    """Only the parameters that train (a LoRA run's adapters; the frozen base is reloaded from its checkpoint)."""
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
+
+
 def save_checkpoint(root: str | Path, step: int, model, optimizer, info: DistInfo, ema=None,
                     extra: dict[str, Any] | None = None, rng: dict[str, torch.Tensor] | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, trainable_only: bool = False) -> Path:
     """Write checkpoint ``step`` atomically (every rank must call this); prune all but the newest ``keep`` of those
     up to ``step`` (newer ones, e.g. left by a resume from an earlier checkpoint, are not touched).
+    ``trainable_only``: the model's frozen parameters are left out.
 
     A failed write (disk full, ...) removes the partial temporary directory, keeps every earlier checkpoint, and
     raises one CheckpointError on every rank.
@@ -241,7 +247,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, info: DistInf
     errs = _gather_errors(err)
     if not errs:
         try:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
             state = {"model": model_sd, "optim": optim_sd}
             if ema is not None:
                 state["ema"] = ema.state_dict()
@@ -348,8 +354,10 @@ def find_resume(root: str | Path, resume: str, info: DistInfo, log=print) -> Pat
     return Path(choice) if choice else None
 
 
-def load_checkpoint(path: str | Path, model, optimizer, info: DistInfo, ema=None) -> tuple[dict, dict]:
-    """Load a verified checkpoint into ``model``, ``optimizer`` and ``ema`` in place.
+def load_checkpoint(path: str | Path, model, optimizer, info: DistInfo, ema=None,
+                    trainable_only: bool = False) -> tuple[dict, dict]:
+    """Load a verified checkpoint into ``model``, ``optimizer`` and ``ema`` in place (``trainable_only``: as saved
+    with it; the frozen parameters keep their values).
 
     Returns the metadata and this rank's saved RNG tensors (empty when the world size changed).
     """
@@ -358,7 +366,8 @@ def load_checkpoint(path: str | Path, model, optimizer, info: DistInfo, ema=None
     read_dcp_metadata(path)  # refuses a crafted pickle before DCP unpickles it
     for rank_md in path.glob("__*.metadata"):  # per-rank metadata, which DCP falls back to: checked the same way
         _check_pickle(rank_md)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _options(trainable_only)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema.state_dict()
@@ -371,7 +380,8 @@ def load_checkpoint(path: str | Path, model, optimizer, info: DistInfo, ema=None
             raise CheckpointError(f"checkpoint {path}: {cause}") from None
         raise CheckpointError(f"checkpoint {path} could not be loaded into this model/optimizer "
                               f"({_short(e)}).") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=options)
     if ema is not None:
         ema.load_state_dict(state["ema"])
     rng_file = path / f"rng-{info.rank}.safetensors"
