@@ -5,10 +5,6 @@ Wan, FSDP2 on 2 ranks equals one process, a killed run resumes to the same curve
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,8 @@ from stdit.train import train
 from stdit.train_config import build_config, load_train_config
 from stdit.train_utils import read_log
 
+from test_distributed import _torchrun
+from test_train import _run, sigkill_at_step
 from wan_pipeline import TEXT_DIM, tiny_pipeline, tiny_wan
 
 ATOL = 1e-5
@@ -206,16 +204,6 @@ def test_merge_lora_writes_the_merged_model_and_never_overwrites(assets, trained
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def _torchrun(cfg_path: Path, out_dir: Path, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--log-dir={out_dir.parent / (out_dir.name + '-logs')}", "-m", "stdit.train",
-           "--config", str(cfg_path), f"train.output_dir={out_dir}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout
-
 
 @pytest.mark.parametrize("mode, extra", [("fsdp", ["train.grad_accum=2"]), ("fsdp", ["parallel.sp=2"]),
                                          ("ddp", [])], ids=["fsdp", "fsdp-sp2", "ddp"])
@@ -264,11 +252,6 @@ def test_activation_checkpointing_trains_the_same_adapter(assets, tmp_path):
             torch.testing.assert_close(w[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def _run(cfg_path, out_dir):
-    cmd = [sys.executable, "-m", "stdit.train", str(cfg_path), f"train.output_dir={out_dir}"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-
 
 def test_sigkill_at_a_random_step_resumes_to_the_same_loss_curve(assets, tmp_path):
     steps, every = 40, 4
@@ -279,14 +262,7 @@ def test_sigkill_at_a_random_step_resumes_to_the_same_loss_curve(assets, tmp_pat
     killed = _run(cfg, tmp_path / "killed")
     kill_at = random.Random(os.getpid()).randint(every + 1, steps // 2)
     log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and killed.poll() is None:
-        if log.exists() and len(read_log(log)) >= kill_at:
-            break
-        time.sleep(0.01)
-    assert killed.poll() is None, f"the run ended before step {kill_at}: {killed.stdout.read()}"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_at_step(killed, log, kill_at)
     ckpts = list_checkpoints(tmp_path / "killed" / "checkpoints")
     assert ckpts, "no checkpoint was written before the kill"
     for c in ckpts:

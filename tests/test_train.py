@@ -65,6 +65,18 @@ def test_train_writes_log_checkpoints_samples_plot_and_model(tmp_path, capsys):
     assert (out / "model" / "scheduler_config.json").is_file()
 
 
+def sigkill_at_step(proc: subprocess.Popen, log: Path, step: int, timeout: float = 240) -> None:
+    """SIGKILL a training run ``proc`` once its ``log`` holds ``step`` records (it must still be running then)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(read_log(log)) >= step:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before step {step}: {proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def _run(cfg_path, out_dir, extra=()):
     cmd = [sys.executable, "-m", "stdit.train", str(cfg_path), f"train.output_dir={out_dir}", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -78,14 +90,7 @@ def test_sigkill_at_a_random_step_resumes_to_the_same_loss_curve(tmp_path):
     killed = _run(cfg, tmp_path / "killed")
     kill_at = random.Random(os.getpid()).randint(every + 1, steps - 2)
     log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and killed.poll() is None:
-        if log.exists() and len(read_log(log)) >= kill_at:
-            break
-        time.sleep(0.05)
-    assert killed.poll() is None, f"the run ended before step {kill_at}: {killed.stdout.read()}"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_at_step(killed, log, kill_at)
     ckpts = list_checkpoints(tmp_path / "killed" / "checkpoints")
     assert ckpts, "no checkpoint was written before the kill"
     for c in ckpts:  # whatever the kill interrupted, every listed checkpoint is whole
