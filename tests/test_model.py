@@ -91,6 +91,28 @@ def test_image_to_video_condition():
     assert rel_err(m(x, 10.0, torch.randn(1, 3, 24), condition=other).sample, out) > 1e-4
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_sample_prediction_returns_the_flow_it_implies(per_token):
+    """``prediction_type="sample"``: the network predicts x0 and the forward returns ``(x_t - x0) / max(t, 0.05)``,
+    per sample or per token; the condition channels are not part of ``x_t``."""
+    flow = tiny_model(patch_size=(1, 2, 2), condition_channels=5)
+    sample = tiny_model(patch_size=(1, 2, 2), condition_channels=5, prediction_type="sample")
+    sample.load_state_dict(flow.state_dict())
+    x, text = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 3, 24)
+    cond = StDiT.i2v_condition(torch.randn(2, 4, 1, 4, 4), num_frames=2)
+    t = torch.tensor([700.0, 10.0])
+    if per_token:  # 2 x 2 x 2 tokens; the second sample's first frame is clean
+        t = torch.tensor([[700.0] * 8, [0.0] * 4 + [300.0] * 4])
+    x0 = flow(x, t, text, condition=cond).sample  # the same network read as an x0 prediction
+    tt = (t / 1000).clamp_min(0.05)
+    tt = tt.view(2, 1, 2, 2, 2).repeat_interleave(2, -1).repeat_interleave(2, -2) if per_token else tt.view(2, 1, 1, 1, 1)
+    torch.testing.assert_close(sample(x, t, text, condition=cond).sample, (x - x0) / tt)
+    with pytest.raises(ValueError, match="prediction_type"):
+        tiny_model(prediction_type="x0")
+    with pytest.raises(ValueError, match="prediction_type"):
+        sample.to_wan()  # diffusers' Wan predicts the flow
+
+
 def test_scalar_and_batched_timestep_agree():
     m = tiny_model()
     x, text = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 3, 24)

@@ -60,7 +60,7 @@ def check_config(config: dict) -> None:
         parts = [as_int(x) for x in p] if isinstance(p, (list, tuple)) else []
         if len(parts) != 3 or any(x is None or x < 1 for x in parts):
             raise _bad("patch_size", p, "must be three ints >= 1 (pt, ph, pw), e.g. [1, 2, 2]")
-    for name in ("attention_mode", "qk_norm"):
+    for name in ("attention_mode", "qk_norm", "prediction_type"):
         if config.get(name) is not None and not isinstance(config[name], str):
             raise _bad(name, config[name], "must be a string")
     _check_vace(config)

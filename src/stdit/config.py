@@ -146,6 +146,7 @@ _MODEL_KEYS: dict[str, tuple[str, float | None, bool]] = {
     "num_classes": ("int", 1, True),
     "condition_channels": ("int", 0, False),
     "attention_mode": ("str", None, False),
+    "prediction_type": ("str", None, False),
     "image_dim": ("int", 1, True),
     "added_kv_proj_dim": ("int", 1, True),
     "pos_embed_seq_len": ("int", 1, True),

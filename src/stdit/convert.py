@@ -24,7 +24,7 @@ from stdit.model import StDiT
 _WAN_ONLY = {"rope_max_seq_len": 1024}
 # StDiT-only config keys and the values under which a StDiT computes exactly what Wan does.
 _STDIT_ONLY = {"rope_theta": 10000.0, "rope_axes_dim": None, "num_classes": None, "condition_channels": 0,
-               "attention_mode": "full"}
+               "attention_mode": "full", "prediction_type": "flow"}
 _STDIT_KEYS = set(_STDIT_ONLY) | {
     "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
     "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim", "added_kv_proj_dim",

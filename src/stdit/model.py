@@ -40,6 +40,9 @@ ATTENTION_MODES = ("full", "factorized")
 # diffusers' attention-backend names that mean one of stdit's backends
 DIFFUSERS_BACKENDS = {"native": "sdpa", "xformers": "xformers"}
 QK_NORMS = (None, "rms_norm_across_heads")
+PREDICTION_TYPES = ("flow", "sample")
+# prediction_type="sample": the smallest t the implied flow (x_t - x0) / t divides by (JiT's t_eps)
+SAMPLE_T_MIN = 0.05
 
 
 def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size) -> torch.Tensor:
@@ -193,6 +196,9 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         num_classes: class-conditional model (index ``num_classes`` is the null class); no text needed.
         condition_channels: image-to-video channels concatenated to the input (see :meth:`i2v_condition`).
         attention_mode: ``"full"`` 3D attention or ``"factorized"`` spatial + temporal attention.
+        prediction_type: what the network's last layer predicts: ``"flow"`` (Wan: ``noise - x0``) or ``"sample"``
+            (the clean ``x0``, for narrow pixel-space models; see :meth:`_flow_from_sample`). Either way the forward
+            returns the flow, so training, schedulers and pipelines are the same.
     ``text_dim=None`` builds a model without text cross-attention (class-conditional or unconditional).
     ``vace_layers`` / ``vace_in_channels`` (diffusers' ``WanVACETransformer3DModel`` names): Wan VACE's control
     blocks, one per listed main block, fed by a ``vace_in_channels``-channel control video.
@@ -230,6 +236,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         pos_embed_seq_len: int | None = None,
         vace_layers: list[int] | None = None,
         vace_in_channels: int | None = None,
+        prediction_type: str = "flow",
     ):
         check_config({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__()
@@ -237,6 +244,11 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
             raise ValueError(f"attention_mode={attention_mode!r}; choose one of {ATTENTION_MODES}.")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm={qk_norm!r}; choose one of {QK_NORMS}.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}.")
+        if prediction_type == "sample" and (out_channels or in_channels) > in_channels:
+            raise ValueError(f"prediction_type='sample' reads the noisy input's first out_channels channels, so "
+                             f"out_channels ({out_channels}) must not exceed in_channels ({in_channels}).")
         if len(tuple(patch_size)) != 3 or any(int(p) < 1 for p in patch_size):
             raise ValueError(f"patch_size={patch_size!r} must be three positive ints (pt, ph, pw).")
         dim = num_attention_heads * attention_head_dim
@@ -429,6 +441,23 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
                                  class_labels, condition, return_dict, encoder_hidden_states_image,
                                  control_hidden_states, control_hidden_states_scale)
 
+    def _flow_from_sample(self, sample, noisy, timestep, grid):
+        """The flow ``noise - x0`` that a clean-sample prediction ``x0`` implies: with ``x_t = (1 - t) x0 + t noise``
+        it is ``(x_t - x0) / t``. Everything downstream (the loss, schedulers, pipelines, caches) keeps seeing a flow.
+
+        Why predict the sample: in pixel space a token holds far more values than the model's width (96 per token at
+        patch [2, 4, 4] against 128 channels in the tiny config), and a flow carries the noise, which is full-rank
+        per pixel; a clean video is not, so a narrow model predicts it far better (Li & He, "Back to Basics: Let
+        Denoising Generative Models Denoise", 2025). ``t`` is floored at ``SAMPLE_T_MIN`` so the nearly clean steps do
+        not divide the prediction's error by almost zero."""
+        t = timestep.float() / 1000
+        if t.ndim == 2:  # per token [B, S]: spread each token's t over its pixels
+            t = unpatchify(t[..., None].expand(-1, -1, math.prod(self.config.patch_size)), grid,
+                           self.config.patch_size)
+        else:
+            t = t.view(-1, 1, 1, 1, 1)
+        return ((noisy.float() - sample.float()) / t.clamp_min(SAMPLE_T_MIN)).to(sample.dtype)
+
     def _forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, class_labels,
                  condition, return_dict, image, control=None, control_scale=None):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
@@ -450,6 +479,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         timestep = timestep.expand(b, -1) if timestep.ndim == 2 else timestep.reshape(-1).expand(b)
         if self.config.num_classes and class_labels is None:
             class_labels = torch.full((b,), self.config.num_classes, device=hidden_states.device, dtype=torch.long)
+        noisy = hidden_states[:, :self.proj_out.out_features // math.prod(self.config.patch_size)]
         if condition is not None:
             hidden_states = torch.cat([hidden_states, condition.to(hidden_states.dtype)], dim=1)
         pt, ph, pw = self.config.patch_size
@@ -481,6 +511,8 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         if sp is not None:
             x = sp.gather(x, seq_len)
         out = unpatchify(x, grid, self.config.patch_size)
+        if self.config.prediction_type == "sample":
+            out = self._flow_from_sample(out, noisy, timestep, grid)
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
