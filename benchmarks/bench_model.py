@@ -25,6 +25,8 @@ from wan_models import model_flops, random_wan_pair  # noqa: E402
 
 # latent grids of 81-frame videos through the Wan VAE (4x time, 8x space), before the (1, 2, 2) patch
 SHAPES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
+# Wan 2.2 TI2V-5B's VAE (48 latent channels) compresses space 16x instead of 8x: 480x832 and 704x1280 videos
+SHAPES_WAN22_VAE = {"480p": (21, 30, 52), "720p": (21, 44, 80)}
 TEXT_LEN = 512
 
 # First match wins, so the specific names come first: our norm kernels are called _adaln_fwd_kernel and
@@ -134,14 +136,18 @@ def _run(args, clock: GpuClock) -> int:
 
     wan, ours = random_wan_pair(args.config)
     cfg = dict(ours.config)
+    if cfg.get("image_dim") or cfg["in_channels"] != cfg["out_channels"]:
+        raise SystemExit(f"bench_model times text-to-video transformers; {args.config} is an image-to-video one "
+                         "(it needs image features and a condition): pick a T2V or TI2V config.")
     rows, slug = [], gpu_slug(machine()["gpu"])
     for shape in args.shapes:
-        t, h, w = SHAPES[shape]
+        t, h, w = (SHAPES_WAN22_VAE if cfg["in_channels"] == 48 else SHAPES)[shape]
         gen = torch.Generator("cuda").manual_seed(0)
-        x = torch.randn(1, 16, t, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
-        text = torch.randn(1, TEXT_LEN, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        x = torch.randn(1, cfg["in_channels"], t, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
+        text = torch.randn(1, TEXT_LEN, cfg["text_dim"], device="cuda", dtype=torch.bfloat16, generator=gen)
         ts = torch.tensor([500.0], device="cuda")
-        grid = (t, h // 2, w // 2)
+        pt, ph, pw = cfg["patch_size"]
+        grid = (t // pt, h // ph, w // pw)
         flops = model_flops(cfg, grid, TEXT_LEN)
         with torch.no_grad():
             ref = wan(x, ts, text, return_dict=False)[0].float()
