@@ -30,7 +30,7 @@ def test_config_builds(name):
 def test_tiny_runs_on_cpu():
     m = StDiT.from_config_file("tiny")
     cfg = load_model_config("tiny")
-    x = torch.randn(1, cfg["in_channels"], 4, 32, 32)
+    x = torch.randn(1, cfg["in_channels"], cfg["patch_size"][0], 32, 32)
     out = m(x, 500.0, class_labels=torch.tensor([1]) if cfg.get("num_classes") else None).sample
     assert out.shape == x.shape
 
