@@ -105,7 +105,10 @@ def test_sample_prediction_returns_the_flow_it_implies(per_token):
         t = torch.tensor([[700.0] * 8, [0.0] * 4 + [300.0] * 4])
     x0 = flow(x, t, text, condition=cond).sample  # the same network read as an x0 prediction
     tt = (t / 1000).clamp_min(0.05)
-    tt = tt.view(2, 1, 2, 2, 2).repeat_interleave(2, -1).repeat_interleave(2, -2) if per_token else tt.view(2, 1, 1, 1, 1)
+    if per_token:  # each token's t over its 1 x 2 x 2 pixels
+        tt = tt.view(2, 1, 2, 2, 2).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    else:
+        tt = tt.view(2, 1, 1, 1, 1)
     torch.testing.assert_close(sample(x, t, text, condition=cond).sample, (x - x0) / tt)
     with pytest.raises(ValueError, match="prediction_type"):
         tiny_model(prediction_type="x0")

@@ -445,8 +445,8 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         """The flow ``noise - x0`` that a clean-sample prediction ``x0`` implies: with ``x_t = (1 - t) x0 + t noise``
         it is ``(x_t - x0) / t``. Everything downstream (the loss, schedulers, pipelines, caches) keeps seeing a flow.
 
-        Why predict the sample: in pixel space a token holds far more values than the model's width (96 per token at
-        patch [2, 4, 4] against 128 channels in the tiny config), and a flow carries the noise, which is full-rank
+        Why predict the sample: in pixel space a token holds more values than the model's width (384 per token at the
+        tiny config's patch [8, 4, 4], against 256 channels), and a flow carries the noise, which is full-rank
         per pixel; a clean video is not, so a narrow model predicts it far better (Li & He, "Back to Basics: Let
         Denoising Generative Models Denoise", 2025). ``t`` is floored at ``SAMPLE_T_MIN`` so the nearly clean steps do
         not divide the prediction's error by almost zero."""
@@ -479,7 +479,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         timestep = timestep.expand(b, -1) if timestep.ndim == 2 else timestep.reshape(-1).expand(b)
         if self.config.num_classes and class_labels is None:
             class_labels = torch.full((b,), self.config.num_classes, device=hidden_states.device, dtype=torch.long)
-        noisy = hidden_states[:, :self.proj_out.out_features // math.prod(self.config.patch_size)]
+        noisy = hidden_states[:, :self.config.out_channels or self.config.in_channels]  # x_t, for prediction "sample"
         if condition is not None:
             hidden_states = torch.cat([hidden_states, condition.to(hidden_states.dtype)], dim=1)
         pt, ph, pw = self.config.patch_size
