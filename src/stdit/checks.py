@@ -15,10 +15,60 @@ import torch
 # The timestep scale of diffusers' flow-matching schedulers (``num_train_timesteps``) and of stdit's training.
 NUM_TRAIN_TIMESTEPS = 1000
 
-_POSITIVE_INTS = ("num_attention_heads", "attention_head_dim", "in_channels", "freq_dim", "ffn_dim", "num_layers")
-_OPTIONAL_POSITIVE_INTS = ("out_channels", "text_dim", "num_classes", "image_dim", "added_kv_proj_dim",
-                           "pos_embed_seq_len", "vace_in_channels")
-_POSITIVE_FLOATS = ("eps", "rope_theta")
+# What each model config value may hold: (kind, lowest value, null allowed). One table for StDiT.__init__ (through
+# check_config) and for the YAML loader (stdit.config, which adds the file, line and key). The choices of
+# attention_mode / qk_norm / prediction_type, the RoPE split and the VACE layers are checked where they are used.
+MODEL_VALUES: dict[str, tuple[str, float | None, bool]] = {
+    "patch_size": ("int3", 1, False),
+    "num_attention_heads": ("int", 1, False),
+    "attention_head_dim": ("int", 1, False),
+    "in_channels": ("int", 1, False),
+    # 0 has always meant "off" for out_channels (= in_channels) and num_classes
+    "out_channels": ("int", 0, True),
+    "text_dim": ("int", 1, True),
+    "freq_dim": ("int", 1, False),
+    "ffn_dim": ("int", 1, False),
+    "num_layers": ("int", 1, False),
+    "cross_attn_norm": ("bool", None, False),
+    "qk_norm": ("str", None, True),
+    "eps": ("float", 0, False),
+    "rope_theta": ("float", 0, False),
+    "rope_axes_dim": ("int3", 0, True),
+    "num_classes": ("int", 0, True),
+    "condition_channels": ("int", 0, False),
+    "attention_mode": ("str", None, False),
+    "prediction_type": ("str", None, False),
+    "image_dim": ("int", 1, True),
+    "added_kv_proj_dim": ("int", 1, True),
+    "pos_embed_seq_len": ("int", 1, True),
+    "vace_in_channels": ("int", 1, True),
+}
+
+
+def model_value_problem(key: str, value) -> str | None:
+    """What ``value`` must be for model config key ``key`` (``"an int >= 1"``...), or None if it is fine (or
+    ``key`` has no rule in :data:`MODEL_VALUES`)."""
+    if key not in MODEL_VALUES:
+        return None
+    kind, lo, nullable = MODEL_VALUES[key]
+    if value is None:
+        return None if nullable else "set (null is not allowed here)"
+    null = "null or " if nullable else ""
+    if kind == "int3":
+        if isinstance(value, (list, tuple)) and len(value) == 3 and all(
+                (v := as_int(x)) is not None and v >= lo for x in value):
+            return None
+        example = "[1, 2, 2] (pt, ph, pw)" if key == "patch_size" else \
+            "[44, 42, 42] (t, h, w; even, summing to attention_head_dim)"
+        return f"{null}three ints >= {lo}, e.g. {example}"
+    if kind == "int":
+        return None if (v := as_int(value)) is not None and v >= lo else f"{null}an int >= {lo}"
+    if kind == "float":
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > lo
+        return None if ok else f"a finite number > {lo}"
+    if kind == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    return None if isinstance(value, str) else f"{null}a string"
 
 
 def as_int(value) -> int | None:
@@ -37,32 +87,9 @@ def _bad(name: str, value, want: str) -> ValueError:
 
 def check_config(config: dict) -> None:
     """Raise one ValueError naming the first config value of the wrong type or out of range."""
-    for name in _POSITIVE_INTS:
-        if name in config and ((v := as_int(config[name])) is None or v < 1):
-            raise _bad(name, config[name], "must be an int >= 1")
-    for name in _OPTIONAL_POSITIVE_INTS:
-        value = config.get(name)
-        # 0 has always meant "off" for out_channels (= in_channels) and num_classes
-        floor = 0 if name in ("out_channels", "num_classes") else 1
-        if value is not None and ((v := as_int(value)) is None or v < floor):
-            raise _bad(name, value, f"must be null or an int >= {floor}")
-    if "condition_channels" in config and ((v := as_int(config["condition_channels"])) is None or v < 0):
-        raise _bad("condition_channels", config["condition_channels"], "must be an int >= 0")
-    for name in _POSITIVE_FLOATS:
-        value = config.get(name)
-        if name in config and (isinstance(value, bool) or not isinstance(value, (int, float))
-                               or not math.isfinite(value) or value <= 0):
-            raise _bad(name, value, "must be a finite number > 0")
-    if "cross_attn_norm" in config and not isinstance(config["cross_attn_norm"], bool):
-        raise _bad("cross_attn_norm", config["cross_attn_norm"], "must be true or false")
-    if "patch_size" in config:
-        p = config["patch_size"]
-        parts = [as_int(x) for x in p] if isinstance(p, (list, tuple)) else []
-        if len(parts) != 3 or any(x is None or x < 1 for x in parts):
-            raise _bad("patch_size", p, "must be three ints >= 1 (pt, ph, pw), e.g. [1, 2, 2]")
-    for name in ("attention_mode", "qk_norm", "prediction_type"):
-        if config.get(name) is not None and not isinstance(config[name], str):
-            raise _bad(name, config[name], "must be a string")
+    for name, value in config.items():
+        if (want := model_value_problem(name, value)) is not None:
+            raise _bad(name, value, f"must be {want}")
     _check_vace(config)
 
 

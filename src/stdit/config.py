@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
-import math
 from pathlib import Path
 from typing import Any
 
@@ -126,78 +125,26 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# What each model key may hold: (kind, lowest value, null allowed). The model checks the choices of
-# attention_mode / qk_norm and the RoPE split itself; here a value gets the type and range its meaning needs.
-_MODEL_KEYS: dict[str, tuple[str, float | None, bool]] = {
-    "patch_size": ("int3", 1, False),
-    "num_attention_heads": ("int", 1, False),
-    "attention_head_dim": ("int", 1, False),
-    "in_channels": ("int", 1, False),
-    "out_channels": ("int", 1, True),
-    "text_dim": ("int", 1, True),
-    "freq_dim": ("int", 1, False),
-    "ffn_dim": ("int", 1, False),
-    "num_layers": ("int", 1, False),
-    "cross_attn_norm": ("bool", None, False),
-    "qk_norm": ("str", None, True),
-    "eps": ("float", 0, False),
-    "rope_theta": ("float", 0, False),
-    "rope_axes_dim": ("int3", 0, True),
-    "num_classes": ("int", 1, True),
-    "condition_channels": ("int", 0, False),
-    "attention_mode": ("str", None, False),
-    "prediction_type": ("str", None, False),
-    "image_dim": ("int", 1, True),
-    "added_kv_proj_dim": ("int", 1, True),
-    "pos_embed_seq_len": ("int", 1, True),
-}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_model_value(where: str, key: str, value):
-    kind, lo, nullable = _MODEL_KEYS[key]
-    null = " or null" if nullable else ""
-    if value is None:
-        if nullable:
-            return None
-        raise ConfigError(f"{where}: null is not allowed here.")
-    if kind == "int3":
-        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and v >= lo for v in value)):
-            example = "[1, 2, 2] (pt, ph, pw)" if key == "patch_size" else "[44, 42, 42] (t, h, w; even, summing to " \
-                "attention_head_dim)"
-            raise ConfigError(f"{where}: got {value!r}; expected a list of three ints{null}, each in [{lo}, inf), "
-                              f"e.g. {example}.")
-        return tuple(value)
-    if kind == "int":
-        if not _is_int(value) or value < lo:
-            raise ConfigError(f"{where}: got {value!r}; expected an int{null}, valid range [{lo}, inf).")
-        return value
-    if kind == "float":
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML 1.1 reads "1e-6" as a string
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= lo:
-            raise ConfigError(f"{where}: got {value!r}; expected a number, valid range ({lo}, inf), "
-                              "finite.")
-        return float(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: got {value!r}; expected true or false.")
-        return value
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: got {value!r}; expected a string{null}.")
-    return value
+    """``value`` as the model takes it (a tuple for a list, a number for YAML 1.1's "1e-6" string), or one error
+    naming the file, line and key with what the value must be (:data:`stdit.checks.MODEL_VALUES`)."""
+    from stdit.checks import MODEL_VALUES, model_value_problem
+
+    if MODEL_VALUES[key][0] == "float" and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if (want := model_value_problem(key, value)) is not None:
+        raise ConfigError(f"{where}: got {value!r}; must be {want}.")
+    return tuple(value) if isinstance(value, list) else value
 
 
 def model_kwargs(section: dict[str, Any], source: str = "model config",
                  lines: dict | None = None) -> dict[str, Any]:
     """Validate a ``model:`` mapping against StDiT's arguments: unknown keys get one error listing the valid ones,
     and each value its type and range (``lines``: ``{("model", key): line}`` for the messages)."""
+    from stdit.checks import MODEL_VALUES
     from stdit.model import StDiT
 
     if lines is None and isinstance(section, LocatedDict):
@@ -208,7 +155,7 @@ def model_kwargs(section: dict[str, Any], source: str = "model config",
         line = (lines or {}).get(("model", unknown[0]))
         where = f"{source}:{line}" if isinstance(line, int) else source
         raise ConfigError(f"{where}: unknown model key(s) {unknown}; valid keys: {', '.join(valid)}.")
-    return {k: (_check_model_value(locate(source, lines, "model", k), k, v) if k in _MODEL_KEYS else v)
+    return {k: (_check_model_value(locate(source, lines, "model", k), k, v) if k in MODEL_VALUES else v)
             for k, v in section.items()}
 
 
