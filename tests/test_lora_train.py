@@ -338,3 +338,40 @@ def test_recipe_configs(name):
     assert cfg.model["pretrained"].startswith("Wan-AI/Wan2.1-T2V-") and cfg.data.kind == "latents"
     assert cfg.train.lora.rank == 32 and cfg.train.precision == "bf16" and cfg.train.activation_checkpointing
     assert cfg.train.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+def test_stdit_push_uploads_the_adapter_and_it_loads_from_the_hub(assets, trained, monkeypatch, hub_cache, capsys):
+    import huggingface_hub as hf
+
+    from stdit.cli import main
+    from test_hub import _fake_upload_to_cache
+
+    summary, model, _ = trained
+    created = []
+    monkeypatch.setattr(hf, "create_repo", lambda repo_id, **kw: created.append((repo_id, kw)))
+    monkeypatch.setattr(hf, "upload_folder", _fake_upload_to_cache(Path(hub_cache)))
+    assert main(["push", summary["model_dir"], "stdit-test/lora-push", "--token", "hf_test", "--private"]) == 0
+    assert "pushed the LoRA adapter" in capsys.readouterr().out
+    assert created == [("stdit-test/lora-push", {"private": True, "token": "hf_test", "exist_ok": True})]
+    snap = next((Path(hub_cache) / "models--stdit-test--lora-push" / "snapshots").iterdir())
+    assert sorted(p.name for p in snap.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors",
+                                                     "scheduler_config.json"]
+    assert 'load_lora_weights("stdit-test/lora-push")' in (snap / "README.md").read_text()
+    x, t, text = inputs()
+    ours = StDiT.from_pretrained(assets / "base").eval()
+    ours.load_lora_adapter("stdit-test/lora-push", weight_name=WEIGHT_NAME)  # from the Hub cache, offline
+    assert (out(ours, x, t, text) - out(model, x, t, text)).abs().max() <= ATOL
+
+
+def test_stdit_push_refuses_a_file_that_is_not_a_lora(tmp_path, monkeypatch, capsys):
+    import huggingface_hub as hf
+    from safetensors.torch import save_file
+
+    from stdit.cli import main
+
+    monkeypatch.setattr(hf, "upload_folder", lambda **kw: pytest.fail("uploaded a file that is not a LoRA"))
+    (tmp_path / "m").mkdir()
+    save_file({"proj_out.weight": torch.zeros(2, 2)}, str(tmp_path / "m" / WEIGHT_NAME))
+    assert main(["push", str(tmp_path / "m"), "stdit-test/not-a-lora", "--token", "hf_test"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "nothing was uploaded" in err, err

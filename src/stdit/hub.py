@@ -101,17 +101,19 @@ def check_local_or_repo(name_or_path: str | Path, what: str = "model") -> None:
 
 # ---- `stdit push` --------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="a directory written by save_pretrained (or a training run's export)")
+    p.add_argument("model_dir", help="a directory written by save_pretrained or a training run's model/ folder "
+                   "(a LoRA run's adapter, pytorch_lora_weights.safetensors, is pushed as an adapter repo)")
     p.add_argument("repo_id", help="Hub repo id, e.g. my-org/stdit-tiny")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
-    p.add_argument("--message", default="Upload StDiT", help="commit message")
+    p.add_argument("--message", default=None, help="commit message (default: Upload StDiT / Upload LoRA adapter)")
 
 
 def run(args: argparse.Namespace) -> int:
     from huggingface_hub import get_token
     from huggingface_hub.utils import validate_repo_id
 
+    from stdit.lora import WEIGHT_NAME, push_adapter
     from stdit.model import StDiT
 
     # Everything that can be checked here is, before the model is loaded or a repo created.
@@ -120,10 +122,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), set "
                          "HF_TOKEN, or pass --token.")
     model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file() and (model_dir / WEIGHT_NAME).is_file():
+        push_adapter(model_dir, args.repo_id, private=args.private, token=args.token,
+                     message=args.message or "Upload LoRA adapter")
+        print(f"pushed the LoRA adapter {model_dir / WEIGHT_NAME} to {args.repo_id}")
+        return 0
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved model directory (no config.json); push a directory "
-                                "written by save_pretrained, e.g. runs/tiny/model.")
+                                "written by save_pretrained, e.g. runs/tiny/model, or a LoRA run's model/ (with "
+                                f"{WEIGHT_NAME}).")
     model = StDiT.from_pretrained(model_dir)  # refuses a corrupt or mismatched checkpoint before uploading
-    model.push_to_hub(args.repo_id, private=args.private, token=args.token, commit_message=args.message)
+    model.push_to_hub(args.repo_id, private=args.private, token=args.token,
+                      commit_message=args.message or "Upload StDiT")
     print(f"pushed {args.model_dir} to {args.repo_id}")
     return 0

@@ -176,6 +176,48 @@ def _lora_file(path: Path) -> tuple[Path, str | None]:
     return path, files[0]
 
 
+def _card(repo_id: str, base: str | None) -> str:
+    """A Hub model card for an adapter: what it is, its base, and how diffusers and stdit load it."""
+    base_line = f"base_model: {base}\n" if base and not Path(base).exists() else ""
+    return (f"---\nlibrary_name: diffusers\n{base_line}tags:\n- lora\n- wan\n- stdit\n---\n\n"
+            f"# {repo_id}\n\nA LoRA adapter for {base or 'a Wan / StDiT transformer'}, trained with stdit, in "
+            f"diffusers' LoRA format (`{WEIGHT_NAME}`).\n\n```python\n"
+            f"pipe.load_lora_weights(\"{repo_id}\")               # a diffusers WanPipeline\n"
+            f"model.load_lora_adapter(\"{repo_id}\", weight_name=\"{WEIGHT_NAME}\")  # a StDiT\n```\n")
+
+
+def push_adapter(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+                 message: str = "Upload LoRA adapter") -> str:
+    """Upload a trainer's adapter folder (``pytorch_lora_weights.safetensors``, its ``scheduler_config.json`` and
+    ``README.md`` if present, else a generated model card) to the Hub repo ``repo_id``; returns the commit URL.
+    The file is read as diffusers reads a LoRA first, so a damaged or foreign file is refused before uploading."""
+    import tempfile
+
+    import huggingface_hub as hf
+    from diffusers.loaders import WanLoraLoaderMixin
+    from safetensors import safe_open
+
+    folder, weight_name = _lora_file(Path(folder))
+    try:
+        state = WanLoraLoaderMixin.lora_state_dict(str(folder), weight_name=weight_name, use_safetensors=True)
+        with safe_open(str(folder / weight_name), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    except Exception as e:
+        raise ValueError(f"{folder / weight_name} is not a readable LoRA file ({e}); nothing was uploaded.") from None
+    if not any(".lora_" in k or ".lora." in k for k in state):
+        raise ValueError(f"{folder / weight_name} holds no LoRA weights; nothing was uploaded.")
+    with tempfile.TemporaryDirectory() as stage:
+        stage = Path(stage)
+        shutil.copy2(folder / weight_name, stage / weight_name)
+        for name in ("scheduler_config.json", "README.md"):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, stage / name)
+        if not (stage / "README.md").exists():
+            (stage / "README.md").write_text(_card(repo_id, header.get(f"{PREFIX}.base_model_name_or_path")))
+        hf.create_repo(repo_id, private=private, token=token, exist_ok=True)
+        return str(hf.upload_folder(repo_id=repo_id, folder_path=str(stage), token=token, commit_message=message))
+
+
 def merge_lora(base: str | None, lora: str | Path, scale: float = 1.0):
     """``base`` (default: the base the adapter file names) with the LoRA ``lora`` added into its weights: a plain
     StDiT (no peft layers left). Takes diffusers' LoRA format and the Wan formats diffusers converts."""
