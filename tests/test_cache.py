@@ -326,3 +326,37 @@ def test_cfg_parallel_and_cached_sequence_parallel_match_one_process(world):
         else:
             assert out["cached sp counts"] == out["cached counts"] and out["cached counts"][1] > 0
             close(out["cached sp"], out["cached"])
+
+
+def test_enable_cache_takes_the_step_cache_and_one_cache_at_a_time():
+    """``model.enable_cache`` is the one switch, as in diffusers: a StepCacheConfig turns stdit's step cache on
+    (the same skips as enable_step_cache), a diffusers config a diffusers cache; a second cache is refused either way
+    and ``disable_cache`` restores the uncached run bitwise."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    m = _text_model()
+    p = _pipe(m)
+    ref = _sample(p).frames
+    config = StepCacheConfig(method="teacache", threshold=0.5, max_skip_steps=None)
+    enable_step_cache(m, config)
+    direct = _sample(p).frames
+    skipped = get_step_cache(m).skipped
+    disable_step_cache(m)
+    assert not m.is_cache_enabled and skipped > 0
+
+    m.enable_cache(config)
+    assert m.is_cache_enabled and get_step_cache(m).config is config
+    assert torch.equal(_sample(p).frames, direct) and get_step_cache(m).skipped == skipped
+    with pytest.raises(ValueError, match="already"):
+        m.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    m.disable_cache()
+    assert get_step_cache(m) is None and not m.is_cache_enabled
+    assert torch.equal(_sample(p).frames, ref)
+
+    m.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="already on"):
+        m.enable_cache(config)
+    with pytest.raises(ValueError, match="diffusers cache"):
+        enable_step_cache(m, config)
+    m.disable_cache()
+    assert torch.equal(_sample(p).frames, ref)

@@ -463,6 +463,9 @@ def enable_step_cache(model, config: StepCacheConfig | None = None, **settings) 
     HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, _HOOK)
     # An instance attribute shadows the class's method, as diffusers' hooks shadow forward; deleting it restores it.
     model._run_blocks = functools.partial(hook.run_blocks, model, model._run_blocks)
+    # CacheMixin's record of the cache that is on, so is_cache_enabled is true and diffusers' enable_cache refuses a
+    # second cache
+    model._cache_config = hook.config
     return hook
 
 
@@ -472,6 +475,7 @@ def disable_step_cache(model) -> None:
         return
     HookRegistry.check_if_exists_or_initialize(model).remove_hook(_HOOK, recurse=False)
     del model._run_blocks
+    model._cache_config = None
 
 
 def get_step_cache(model) -> StepCacheHook | None:

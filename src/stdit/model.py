@@ -344,6 +344,25 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         """Back to the default backend (``STDIT_ATTENTION`` or ``auto``)."""
         self.set_attention_backend(None)
 
+    def enable_cache(self, config) -> None:
+        """A diffusers cache config (FirstBlockCache, MagCache, TaylorSeer, ...: ``CacheMixin.enable_cache``) or
+        stdit's step cache (a :class:`stdit.cache.StepCacheConfig`: TeaCache / MagCache over the whole block stack),
+        one at a time; ``disable_cache()`` turns either off."""
+        from stdit.cache import StepCacheConfig, enable_step_cache
+
+        if not isinstance(config, StepCacheConfig):
+            return super().enable_cache(config)
+        if self.is_cache_enabled:
+            raise ValueError(f"a cache ({type(self._cache_config).__name__}) is already on: disable_cache() first.")
+        enable_step_cache(self, config)
+
+    def disable_cache(self) -> None:
+        from stdit.cache import StepCacheConfig, disable_step_cache
+
+        if isinstance(self._cache_config, StepCacheConfig):
+            return disable_step_cache(self)
+        return super().disable_cache()
+
     def enable_sequence_parallel(self, group=None) -> None:
         """Shard the tokens over the ranks of ``group`` (default: the whole world), Ulysses style. Every rank must
         call the model with the same full inputs; each returns the same full output. Runtime only, not config."""
