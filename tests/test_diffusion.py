@@ -96,3 +96,41 @@ def test_loss_draws_are_reproducible_from_the_generator():
     b = flow.loss(model, x0, generator=torch.Generator().manual_seed(3))
     c = flow.loss(model, x0, generator=torch.Generator().manual_seed(4))
     assert a == b and a != c and math.isfinite(a.item())
+
+
+def test_clean_first_frame_is_wan22_ti2v_training():
+    """Flagged samples enter with their first latent frame clean, its tokens at timestep 0 (the rest at t), and
+    that frame gets no gradient; unflagged samples are trained exactly as without the option."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 3, 4, 6, generator=g), torch.randn(3, 2, 3, 4, 6, generator=g)
+    t = torch.tensor([0.4, 0.7, 0.9])
+    keep = torch.tensor([True, False, True])
+    seen = {}
+    out = torch.randn(3, 2, 3, 4, 6, generator=g, requires_grad=True)
+
+    def model(x, timestep, return_dict=False):
+        seen["x"], seen["t"] = x, timestep
+        return (out,)
+
+    loss = RectifiedFlow().loss(model, x0, noise=noise, t=t, patch_size=(1, 2, 2), clean_first_frame=keep)
+    x_t = RectifiedFlow.add_noise(x0, noise, t)
+    assert torch.equal(seen["x"][keep, :, 0], x0[keep, :, 0]) and torch.equal(seen["x"][~keep], x_t[~keep])
+    assert torch.equal(seen["x"][:, :, 1:], x_t[:, :, 1:])
+    per_frame = 2 * 3
+    assert seen["t"].shape == (3, 3 * per_frame)
+    assert torch.equal(seen["t"][keep, :per_frame], torch.zeros(2, per_frame))
+    assert torch.allclose(seen["t"][~keep], torch.full((1, 3 * per_frame), 700.0))
+    assert torch.allclose(seen["t"][keep, per_frame:], (t[keep] * NUM_TRAIN_TIMESTEPS)[:, None].expand(2, 12))
+    counted = torch.ones(3, 1, 3, 1, 1)
+    counted[keep, :, 0] = 0
+    want = (((out - (noise - x0)) ** 2) * counted).sum() / (counted.sum() * 2 * 4 * 6)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert torch.all(out.grad[keep, :, 0] == 0) and torch.all(out.grad[:, :, 1:] != 0)
+    assert torch.all(out.grad[~keep, :, 0] != 0)
+    # nothing flagged: the plain loss, per-sample timesteps
+    plain = RectifiedFlow().loss(model, x0, noise=noise, t=t, patch_size=(1, 2, 2),
+                                 clean_first_frame=torch.zeros(3, dtype=torch.bool))
+    assert seen["t"].shape == (3,) and torch.equal(plain, RectifiedFlow().loss(model, x0, noise=noise, t=t))
+    with pytest.raises(ValueError, match="temporal patch of 1"):
+        RectifiedFlow().loss(model, x0, noise=noise, t=t, patch_size=(3, 2, 2), clean_first_frame=keep)

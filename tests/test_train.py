@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import math
 import time
 from pathlib import Path
 
@@ -223,3 +224,14 @@ def test_garbage_collection_runs_at_fixed_steps_and_is_restored(tmp_path, monkey
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny(tmp_path / "c", ["train.steps=2", "train.gc_every=1", "train.ckpt_every=0"]))
     assert gc.isenabled()
+
+
+def test_first_frame_training_runs_and_is_refused_where_it_cannot_apply(tmp_path):
+    """train.first_frame_prob (Wan 2.2 TI2V's image-to-video samples): a model with per-frame tokens trains with a
+    mix of clean-first-frame and plain samples (the real StDiT takes the per-token timesteps); a temporal patch
+    of 2 gets one clear error naming the setting."""
+    summary = train(tiny(tmp_path / "a", ["train.first_frame_prob=0.5", "train.steps=3"]))
+    losses = [r["loss"] for r in read_log(tmp_path / "a" / "log.jsonl")]
+    assert summary["steps"] == 3 and len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    with pytest.raises(ValueError, match=r"train.first_frame_prob=0.5 .* needs a model with temporal patch 1"):
+        train(tiny(tmp_path / "b", ["train.first_frame_prob=0.5", "model.patch_size=[2,4,4]"]))

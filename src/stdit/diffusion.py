@@ -90,11 +90,14 @@ class RectifiedFlow:
 
     def loss(self, model, x0: torch.Tensor, noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
              generator: torch.Generator | None = None, patch_size: tuple[int, int, int] = (1, 1, 1),
-             **model_kwargs) -> torch.Tensor:
+             clean_first_frame: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         """Mean squared error between the model's velocity and ``noise - x0`` (fp32), one scalar.
 
         ``noise`` and ``t`` (in [0, 1]) are drawn from ``generator`` unless given, so a caller that derives them
-        from its own seeds can replay a run exactly.
+        from its own seeds can replay a run exactly. ``clean_first_frame`` ([B] bool) trains those samples as Wan 2.2
+        TI2V's image-to-video: the first latent frame enters clean, its tokens get timestep 0 (per-token timesteps
+        ``[B, S]``, as ``WanImageToVideoPipeline`` passes them with ``expand_timesteps``) and it is left out of the
+        loss; needs a temporal patch of 1.
         """
         b = x0.shape[0]
         if noise is None:
@@ -105,5 +108,21 @@ class RectifiedFlow:
             t = self.sample_t(b, self.shift_for(tuple(x0.shape), patch_size), generator, x0.device)
         t = t.to(x0.device)
         x_t = self.add_noise(x0, noise, t)
-        out = model(x_t, t * NUM_TRAIN_TIMESTEPS, return_dict=False, **model_kwargs)[0]
-        return F.mse_loss(out.float(), self.velocity(x0, noise).float())
+        if clean_first_frame is None or not bool(clean_first_frame.any()):
+            out = model(x_t, t * NUM_TRAIN_TIMESTEPS, return_dict=False, **model_kwargs)[0]
+            return F.mse_loss(out.float(), self.velocity(x0, noise).float())
+        if patch_size[0] != 1:
+            raise ValueError(f"a clean first frame needs a temporal patch of 1; got patch_size={tuple(patch_size)}.")
+        keep = clean_first_frame.to(x0.device).view(-1, 1, 1, 1)
+        x_t = x_t.clone()
+        x_t[:, :, 0] = torch.where(keep, x0[:, :, 0], x_t[:, :, 0])
+        b, _, frames, h, w = x0.shape
+        per_frame = (h // patch_size[1]) * (w // patch_size[2])
+        first_tokens = torch.zeros(frames * per_frame, dtype=torch.bool, device=x0.device)
+        first_tokens[:per_frame] = True
+        t_tok = torch.where(first_tokens & keep.view(-1, 1), torch.zeros((), device=x0.device), t.view(-1, 1))
+        out = model(x_t, t_tok * NUM_TRAIN_TIMESTEPS, return_dict=False, **model_kwargs)[0]
+        weight = torch.ones(b, 1, frames, 1, 1, device=x0.device)
+        weight[:, :, 0] = (~keep).float()
+        err = (out.float() - self.velocity(x0, noise).float()).square() * weight
+        return err.sum() / (weight.sum() * err[:, :, :1].numel() / b)

@@ -55,15 +55,19 @@ def _say(info: DistInfo, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _per_sample_draws(shape, uids: list[int], seed: int, cond_dropout: float):
+def _per_sample_draws(shape, uids: list[int], seed: int, cond_dropout: float, first_frame_prob: float = 0.0):
+    """Each sample's noise, timestep normal, condition dropout and first-frame flag, from its own seed."""
     """Noise, a standard-normal timestep draw and a dropout coin for each sample, seeded by its global id."""
-    noise, u, drop = [], [], []
+    noise, u, drop, first = [], [], [], []
     for uid in uids:
         g = torch.Generator().manual_seed(seed * 1_000_003 + uid)
         noise.append(torch.randn(shape, generator=g))
         u.append(torch.randn(1, generator=g))
         drop.append(torch.rand(1, generator=g) < cond_dropout)
-    return torch.stack(noise), torch.cat(u), torch.cat(drop)
+        # drawn last and only when used, so runs without it draw exactly what they drew before
+        first.append(torch.rand(1, generator=g) < first_frame_prob if first_frame_prob > 0
+                     else torch.zeros(1, dtype=torch.bool))
+    return torch.stack(noise), torch.cat(u), torch.cat(drop), torch.cat(first)
 
 
 def _conditioning(core, batch: dict, x0: torch.Tensor, drop: torch.Tensor, device) -> dict:
@@ -315,6 +319,13 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
                          f"{model.config.in_channels}; make them match.")
     patch = tuple(model.config.patch_size)
     sample_shift = flow.shift_for(tuple(first[x_key].shape), patch)
+    if tc.first_frame_prob > 0 and (patch[0] != 1 or model.config.condition_channels):
+        why = (f"model.patch_size[0]={patch[0]} puts the first latent frame in one token with the next ones"
+               if patch[0] != 1 else f"model.condition_channels={model.config.condition_channels} is Wan 2.1's "
+               "image-to-video, which takes the first frame as its condition input already")
+        raise ValueError(f"train.first_frame_prob={tc.first_frame_prob} (Wan 2.2 TI2V's clean first frame) needs a "
+                         f"model with temporal patch 1 and no condition channels: {why}. Set "
+                         "train.first_frame_prob=0.")
 
     step, data_state = 0, {"epoch": 0, "position": 0}
     if resume_from is not None:
@@ -388,7 +399,8 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
                 x0 = batch[x_key].to(device, torch.float32)
                 base = ((step * tc.grad_accum + micro) * dp_world + dp_rank) * tc.batch_size
                 uids = list(range(base, base + x0.shape[0]))
-                noise, u, drop = _per_sample_draws(tuple(x0.shape[1:]), uids, tc.seed, tc.cond_dropout)
+                noise, u, drop, keep_first = _per_sample_draws(tuple(x0.shape[1:]), uids, tc.seed,
+                                                               tc.cond_dropout, tc.first_frame_prob)
                 t = flow.t_from_normal(u, flow.shift_for(tuple(x0.shape), patch)).to(device)
                 kwargs = _conditioning(model, batch, x0, drop, device)
                 last = micro == tc.grad_accum - 1
@@ -396,7 +408,8 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
                     wrapped.set_requires_gradient_sync(last)
                 sync = wrapped.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
                 with sync, autocast:
-                    loss = flow.loss(wrapped, x0, noise=noise.to(device), t=t, patch_size=patch, **kwargs)
+                    loss = flow.loss(wrapped, x0, noise=noise.to(device), t=t, patch_size=patch,
+                                     clean_first_frame=keep_first if tc.first_frame_prob > 0 else None, **kwargs)
                     (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach()
             clip = tc.grad_clip if tc.grad_clip > 0 else math.inf

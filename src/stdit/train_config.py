@@ -91,6 +91,10 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max gradient norm (0 disables clipping)", min=0.0)
     cond_dropout: float = _f(0.1, "probability of dropping the class/text condition (for guidance)", min=0.0,
                              max=1.0)
+    first_frame_prob: float = _f(0.0, "probability that a sample trains image-to-video as Wan 2.2 TI2V does: its "
+                                 "first latent frame stays clean, its tokens get timestep 0 and no loss (a model "
+                                 "with temporal patch 1; TI2V-5B trains with text-only and first-frame samples mixed)",
+                                 min=0.0, max=1.0)
     seed: int = _f(0, "seed for model init, noise and timesteps")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
     ema_decay: float = _f(0.999, "EMA decay (0 disables EMA)", min=0.0, max=1.0)
