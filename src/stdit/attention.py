@@ -365,11 +365,24 @@ def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
         return False
     if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    try:
-        import stdit.kernels  # noqa: F401
-    except ImportError:
-        return False
-    return (q.shape[-1] // num_heads) % 2 == 0
+    return _kernels_importable() and (q.shape[-1] // num_heads) % 2 == 0
+
+
+_KERNELS_IMPORTABLE: list[bool] = []  # the answer, once asked
+
+
+@torch.compiler.assume_constant_result
+def _kernels_importable() -> bool:
+    """Whether stdit.kernels (Triton) imports here. Dynamo takes the answer as a constant: an import traced inside a
+    compiled block is a graph break, and one inside a checkpointed block made its compiled checkpoint fall back to
+    eager, where the selective-checkpointing policy no longer applied (keep_matmuls recomputed every product)."""
+    if not _KERNELS_IMPORTABLE:
+        try:
+            import stdit.kernels  # noqa: F401
+            _KERNELS_IMPORTABLE.append(True)
+        except ImportError:
+            _KERNELS_IMPORTABLE.append(False)
+    return _KERNELS_IMPORTABLE[0]
 
 
 @torch.library.custom_op("stdit::qk_norm_rope_fwd", mutates_args=())
