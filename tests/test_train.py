@@ -235,3 +235,10 @@ def test_first_frame_training_runs_and_is_refused_where_it_cannot_apply(tmp_path
     assert summary["steps"] == 3 and len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
     with pytest.raises(ValueError, match=r"train.first_frame_prob=0.5 .* needs a model with temporal patch 1"):
         train(tiny(tmp_path / "b", ["train.first_frame_prob=0.5", "model.patch_size=[2,4,4]"]))
+
+
+def test_a_model_with_the_wan21_image_branch_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"model.image_dim=8 is Wan 2.1 image-to-video's CLIP image branch"):
+        train(tiny(tmp_path / "a", ["model.image_dim=8", "model.added_kv_proj_dim=32", "model.text_dim=24",
+                                    "model.num_classes=null"]))
+    assert not (tmp_path / "a" / "log.jsonl").exists()

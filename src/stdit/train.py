@@ -319,6 +319,10 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
                          f"{model.config.in_channels}; make them match.")
     patch = tuple(model.config.patch_size)
     sample_shift = flow.shift_for(tuple(first[x_key].shape), patch)
+    if model.config.image_dim is not None:
+        raise ValueError(f"model.image_dim={model.config.image_dim} is Wan 2.1 image-to-video's CLIP image branch, "
+                         "which the trainer does not feed yet (stdit encode writes no image features). Train a model "
+                         "without image_dim, or a Wan 2.2 TI2V-style one with train.first_frame_prob.")
     if tc.first_frame_prob > 0 and (patch[0] != 1 or model.config.condition_channels):
         why = (f"model.patch_size[0]={patch[0]} puts the first latent frame in one token with the next ones"
                if patch[0] != 1 else f"model.condition_channels={model.config.condition_channels} is Wan 2.1's "
