@@ -354,9 +354,8 @@ def test_enable_cache_takes_the_step_cache_and_one_cache_at_a_time():
     assert torch.equal(_sample(p).frames, ref)
 
     m.enable_cache(FirstBlockCacheConfig(threshold=0.1))
-    with pytest.raises(ValueError, match="already on"):
-        m.enable_cache(config)
-    with pytest.raises(ValueError, match="diffusers cache"):
-        enable_step_cache(m, config)
+    for turn_on in (m.enable_cache, functools.partial(enable_step_cache, m)):
+        with pytest.raises(ValueError, match=r"a diffusers cache \(FirstBlockCacheConfig\) is on"):
+            turn_on(config)
     m.disable_cache()
     assert torch.equal(_sample(p).frames, ref)

@@ -125,4 +125,4 @@ class RectifiedFlow:
         weight = torch.ones(b, 1, frames, 1, 1, device=x0.device)
         weight[:, :, 0] = (~keep).float()
         err = (out.float() - self.velocity(x0, noise).float()).square() * weight
-        return err.sum() / (weight.sum() * err[:, :, :1].numel() / b)
+        return err.sum() / (weight.sum() * x0.shape[1] * h * w)  # the mean over the frames that count

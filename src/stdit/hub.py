@@ -122,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), set "
                          "HF_TOKEN, or pass --token.")
     model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file() and (model_dir / WEIGHT_NAME).is_file():
+    has_config = (model_dir / "config.json").is_file()
+    if not has_config and (model_dir / WEIGHT_NAME).is_file():
         push_adapter(model_dir, args.repo_id, private=args.private, token=args.token,
                      message=args.message or "Upload LoRA adapter")
         print(f"pushed the LoRA adapter {model_dir / WEIGHT_NAME} to {args.repo_id}")
         return 0
-    if not (model_dir / "config.json").is_file():
+    if not has_config:
         raise FileNotFoundError(f"{model_dir} is not a saved model directory (no config.json); push a directory "
                                 "written by save_pretrained, e.g. runs/tiny/model, or a LoRA run's model/ (with "
                                 f"{WEIGHT_NAME}).")

@@ -176,6 +176,15 @@ def _lora_file(path: Path) -> tuple[Path, str | None]:
     return path, files[0]
 
 
+def _adapter_base(file: Path) -> str | None:
+    """The base model a LoRA file names in its ``lora_adapter_metadata`` header (None if it names none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    return header.get(f"{PREFIX}.base_model_name_or_path")
+
+
 def _card(repo_id: str, base: str | None) -> str:
     """A Hub model card for an adapter: what it is, its base, and how diffusers and stdit load it."""
     base_line = f"base_model: {base}\n" if base and not Path(base).exists() else ""
@@ -195,13 +204,11 @@ def push_adapter(folder: str | Path, repo_id: str, private: bool = False, token:
 
     import huggingface_hub as hf
     from diffusers.loaders import WanLoraLoaderMixin
-    from safetensors import safe_open
 
     folder, weight_name = _lora_file(Path(folder))
     try:
         state = WanLoraLoaderMixin.lora_state_dict(str(folder), weight_name=weight_name, use_safetensors=True)
-        with safe_open(str(folder / weight_name), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        base = _adapter_base(folder / weight_name)
     except Exception as e:
         raise ValueError(f"{folder / weight_name} is not a readable LoRA file ({e}); nothing was uploaded.") from None
     if not any(".lora_" in k or ".lora." in k for k in state):
@@ -213,7 +220,7 @@ def push_adapter(folder: str | Path, repo_id: str, private: bool = False, token:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, stage / name)
         if not (stage / "README.md").exists():
-            (stage / "README.md").write_text(_card(repo_id, header.get(f"{PREFIX}.base_model_name_or_path")))
+            (stage / "README.md").write_text(_card(repo_id, base))
         hf.create_repo(repo_id, private=private, token=token, exist_ok=True)
         return str(hf.upload_folder(repo_id=repo_id, folder_path=str(stage), token=token, commit_message=message))
 
@@ -222,12 +229,9 @@ def merge_lora(base: str | None, lora: str | Path, scale: float = 1.0):
     """``base`` (default: the base the adapter file names) with the LoRA ``lora`` added into its weights: a plain
     StDiT (no peft layers left). Takes diffusers' LoRA format and the Wan formats diffusers converts."""
     from diffusers.loaders import WanLoraLoaderMixin
-    from safetensors import safe_open
 
     folder, weight_name = _lora_file(Path(lora))
-    with safe_open(str(folder / weight_name), framework="pt") as f:
-        header = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    base = base or header.get(f"{PREFIX}.base_model_name_or_path")
+    base = base or _adapter_base(folder / weight_name)
     if not base:
         raise ValueError(f"LoRA {lora} does not name its base model; pass --base (a directory or Hub repo id).")
     state, metadata = WanLoraLoaderMixin.lora_state_dict(str(folder), weight_name=weight_name, use_safetensors=True,

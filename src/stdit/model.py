@@ -352,9 +352,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
 
         if not isinstance(config, StepCacheConfig):
             return super().enable_cache(config)
-        if self.is_cache_enabled:
-            raise ValueError(f"a cache ({type(self._cache_config).__name__}) is already on: disable_cache() first.")
-        enable_step_cache(self, config)
+        enable_step_cache(self, config)  # refuses a second cache, stdit's or diffusers'
 
     def disable_cache(self) -> None:
         from stdit.cache import StepCacheConfig, disable_step_cache

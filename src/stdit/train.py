@@ -56,8 +56,8 @@ def _say(info: DistInfo, msg: str) -> None:
 
 
 def _per_sample_draws(shape, uids: list[int], seed: int, cond_dropout: float, first_frame_prob: float = 0.0):
-    """Each sample's noise, timestep normal, condition dropout and first-frame flag, from its own seed."""
-    """Noise, a standard-normal timestep draw and a dropout coin for each sample, seeded by its global id."""
+    """Noise, a standard-normal timestep draw, a dropout coin and a first-frame coin for each sample, seeded by its
+    global id."""
     noise, u, drop, first = [], [], [], []
     for uid in uids:
         g = torch.Generator().manual_seed(seed * 1_000_003 + uid)
