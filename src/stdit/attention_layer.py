@@ -12,6 +12,7 @@ from torch import nn
 from stdit.attention import attention, qk_norm_rope
 from stdit.ops import is_plain
 from stdit.rope import apply_rope
+from stdit.sparse import tile_self_attention
 
 
 class StDiTAttnProcessor:
@@ -76,6 +77,7 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
         self.eps = eps
         self.backend: str | None = None  # runtime choice, set by StDiT.set_attention_backend
         self.sp = None  # runtime: a stdit.parallel.ulysses.SequenceParallel, set by StDiT.enable_sequence_parallel
+        self.tile_switch = None  # runtime: a stdit.sparse.TileSwitch, set by StDiT.set_tile_attention
         self.set_processor(StDiTAttnProcessor())
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, layout=None,
@@ -154,7 +156,11 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
             q, k, v = (rearrange(z, "b (t s) n d -> (b t) s n d", t=t) for z in (q, k, v))
         elif mode == "temporal":
             q, k, v = (rearrange(z, "b (t s) n d -> (b s) t n d", t=t) for z in (q, k, v))
-        out = attention(q, k, v, backend=self.backend)
+        switch = self.tile_switch
+        if mode == "full" and switch is not None and switch.active and layout is not None:
+            out = tile_self_attention(q, k, v, (t, h, w), switch.config)
+        else:
+            out = attention(q, k, v, backend=self.backend)
         if mode == "spatial":
             out = rearrange(out, "(b t) s n d -> b (t s) n d", t=t)
         elif mode == "temporal":

@@ -279,6 +279,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
+        self._tile_switch = None  # runtime: set_tile_attention
         self._compile_kwargs: dict | None = None  # set by compile_blocks
 
     # ---- runtime choices (never stored in the config) -------------------------------------------------
@@ -360,6 +361,28 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         if isinstance(self._cache_config, StepCacheConfig):
             return disable_step_cache(self)
         return super().disable_cache()
+
+    def set_tile_attention(self, config=None) -> None:
+        """Sliding-tile self-attention (a :class:`stdit.sparse.TileAttention`) in the blocks it names, at the
+        timesteps it names; None turns it off. A runtime choice like the backend, not stored in the config."""
+        from stdit.sparse import TileAttention, TileSwitch
+
+        if config is not None:
+            if not isinstance(config, TileAttention):
+                raise TypeError(f"set_tile_attention takes a stdit.sparse.TileAttention or None; got "
+                                f"{type(config).__name__}.")
+            if self.config.attention_mode != "full":
+                raise ValueError(f"tile attention replaces full 3D self-attention; this model's attention_mode is "
+                                 f"{self.config.attention_mode!r}.")
+            bad = [i for i in config.layers or () if not 0 <= i < len(self.blocks)]
+            if bad:
+                raise ValueError(f"TileAttention.layers {bad} are not block indices of this {len(self.blocks)}-block "
+                                 "model.")
+        switch = TileSwitch(config) if config is not None else None
+        self._tile_switch = switch
+        for i, block in enumerate(self.blocks):
+            on = switch is not None and (config.layers is None or i in config.layers)
+            block.attn1.tile_switch = switch if on else None
 
     def enable_sequence_parallel(self, group=None) -> None:
         """Shard the tokens over the ranks of ``group`` (default: the whole world), Ulysses style. Every rank must
@@ -494,6 +517,9 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
             encoder_hidden_states = encoder_hidden_states.masked_fill(~encoder_attention_mask[..., None], 0)
         b = hidden_states.shape[0]
         timestep = timestep.expand(b, -1) if timestep.ndim == 2 else timestep.reshape(-1).expand(b)
+        switch = self._tile_switch
+        if switch is not None:  # dense above max_timestep: read only when that can differ (one host sync)
+            switch.active = switch.config.max_timestep >= 1000 or bool(timestep.max() <= switch.config.max_timestep)
         if self.config.num_classes and class_labels is None:
             class_labels = torch.full((b,), self.config.num_classes, device=hidden_states.device, dtype=torch.long)
         noisy = hidden_states[:, :self.config.out_channels or self.config.in_channels]  # x_t, for prediction "sample"

@@ -288,6 +288,11 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
         _check_sp(sp, arch, info.world_size)
     if tc.attention_backend:
         model.set_attention_backend(tc.attention_backend)
+    tile = None
+    if tc.tile_attention is not None:
+        from stdit.sparse import TileAttention
+
+        tile = TileAttention(tile=tc.tile_attention.tile, window=tc.tile_attention.window)
     if tc.activation_checkpointing:
         model.enable_gradient_checkpointing(keep_attention=tc.checkpoint_keep_attention,
                                              keep_matmuls=tc.checkpoint_keep_matmuls)
@@ -381,8 +386,9 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
         paths = []
         if info.is_main:
             try:
-                paths = write_samples(cfg, inference_model(cfg, arch, weights), dataset, out / "samples", tag,
-                                      sample_shift, device)
+                sampler = inference_model(cfg, arch, weights)
+                sampler.set_tile_attention(tile)
+                paths = write_samples(cfg, sampler, dataset, out / "samples", tag, sample_shift, device)
             except (ImportError, OSError) as e:  # a missing video codec must not cost the trained model
                 _say(info, f"could not write the {tag} samples: {e}")
         barrier()
@@ -394,6 +400,8 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
     with StopOnSignal() as stopper:
         while step < tc.steps:
             t0 = time.time()
+            if tile is not None and (step >= tc.tile_attention.dense_steps) != (model._tile_switch is not None):
+                model.set_tile_attention(tile)  # from the start, or after the dense curriculum steps
             loss_sum = torch.zeros((), device=device)
             for micro in range(tc.grad_accum):
                 # Fetching may start a DataLoader iterator, which draws its seed from the global RNG; isolated, that

@@ -53,6 +53,9 @@ class DiffusionConfig:
     shift: float | None = _f(None, "fixed timestep shift; None derives it from the token count", min=1e-3)
     base_seq_len: int = _f(1024, "token count at which the derived shift equals base_shift", min=1)
     base_shift: float = _f(1.0, "shift at base_seq_len tokens", min=1e-3)
+    weight_t_min: float = _f(0.0, "below this t, a sample's loss weight is scaled by (t / weight_t_min)^2, so the "
+                             "clean-sample error it carries stops growing as 1 / t^2 (0: plain flow MSE)",
+                             min=0.0, max=1.0)
 
 
 # The projections Wan LoRAs adapt (diffusers' names): q, k, v and output of every self- and cross-attention, and both
@@ -75,6 +78,14 @@ class LoraSettings:
     init_lora_weights: bool | str = _f(True, "peft's init: true (A kaiming, B zero), gaussian, orthogonal (both no-op "
                                        "at start), false (random, for debugging)")
     use_rslora: bool = _f(False, "rank-stabilized scaling alpha / sqrt(rank) instead of alpha / rank")
+
+
+@dataclass
+class TileAttentionSettings:
+    tile: list = _f([4, 4, 4], "tokens per tile along (t, h, w) after patchify; their product a power of two >= 16")
+    window: list = _f([3, 3, 3], "key tiles each query tile attends to along (t, h, w)")
+    dense_steps: int = _f(0, "train with dense attention for this many steps first, then sparse (a curriculum)",
+                          min=0)
 
 
 @dataclass
@@ -121,6 +132,9 @@ class TrainConfig:
                       "adapter, in the diffusers LoRA format)")
     lora: LoraSettings | None = _f(None, "LoRA finetuning of model.pretrained through peft (null: train every weight); "
                                  "e.g. train.lora.rank=32")
+    tile_attention: TileAttentionSettings | None = _f(None, "sliding-tile self-attention (stdit.sparse.TileAttention) "
+                                                      "while training and sampling (null: dense); e.g. "
+                                                      "train.tile_attention.window=[3,3,3]")
 
 
 @dataclass
@@ -262,12 +276,15 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
     for path, value in parse_overrides(overrides or []):
         section, *rest = path
-        if len(rest) != 1 and not (len(rest) == 2 and section == "train" and rest[0] == "lora"):
-            raise ValueError(f"override {'.'.join(path)!r}: expected exactly section.key (or train.lora.key).")
+        sub_section = (len(rest) == 2 and section in SECTIONS
+                       and _nested_section(typing.get_type_hints(SECTIONS[section]).get(rest[0], int)) is not None)
+        if len(rest) != 1 and not sub_section:
+            raise ValueError(f"override {'.'.join(path)!r}: expected exactly section.key (or a sub-section's key, "
+                             "such as train.lora.rank).")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ValueError(f"{source}: section {section!r} must be a mapping.")
-        if len(rest) == 2:  # train.lora.rank=16: sets one key of the sub-section, creating it (LoRA on) if absent
+        if len(rest) == 2:  # train.lora.rank=16: sets one key of the sub-section, creating it (turned on) if absent
             sub = raw[section].get(rest[0])
             lines.update({(f"{section}.{rest[0]}", k): line for k, line in getattr(sub, "lines", {}).items()})
             sub = dict(sub) if isinstance(sub, dict) else {}
@@ -309,6 +326,17 @@ def _model_section(section: dict, source: str, lines: dict) -> dict[str, Any]:
 
 
 def _check_consistency(cfg: Config, source: str) -> None:
+    tile = cfg.train.tile_attention
+    if tile is not None:
+        from stdit.sparse import TileAttention
+
+        try:
+            TileAttention(tile=tile.tile, window=tile.window)
+        except ValueError as e:
+            raise ValueError(f"{source}: train.tile_attention: {e}") from None
+        if cfg.model.get("attention_mode", "full") != "full":
+            raise ValueError(f"{source}: train.tile_attention replaces full 3D self-attention; model.attention_mode "
+                             f"is {cfg.model['attention_mode']!r}.")
     for fmt in cfg.sample.formats:
         if fmt not in ("mp4", "gif"):
             raise ValueError(f"{source}: sample.formats has {fmt!r}; valid formats: mp4, gif.")
