@@ -88,6 +88,29 @@ def test_loss_is_zero_for_the_exact_velocity_and_positive_otherwise():
     assert flow.loss(zero, x0, noise=noise, t=t).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_weight_t_min_caps_the_low_noise_weight_of_the_sample_error():
+    x0 = torch.randn(4, 3, 2, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0.05, 0.2, 0.5, 0.9])
+
+    def zero(x_t, timestep, return_dict=False):
+        return (torch.zeros_like(x_t),)
+
+    per_sample = (noise - x0).pow(2).mean(dim=(1, 2, 3, 4))
+    weight = (t / 0.3).clamp(max=1).square()  # below t = 0.3 the weight falls as t^2, above it stays 1
+    got = RectifiedFlow(weight_t_min=0.3).loss(zero, x0, noise=noise, t=t)
+    assert got.item() == pytest.approx((per_sample * weight).mean().item(), rel=1e-5)
+    assert RectifiedFlow(weight_t_min=0.0).loss(zero, x0, noise=noise, t=t).item() == pytest.approx(
+        per_sample.mean().item(), rel=1e-5)
+    # the clean-first-frame path weighs its samples the same way
+    keep = torch.tensor([True, False, False, False])
+    cf = RectifiedFlow(weight_t_min=0.3).loss(zero, x0, noise=noise, t=t, clean_first_frame=keep)
+    err = (noise - x0).pow(2)
+    err[0, :, 0] = 0
+    counted = err.numel() - x0[0, :, 0].numel()
+    assert cf.item() == pytest.approx((err * weight.view(-1, 1, 1, 1, 1)).sum().item() / counted, rel=1e-5)
+
+
 def test_loss_draws_are_reproducible_from_the_generator():
     x0 = torch.randn(2, 3, 2, 4, 4)
     model = lambda x, t, return_dict=False: (x * 0.5,)  # noqa: E731

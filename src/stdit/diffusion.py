@@ -56,6 +56,10 @@ class RectifiedFlow:
         logit_mean, logit_std: parameters of the logit-normal timestep density.
         shift: a fixed timestep shift, or None to derive it from the input size (see :func:`resolution_shift`).
         base_seq_len, base_shift: the resolution rule used when ``shift`` is None.
+        weight_t_min: the flow error ``v - v*`` is the clean-sample error divided by ``t``, so the plain flow MSE
+            weighs a sample's x0 error by ``1 / t^2``: unbounded at low noise, where those few samples then dominate
+            the gradient. With ``weight_t_min > 0`` a sample's loss is scaled by ``min(1, t / weight_t_min)^2``,
+            capping its x0 weight at ``1 / weight_t_min^2``, so a density that trains more low noise stays stable.
     """
 
     logit_mean: float = 0.0
@@ -63,6 +67,7 @@ class RectifiedFlow:
     shift: float | None = None
     base_seq_len: int = 1024
     base_shift: float = 1.0
+    weight_t_min: float = 0.0
 
     def shift_for(self, shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> float:
         if self.shift is not None:
@@ -77,6 +82,10 @@ class RectifiedFlow:
     def t_from_normal(self, u: torch.Tensor, shift: float) -> torch.Tensor:
         """Timesteps from standard-normal draws ``u`` (for callers that draw their own randomness)."""
         return shift_timesteps(torch.sigmoid(self.logit_mean + self.logit_std * u), shift)
+
+    def sample_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Each sample's loss weight ``min(1, t / weight_t_min)^2`` (fp32, shape of ``t``)."""
+        return (t.float() / self.weight_t_min).clamp(max=1.0).square()
 
     @staticmethod
     def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +119,10 @@ class RectifiedFlow:
         x_t = self.add_noise(x0, noise, t)
         if clean_first_frame is None or not bool(clean_first_frame.any()):
             out = model(x_t, t * NUM_TRAIN_TIMESTEPS, return_dict=False, **model_kwargs)[0]
-            return F.mse_loss(out.float(), self.velocity(x0, noise).float())
+            if self.weight_t_min <= 0:
+                return F.mse_loss(out.float(), self.velocity(x0, noise).float())
+            err = (out.float() - self.velocity(x0, noise).float()).square()
+            return (err * self.sample_weight(t).view(-1, *([1] * (err.ndim - 1)))).mean()
         if patch_size[0] != 1:
             raise ValueError(f"a clean first frame needs a temporal patch of 1; got patch_size={tuple(patch_size)}.")
         keep = clean_first_frame.to(x0.device).view(-1, 1, 1, 1)
@@ -124,5 +136,8 @@ class RectifiedFlow:
         out = model(x_t, t_tok * NUM_TRAIN_TIMESTEPS, return_dict=False, **model_kwargs)[0]
         weight = torch.ones(b, 1, frames, 1, 1, device=x0.device)
         weight[:, :, 0] = (~keep).float()
+        counted = weight.sum() * x0.shape[1] * h * w  # the mean is over the frames that count
+        if self.weight_t_min > 0:
+            weight = weight * self.sample_weight(t).view(-1, 1, 1, 1, 1)
         err = (out.float() - self.velocity(x0, noise).float()).square() * weight
-        return err.sum() / (weight.sum() * x0.shape[1] * h * w)  # the mean over the frames that count
+        return err.sum() / counted
