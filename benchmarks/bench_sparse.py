@@ -110,7 +110,7 @@ def run(args, clock) -> int:
             dense_tflops = mult * dense_flops / ms / 1e9
             rows.append({"shape": shape, "tokens": s0, "mode": mode, "sparsity": 0.0, "impl": "ours dense",
                          "ms": ms, "TFLOP/s per block": dense_tflops, "vs ours dense": 1.0})
-            print(rows[-1], flush=True)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
             for sparsity in args.sparsity:
                 dense_mask = random_tile_mask(n, HEADS, 1 - sparsity, seed=int(sparsity * 1000), device=dev)
                 mask = TileMask.from_dense(dense_mask)
@@ -128,7 +128,7 @@ def run(args, clock) -> int:
                     rows.append({"shape": shape, "tokens": s0, "mode": mode, "sparsity": sparsity, "impl": name,
                                  "ms": ms_s, "TFLOP/s per block": flops / ms_s / 1e9, "vs ours dense": ms / ms_s,
                                  "per-block vs dense": flops / ms_s / 1e9 / dense_tflops})
-                    print(rows[-1], flush=True)
+                    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
         del q0, k0, v0, qt, kt, vt
         torch.cuda.empty_cache()
     info = machine()
@@ -137,7 +137,8 @@ def run(args, clock) -> int:
              "tile itself always kept). 'vs ours dense' = our dense kernel's time on the grid's tokens / this "
              "time; 'per-block vs dense' = TFLOP/s per computed block / our dense kernel's TFLOP/s. Medians of "
              "triton.testing.do_bench.")
-    write_results("sparse", "Block-sparse tile attention vs dense and FlexAttention", rows,
+    stem = "sparse" if tuple(args.tile) == (4, 4, 4) else "sparse-tile" + "x".join(map(str, args.tile))
+    write_results(stem, "Block-sparse tile attention vs dense and FlexAttention", rows,
                   ["shape", "tokens", "mode", "sparsity", "impl", "ms", "TFLOP/s per block", "vs ours dense",
                    "per-block vs dense"], notes=notes, extra={"tile": list(args.tile)})
     labels = [f"{r['shape']} {r['mode']} s={r['sparsity']:g}" for r in rows if r["impl"] == "ours sparse"]
@@ -147,7 +148,7 @@ def run(args, clock) -> int:
         if len(got) == len(labels):
             series[name] = got
     if labels:
-        bar_plot(RESULTS / f"sparse-{gpu_slug(info['gpu'])}.png", labels, series, "speed-up over our dense kernel",
+        bar_plot(RESULTS / f"{stem}-{gpu_slug(info['gpu'])}.png", labels, series, "speed-up over our dense kernel",
                  f"Tile attention, {info['gpu']}")
     return 0
 

@@ -58,6 +58,32 @@ def _call_sparse(model, x, t, text):
     return _call(other, x, t, text)
 
 
+def test_topk_selection(setup):
+    model, x, text = setup
+    dense = _call(model, x, 500.0, text)
+    model.set_tile_attention(TileAttention(tile=(2, 2, 4), select="topk", keep=1.0))
+    assert torch.allclose(_call(model, x, 500.0, text), dense, atol=1e-5, rtol=0)
+    model.set_tile_attention(TileAttention(tile=(2, 2, 4), select="topk", keep=0.25))
+    assert (_call(model, x, 500.0, text) - dense).abs().max() > 1e-3
+
+
+def test_topk_tile_mask_keeps_the_highest_pooled_scores():
+    from stdit.kernels.attention_sparse import TileLayout, topk_tile_mask
+
+    lay = TileLayout.build((2, 4, 6), (1, 4, 4))  # 4 tiles, two of them cut to 8 tokens
+    g = torch.Generator().manual_seed(0)
+    q, k = (lay.to_tiles(torch.randn(2, 48, 3, 16, generator=g)) for _ in range(2))
+    mask = topk_tile_mask(q, k, lay, 2)
+    assert (mask.kv_count == 2).all()
+    n = lay.n_valid.float().view(1, 4, 1, 1)
+    qp, kp = (x.view(2, 4, 16, 3, 16).sum(2) / n for x in (q, k))  # padding rows are zero: the mean of the real
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp)
+    top = scores.topk(2, dim=-1).indices.sort(-1).values
+    assert torch.equal(mask.kv_index.long(), top)
+    with pytest.raises(ValueError, match="num_tiles"):
+        topk_tile_mask(q, k, lay, 5)
+
+
 def test_tile_attention_refuses_bad_settings(setup):
     model = setup[0]
     with pytest.raises(ValueError, match="power of two >= 16"):
@@ -66,6 +92,10 @@ def test_tile_attention_refuses_bad_settings(setup):
         TileAttention(window=(1, 2))
     with pytest.raises(ValueError, match="max_timestep"):
         TileAttention(max_timestep=1200)
+    with pytest.raises(ValueError, match="select"):
+        TileAttention(select="random")
+    with pytest.raises(ValueError, match="keep"):
+        TileAttention(select="topk", keep=0)
     with pytest.raises(ValueError, match="block indices"):
         model.set_tile_attention(TileAttention(layers=(0, 3)))
     with pytest.raises(TypeError, match="TileAttention"):

@@ -2,7 +2,8 @@
 
 A runtime choice, like the attention backend (never stored in the Hub config): ``model.set_tile_attention(
 TileAttention(tile=(4, 4, 4), window=(3, 3, 3)))`` makes the chosen blocks' self-attention attend, for each tile of
-query tokens, only to the ``window`` of key tiles around it (Sliding Tile Attention). Dense attention is kept for
+query tokens, only to the ``window`` of key tiles around it (Sliding Tile Attention), or with ``select="topk"`` to
+the key tiles of highest mean-pooled attention score (Video Sparse Attention's selection). Dense attention is kept for
 the noisiest steps above ``max_timestep`` (where a video's layout is decided, and where sparse attention on a model
 trained dense costs the most quality), and for blocks not in ``layers``.
 
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from stdit.kernels.attention_sparse import TileLayout, TileMask, sliding_tile_mask, tile_attention
+from stdit.kernels.attention_sparse import TileLayout, TileMask, sliding_tile_mask, tile_attention, topk_tile_mask
+
+SELECTIONS = ("window", "topk")
 
 
 def _triple(name: str, value) -> tuple[int, int, int]:
@@ -37,8 +40,12 @@ class TileAttention:
     Args:
         tile: tokens per tile along (t, h, w), in latent tokens after patchify; their product is the kernels' block
             (a power of two >= 16: 64 or 128 on a GPU).
-        window: key tiles around each query tile along (t, h, w); a window as large as the tile grid is dense
-            along that axis.
+        window: with ``select="window"``, the key tiles around each query tile along (t, h, w); a window as large
+            as the tile grid is dense along that axis.
+        select: ``"window"`` (Sliding Tile Attention: a fixed neighbourhood, the same for every head) or ``"topk"``
+            (Video Sparse Attention's selection: per batch row, head and query tile, the key tiles of highest
+            mean-pooled attention score, chosen again at every call).
+        keep: with ``select="topk"``, the fraction of key tiles each query tile attends to (at least one).
         layers: the block indices that use it (None: every block).
         max_timestep: the largest timestep (0..1000) that uses it; calls at noisier timesteps attend densely.
     """
@@ -47,6 +54,8 @@ class TileAttention:
     window: tuple[int, int, int] = (3, 3, 3)
     layers: tuple[int, ...] | None = None
     max_timestep: float = 1000.0
+    select: str = "window"
+    keep: float = 0.125
 
     def __post_init__(self):
         object.__setattr__(self, "tile", _triple("tile", self.tile))
@@ -57,12 +66,21 @@ class TileAttention:
                              "(the kernels' block), e.g. (4, 4, 4) = 64 or (2, 8, 8) = 128.")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.select not in SELECTIONS:
+            raise ValueError(f"TileAttention.select={self.select!r}; choose one of {SELECTIONS}.")
+        if not 0 < float(self.keep) <= 1:
+            raise ValueError(f"TileAttention.keep must be in (0, 1] (a fraction of the key tiles); got {self.keep}.")
         if not 0 <= float(self.max_timestep) <= 1000:
             raise ValueError(f"TileAttention.max_timestep must be in [0, 1000]; got {self.max_timestep}.")
 
     def density(self, grid: tuple[int, int, int]) -> float:
         """The fraction of (query tile, key tile) pairs computed on a ``(t, h, w)`` token grid."""
-        return _plan(self, tuple(grid), torch.device("cpu"))[1].density()
+        layout, mask, _ = _plan(self, tuple(grid), torch.device("cpu"))
+        return mask.density() if self.select == "window" else self.key_tiles(layout) / layout.num_tiles
+
+    def key_tiles(self, layout: TileLayout) -> int:
+        """How many key tiles a query tile attends to with ``select="topk"``."""
+        return max(1, min(layout.num_tiles, round(self.keep * layout.num_tiles)))
 
 
 class TileSwitch:
@@ -90,15 +108,13 @@ def _plan(config: TileAttention, grid: tuple[int, int, int], device: torch.devic
     return plan
 
 
-def _token_mask(layout: TileLayout, mask: TileMask, cache: dict) -> torch.Tensor:
-    """``[S, S]`` bool over the tile-ordered tokens (query tile's window, real keys only), for SDPA."""
-    if "tokens" not in cache:
-        tile_of = torch.arange(layout.num_tiles * layout.tile_tokens, device=layout.n_valid.device)
-        tile_of = tile_of // layout.tile_tokens
-        inner = torch.arange(layout.tile_tokens, device=tile_of.device).repeat(layout.num_tiles)
-        real = inner < layout.n_valid.long()[tile_of]
-        cache["tokens"] = mask.dense(layout.num_tiles)[0, 0][tile_of[:, None], tile_of[None, :]] & real[None, :]
-    return cache["tokens"]
+def _token_mask(layout: TileLayout, mask: TileMask) -> torch.Tensor:
+    """``[B|1, H|1, S, S]`` bool over the tile-ordered tokens (the listed key tiles' real tokens), for SDPA."""
+    tile_of = torch.arange(layout.num_tiles * layout.tile_tokens, device=layout.n_valid.device)
+    tile_of = tile_of // layout.tile_tokens
+    inner = torch.arange(layout.tile_tokens, device=tile_of.device).repeat(layout.num_tiles)
+    real = inner < layout.n_valid.long()[tile_of]
+    return mask.dense(layout.num_tiles)[..., tile_of[:, None], tile_of[None, :]] & real
 
 
 def tile_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int],
@@ -106,10 +122,17 @@ def tile_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
     """Sliding-tile attention over ``[B, t*h*w, H, D]`` q, k, v in grid order; returns the same layout."""
     layout, mask, cache = _plan(config, tuple(int(g) for g in grid), q.device)
     qt, kt, vt = (layout.to_tiles(x) for x in (q, k, v))
+    if config.select == "topk":
+        mask = topk_tile_mask(qt, kt, layout, config.key_tiles(layout))
     if q.is_cuda:
         out = tile_attention(qt, kt, vt, mask, layout)
     else:
-        allowed = _token_mask(layout, mask, cache)
+        if config.select == "topk":
+            allowed = _token_mask(layout, mask)
+        else:
+            allowed = cache.get("tokens")
+            if allowed is None:
+                allowed = cache["tokens"] = _token_mask(layout, mask)
         out = torch.nn.functional.scaled_dot_product_attention(
             qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), attn_mask=allowed).transpose(1, 2)
     return layout.untile(out)

@@ -179,6 +179,22 @@ def sliding_tile_mask(layout: TileLayout, window: tuple[int, int, int], device=N
     return TileMask.from_dense(m.reshape(layout.num_tiles, layout.num_tiles).to(device))
 
 
+def topk_tile_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, num_tiles: int) -> TileMask:
+    """Each query tile attends to the ``num_tiles`` key tiles of highest pooled attention score, per batch row and
+    head (Video Sparse Attention's coarse stage): q and k tile-ordered ``[B, S, H, D]``, mean-pooled over each tile's
+    real tokens, scored ``q_pool . k_pool``. Not differentiable (a selection)."""
+    b, s, h, d = q.shape
+    n, tile = layout.num_tiles, layout.tile_tokens
+    if not 1 <= num_tiles <= n:
+        raise ValueError(f"num_tiles must be in [1, {n}] (the key tiles of this layout); got {num_tiles}.")
+    count = layout.n_valid.to(q.device).float().view(1, n, 1, 1)
+    with torch.no_grad():
+        qp, kp = (x.detach().float().view(b, n, tile, h, d).sum(2) / count for x in (q, k))
+        chosen = torch.einsum("bqhd,bkhd->bhqk", qp, kp).topk(num_tiles, dim=-1).indices
+        dense = torch.zeros(b, h, n, n, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
+    return TileMask.from_dense(dense)
+
+
 # --- kernels --------------------------------------------------------------------------------------------------
 
 
