@@ -145,3 +145,19 @@ def test_training_with_tile_attention_after_a_dense_curriculum(tmp_path, monkeyp
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert len(calls) == 1 and calls[0].window == (1, 1, 3)  # switched on once, after the dense step
     assert rc == 0
+
+
+def test_sample_cli_with_tile_attention(tmp_path, capsys):
+    from stdit.cli import main
+    from stdit.pipeline import make_scheduler
+
+    tiny_model(text_dim=None, num_classes=2, in_channels=3, out_channels=3).save_pretrained(tmp_path / "m")
+    make_scheduler("euler", 1.0).save_pretrained(tmp_path / "m")
+    base = ["sample", "--model", str(tmp_path / "m"), "--class-label", "1", "--frames", "2", "--height", "16",
+            "--width", "16", "--steps", "2", "--scale", "1", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "dense.gif")]) == 0
+    assert main(base + ["--out", str(tmp_path / "tiles.gif"), "--tile-attention", "window", "--tile", "1", "4", "4",
+                        "--window", "1", "1", "1"]) == 0
+    assert (tmp_path / "dense.gif").read_bytes() != (tmp_path / "tiles.gif").read_bytes()
+    assert main(base + ["--out", str(tmp_path / "bad.gif"), "--tile-attention", "topk", "--tile", "3", "3", "3"]) == 2
+    assert "power of two" in capsys.readouterr().err

@@ -57,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "steps where it would change little (stdit.cache), calibrated by --calibrate-cache")
     parser.add_argument("--cache-threshold", type=float, help="the step cache's threshold (higher: faster, "
                         "further from the uncached video; default 0.1)")
+    parser.add_argument("--tile-attention", choices=("window", "topk"), help="sparse self-attention over 3D tiles "
+                        "of latent tokens (stdit.sparse): a window of neighbouring tiles, or the top-k tiles by "
+                        "pooled score")
+    parser.add_argument("--tile", type=int, nargs=3, default=(4, 4, 4), metavar=("T", "H", "W"),
+                        help="tokens per tile with --tile-attention (their product a power of two >= 16)")
+    parser.add_argument("--window", type=int, nargs=3, default=(3, 3, 3), metavar=("T", "H", "W"),
+                        help="key tiles around each query tile with --tile-attention window")
+    parser.add_argument("--keep", type=float, default=0.125, help="fraction of key tiles with --tile-attention topk")
+    parser.add_argument("--dense-above", type=float, default=1000.0, help="with --tile-attention: timesteps above "
+                        "this (0..1000, the noisiest steps) attend densely")
     parser.add_argument("--calibrate-cache", action="store_true", help="sample uncached and write the step cache's "
                         "calibration (step_cache.json) into the model directory, for later --cache runs with the "
                         "same scheduler and steps")
@@ -115,6 +125,11 @@ def check_args(args: argparse.Namespace) -> None:
     if not ((model_dir / "config.json").is_file() or (model_dir / "model_index.json").is_file()):
         raise ValueError(f"{model_dir} is not a saved model directory (no config.json, and no model_index.json of "
                          "a saved pipeline).")
+    if args.tile_attention:
+        from stdit.sparse import TileAttention
+
+        TileAttention(tile=args.tile, window=args.window, select=args.tile_attention, keep=args.keep,
+                      max_timestep=args.dense_above)  # one clear error for bad settings, before anything loads
     if args.cache and args.calibrate_cache:
         raise ValueError("give --cache or --calibrate-cache, not both (calibration samples uncached).")
     if args.cache_threshold is not None and not args.cache:
@@ -241,6 +256,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         kwargs["batch_size"] = args.num_videos
     pipe.set_progress_bar_config(disable=args.no_progress)
+    if args.tile_attention:
+        from stdit.sparse import TileAttention
+
+        pipe.transformer.set_tile_attention(TileAttention(tile=args.tile, window=args.window, select=args.tile_attention,
+                                                          keep=args.keep, max_timestep=args.dense_above))
     with _step_cache(args, pipe) as calibrator:
         out = pipe(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
