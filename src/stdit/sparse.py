@@ -7,8 +7,8 @@ the key tiles of highest mean-pooled attention score (Video Sparse Attention's s
 the noisiest steps above ``max_timestep`` (where a video's layout is decided, and where sparse attention on a model
 trained dense costs the most quality), and for blocks not in ``layers``.
 
-On CUDA it runs the block-sparse Triton kernels of :mod:`stdit.kernels.attention_sparse`; elsewhere torch SDPA
-with the same mask expanded to tokens (the same math, for CPU training and tests). Under Ulysses sequence
+On CUDA it runs the block-sparse Triton kernels of :mod:`stdit.kernels.attention_sparse` (at the head dims they
+take); elsewhere torch SDPA with the same mask expanded to tokens (the same math, for CPU training and tests). Under Ulysses sequence
 parallelism each rank holds every token of its heads, so the tiles stay whole on a rank.
 """
 
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from stdit.kernels.attention_sparse import TileLayout, TileMask, sliding_tile_mask, tile_attention, topk_tile_mask
+from stdit.kernels.attention_sparse import (SUPPORTED_HEAD_DIMS, TileLayout, TileMask, sliding_tile_mask,
+                                            tile_attention, topk_tile_mask)
 
 SELECTIONS = ("window", "topk")
 
@@ -124,7 +125,7 @@ def tile_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
     qt, kt, vt = (layout.to_tiles(x) for x in (q, k, v))
     if config.select == "topk":
         mask = topk_tile_mask(qt, kt, layout, config.key_tiles(layout))
-    if q.is_cuda:
+    if q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS:
         out = tile_attention(qt, kt, vt, mask, layout)
     else:
         if config.select == "topk":
