@@ -125,11 +125,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not ((model_dir / "config.json").is_file() or (model_dir / "model_index.json").is_file()):
         raise ValueError(f"{model_dir} is not a saved model directory (no config.json, and no model_index.json of "
                          "a saved pipeline).")
-    if args.tile_attention:
-        from stdit.sparse import TileAttention
-
-        TileAttention(tile=args.tile, window=args.window, select=args.tile_attention, keep=args.keep,
-                      max_timestep=args.dense_above)  # one clear error for bad settings, before anything loads
+    tile_attention(args)  # one clear error for bad settings, before anything loads
     if args.cache and args.calibrate_cache:
         raise ValueError("give --cache or --calibrate-cache, not both (calibration samples uncached).")
     if args.cache_threshold is not None and not args.cache:
@@ -144,6 +140,16 @@ def check_args(args: argparse.Namespace) -> None:
                          "the same command once with --calibrate-cache instead of --cache.")
     if args.calibrate_cache and not os.access(calibration.parent, os.W_OK):
         raise ValueError(f"--calibrate-cache writes {calibration}, but {calibration.parent} is not writable.")
+
+
+def tile_attention(args: argparse.Namespace):
+    """The ``--tile-attention`` settings as a :class:`stdit.sparse.TileAttention`, or None without the flag."""
+    if not args.tile_attention:
+        return None
+    from stdit.sparse import TileAttention
+
+    return TileAttention(tile=args.tile, window=args.window, select=args.tile_attention, keep=args.keep,
+                         max_timestep=args.dense_above)
 
 
 def calibration_dir(args: argparse.Namespace) -> Path:
@@ -257,10 +263,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs["batch_size"] = args.num_videos
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.tile_attention:
-        from stdit.sparse import TileAttention
-
-        pipe.transformer.set_tile_attention(TileAttention(tile=args.tile, window=args.window, select=args.tile_attention,
-                                                          keep=args.keep, max_timestep=args.dense_above))
+        pipe.transformer.set_tile_attention(tile_attention(args))
     with _step_cache(args, pipe) as calibrator:
         out = pipe(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
