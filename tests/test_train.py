@@ -178,8 +178,11 @@ def test_activation_checkpointing_trains_the_same(tmp_path):
 
 
 def test_mismatched_data_and_model_get_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="the data has 3 channels but model.in_channels=4"):
+    with pytest.raises(ValueError, match=r"the data has 3 channels but the model takes 4 \(model.in_channels=4\)"):
         train(tiny(tmp_path, ["model.in_channels=4", "model.out_channels=4"]))
+    with pytest.raises(ValueError, match=r"in_channels=5 with out_channels=3 is Wan 2.1 image-to-video: .* a "
+                                         r"2-channel condition, which the data does not have"):
+        train(tiny(tmp_path, ["model.in_channels=5", "model.out_channels=3"]))
     with pytest.raises(ValueError, match="model.text_dim is set but the data has no text features"):
         train(tiny(tmp_path, ["model.text_dim=8"]))
 
@@ -237,8 +240,9 @@ def test_first_frame_training_runs_and_is_refused_where_it_cannot_apply(tmp_path
         train(tiny(tmp_path / "b", ["train.first_frame_prob=0.5", "model.patch_size=[2,4,4]"]))
 
 
-def test_a_model_with_the_wan21_image_branch_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"model.image_dim=8 is Wan 2.1 image-to-video's CLIP image branch"):
+def test_a_wan21_image_model_without_image_features_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"model.image_dim=8 \(Wan 2.1 image-to-video's CLIP image branch\) needs "
+                                         r"image features in the data; encode the data with `stdit encode"):
         train(tiny(tmp_path / "a", ["model.image_dim=8", "model.added_kv_proj_dim=32", "model.text_dim=24",
                                     "model.num_classes=null"]))
     assert not (tmp_path / "a" / "log.jsonl").exists()

@@ -99,14 +99,16 @@ class RectifiedFlow:
 
     def loss(self, model, x0: torch.Tensor, noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
              generator: torch.Generator | None = None, patch_size: tuple[int, int, int] = (1, 1, 1),
-             clean_first_frame: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+             clean_first_frame: torch.Tensor | None = None, input_condition: torch.Tensor | None = None,
+             **model_kwargs) -> torch.Tensor:
         """Mean squared error between the model's velocity and ``noise - x0`` (fp32), one scalar.
 
         ``noise`` and ``t`` (in [0, 1]) are drawn from ``generator`` unless given, so a caller that derives them
         from its own seeds can replay a run exactly. ``clean_first_frame`` ([B] bool) trains those samples as Wan 2.2
         TI2V's image-to-video: the first latent frame enters clean, its tokens get timestep 0 (per-token timesteps
         ``[B, S]``, as ``WanImageToVideoPipeline`` passes them with ``expand_timesteps``) and it is left out of the
-        loss; needs a temporal patch of 1.
+        loss; needs a temporal patch of 1. ``input_condition`` ``[B, C_cond, T, H, W]``: channels concatenated to the
+        noisy latents as the model's input (Wan 2.1 image-to-video: the known-frame mask and condition latents).
         """
         b = x0.shape[0]
         if noise is None:
@@ -117,6 +119,9 @@ class RectifiedFlow:
             t = self.sample_t(b, self.shift_for(tuple(x0.shape), patch_size), generator, x0.device)
         t = t.to(x0.device)
         x_t = self.add_noise(x0, noise, t)
+        if input_condition is not None:
+            def model(x, timestep, _model=model, **kw):
+                return _model(torch.cat([x, input_condition.to(x.dtype)], dim=1), timestep, **kw)
         if clean_first_frame is None or not bool(clean_first_frame.any()):
             out = model(x_t, t * NUM_TRAIN_TIMESTEPS, return_dict=False, **model_kwargs)[0]
             if self.weight_t_min <= 0:

@@ -90,7 +90,50 @@ def _conditioning(core, batch: dict, x0: torch.Tensor, drop: torch.Tensor, devic
         kwargs["encoder_attention_mask"] = batch["prompt_mask"].to(device)
     if cfg.condition_channels:
         kwargs["condition"] = core.i2v_condition(x0[:, :, :1], x0.shape[2])
+    elif "condition" in batch:  # Wan 2.1 I2V: the condition input `stdit encode --image-condition` stored
+        kwargs["input_condition"] = batch["condition"].to(device)
+    if cfg.image_dim is not None:
+        # kept under condition dropout: Wan's unconditional branch drops the text, not the image
+        image = batch["image_embeds"].to(device)
+        if cfg.pos_embed_seq_len:  # first-last frame: one row per image, as the pipeline passes them ([2B, L, D])
+            image = image.reshape(-1, cfg.pos_embed_seq_len // 2, image.shape[-1])
+        kwargs["encoder_hidden_states_image"] = image
     return kwargs
+
+
+def check_i2v_data(mc, item: dict, x_key: str) -> None:
+    """One clear error when the data does not carry what the model's inputs need. A Wan 2.1 I2V model
+    (``in_channels`` > ``out_channels``, no ``condition_channels``) reads latents of ``out_channels`` channels plus the
+    stored condition input of the rest, and, with ``image_dim``, CLIP image features."""
+    x = item[x_key]
+    cond = mc.in_channels - (mc.out_channels or mc.in_channels) if not mc.condition_channels else 0
+    encode_hint = ("encode the data with `stdit encode --vae ... --image-encoder <CLIP dir> --image-condition first` "
+                   "(first-last for a first-last-frame model)")
+    if cond > 0:
+        if "condition" not in item:
+            raise ValueError(f"model.in_channels={mc.in_channels} with out_channels={mc.out_channels} is Wan 2.1 "
+                             f"image-to-video: its input is the noisy latents plus a {cond}-channel condition, which "
+                             f"the data does not have; {encode_hint}.")
+        if item["condition"].shape[0] != cond or item["condition"].shape[1:] != x.shape[1:]:
+            raise ValueError(f"the data's condition input is {list(item['condition'].shape)} but the model takes "
+                             f"{cond} condition channels over the latents' {list(x.shape[1:])}; {encode_hint} with "
+                             "the model's VAE.")
+    expected = mc.in_channels - cond
+    if x.shape[0] != expected:
+        raise ValueError(f"the data has {x.shape[0]} channels but the model takes {expected} "
+                         f"(model.in_channels={mc.in_channels}{f', of which {cond} condition' if cond else ''}); make "
+                         "them match.")
+    if mc.image_dim is not None:
+        if "image_embeds" not in item:
+            raise ValueError(f"model.image_dim={mc.image_dim} (Wan 2.1 image-to-video's CLIP image branch) needs "
+                             f"image features in the data; {encode_hint}.")
+        if item["image_embeds"].shape[-1] != mc.image_dim:
+            raise ValueError(f"the data's image features are {item['image_embeds'].shape[-1]}-dimensional but "
+                             f"model.image_dim={mc.image_dim}; encode them with the model's image encoder.")
+        n = mc.pos_embed_seq_len
+        if n is not None and item["image_embeds"].shape[0] != n:
+            raise ValueError(f"model.pos_embed_seq_len={n} (first-last-frame) takes {n} image tokens per clip, the "
+                             f"data has {item['image_embeds'].shape[0]}; encode with --image-condition first-last.")
 
 
 def _full_weights(wrapped, ema, trainable_only: bool = False) -> dict[str, torch.Tensor]:
@@ -111,6 +154,11 @@ def write_samples(cfg: Config, model, dataset, out_dir: Path, tag: str, shift: f
     from stdit.pipeline import StDiTPipeline, make_scheduler
 
     sc, mc = cfg.sample, model.config
+    if mc.image_dim is not None or (not mc.condition_channels and mc.in_channels > (mc.out_channels or 0) > 0):
+        print(f"no {tag} samples: a Wan 2.1 image-to-video model samples through diffusers' WanImageToVideoPipeline "
+              "with its image encoder and VAE (see the README's 'Use with diffusers'); the trained model is exported "
+              "as usual.", flush=True)
+        return []
     vae = None
     if sc.vae:
         from diffusers import AutoModel
@@ -319,19 +367,13 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
                                  world_size=dp_world, grad_accum=tc.grad_accum)
     first = dataset[0]
     x_key = "video" if "video" in first else "latents"
-    if first[x_key].shape[0] != model.config.in_channels:
-        raise ValueError(f"the data has {first[x_key].shape[0]} channels but model.in_channels="
-                         f"{model.config.in_channels}; make them match.")
+    check_i2v_data(model.config, first, x_key)
     patch = tuple(model.config.patch_size)
     sample_shift = flow.shift_for(tuple(first[x_key].shape), patch)
-    if model.config.image_dim is not None:
-        raise ValueError(f"model.image_dim={model.config.image_dim} is Wan 2.1 image-to-video's CLIP image branch, "
-                         "which the trainer does not feed yet (stdit encode writes no image features). Train a model "
-                         "without image_dim, or a Wan 2.2 TI2V-style one with train.first_frame_prob.")
-    if tc.first_frame_prob > 0 and (patch[0] != 1 or model.config.condition_channels):
+    if tc.first_frame_prob > 0 and (patch[0] != 1 or model.config.condition_channels or "condition" in first):
         why = (f"model.patch_size[0]={patch[0]} puts the first latent frame in one token with the next ones"
-               if patch[0] != 1 else f"model.condition_channels={model.config.condition_channels} is Wan 2.1's "
-               "image-to-video, which takes the first frame as its condition input already")
+               if patch[0] != 1 else "the model is Wan 2.1-style image-to-video, which takes the first frame as its "
+               "condition input already")
         raise ValueError(f"train.first_frame_prob={tc.first_frame_prob} (Wan 2.2 TI2V's clean first frame) needs a "
                          f"model with temporal patch 1 and no condition channels: {why}. Set "
                          "train.first_frame_prob=0.")

@@ -4,6 +4,10 @@ Text features come from a text encoder (a local transformers model directory: T5
 ``AutoModel`` with ``last_hidden_state``) applied to each video's sidecar caption, or are read precomputed from
 ``<stem>.safetensors`` files (key ``prompt_embeds`` ``[L, D]``) beside the videos or in ``--text-features``.
 Without a VAE the "latents" are the pixel clips themselves (for pixel-space models).
+
+For Wan 2.1 image-to-video models, ``--image-encoder`` (a CLIP vision model directory, as Wan I2V ships it) adds each
+clip's CLIP image features and ``--image-condition first|first-last`` the condition input the model concatenates to
+its noisy latents, both computed exactly as diffusers' ``WanImageToVideoPipeline`` computes them at sampling time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from stdit.cli import format_size
 from stdit.data.latents import INDEX, write_shard
 
 TextEncoder = Callable[[list[str]], list[torch.Tensor]]
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+IMAGE_CONDITIONS = ("first", "first-last")
 
 
 def load_text_encoder(path: str | Path, device: torch.device, max_length: int = 512) -> TextEncoder:
@@ -51,6 +57,57 @@ def load_text_encoder(path: str | Path, device: torch.device, max_length: int = 
     return encode
 
 
+def load_image_encoder(path: str | Path, device: torch.device) -> ImageEncoder:
+    """A function ``frames [N, 3, H, W] in [-1, 1] -> [N * L, D]`` CLIP image features from a local transformers
+    directory (``CLIPVisionModel`` + its image processor): the penultimate hidden states, as
+    ``WanImageToVideoPipeline.encode_image`` takes them. The N images' tokens are concatenated, which is the layout
+    a first-last-frame model's image embedder (``pos_embed_seq_len = 2 L``) reads."""
+    try:
+        from transformers import AutoImageProcessor, CLIPVisionModel
+    except ImportError as e:
+        raise ImportError("--image-encoder needs the transformers package (pip install transformers).") from e
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = CLIPVisionModel.from_pretrained(path).to(device).eval()
+
+    @torch.no_grad()
+    def encode(frames: torch.Tensor) -> torch.Tensor:
+        # the processor is given uint8 images, as the pipeline gives it PIL images, so it rescales them the same way
+        images = [((f.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                  for f in frames]
+        pixels = processor(images=images, return_tensors="pt").pixel_values.to(device, model.dtype)
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        return hidden.float().cpu().flatten(0, 1)
+
+    return encode
+
+
+def image_condition(video: torch.Tensor, vae, kind: str) -> torch.Tensor:
+    """Wan 2.1 I2V's condition input for one clip ``[3, T, H, W]`` in [-1, 1]: ``[tf + C, T', H', W']``, the mask
+    of known frames at the latent frame rate (``tf`` channels, one per frame a latent frame covers) followed by the
+    latents of the clip with every unknown frame set to 0, as ``WanImageToVideoPipeline.prepare_latents`` builds it
+    (``kind="first-last"``: the last frame is known too, as for first-last-frame models). Without a VAE: the pixels,
+    with one mask channel."""
+    from stdit.pipeline import vae_encode, vae_scale_factors
+
+    if kind not in IMAGE_CONDITIONS:
+        raise ValueError(f"image condition {kind!r}; choose one of {IMAGE_CONDITIONS}.")
+    frames = video.shape[1]
+    known = torch.zeros(frames, dtype=torch.bool)
+    known[0] = True
+    if kind == "first-last":
+        known[-1] = True
+    cond_video = video * known.view(1, -1, 1, 1).to(video.dtype)
+    z = vae_encode(vae, cond_video[None])[0].float().cpu() if vae is not None else cond_video.float()
+    tf, _ = vae_scale_factors(vae)
+    # the first frame alone makes the first latent frame: its mask is repeated over the tf frames it stands for
+    mask = torch.cat([known[:1].repeat(tf), known[1:]]).float()
+    if mask.numel() != tf * z.shape[1]:
+        raise ValueError(f"a {frames}-frame clip does not fit this VAE's {tf}x temporal compression "
+                         f"({z.shape[1]} latent frames).")
+    mask = mask.view(z.shape[1], tf).t()  # [tf, T']
+    return torch.cat([mask[:, :, None, None].expand(-1, -1, *z.shape[2:]), z])
+
+
 def precomputed_text(video_path: Path, features_dir: Path | None) -> torch.Tensor:
     from safetensors.torch import load_file
 
@@ -71,8 +128,13 @@ def precomputed_text(video_path: Path, features_dir: Path | None) -> torch.Tenso
 
 
 def encode_dataset(dataset, out_dir: str | Path, vae=None, text_encoder: TextEncoder | None = None,
-                   text_features_dir: str | Path | None = None, shard_size: int = 256, progress: bool = True) -> Path:
+                   text_features_dir: str | Path | None = None, shard_size: int = 256, progress: bool = True,
+                   image_encoder: ImageEncoder | None = None, image_condition_kind: str | None = None) -> Path:
     """Encode every clip of ``dataset`` (a :class:`~stdit.data.video_folder.VideoFolderDataset`) into shards.
+
+    ``image_encoder`` adds each clip's CLIP features of its first frame (and last, with
+    ``image_condition_kind="first-last"``); ``image_condition_kind`` adds its I2V condition input
+    (:func:`image_condition`).
 
     Returns the path of ``index.json``, written last so a folder with an index is always complete.
     """
@@ -97,14 +159,17 @@ def encode_dataset(dataset, out_dir: str | Path, vae=None, text_encoder: TextEnc
         raise ValueError(f"no video under {getattr(dataset, 'root', 'the dataset')} has a caption (<stem>.txt beside "
                          "it), so the text encoder has nothing to encode; add captions or pass precomputed features "
                          "with --text-features.")
+    if image_condition_kind is not None and image_condition_kind not in IMAGE_CONDITIONS:
+        raise ValueError(f"image condition {image_condition_kind!r}; choose one of {IMAGE_CONDITIONS}.")
     shards, latents, embeds, shapes, captions, paths = [], [], [], [], [], []
+    extra: dict[str, list[torch.Tensor]] = {"image_embeds": [], "condition": []}
 
     def flush():
         name = f"shard-{len(shards):05d}.safetensors"
-        write_shard(out / name, latents, embeds if use_text else None)
+        write_shard(out / name, latents, embeds if use_text else None, {k: v for k, v in extra.items() if v})
         shards.append({"file": name, "shapes": [list(s) for s in shapes], "captions": list(captions),
                        "paths": list(paths)})
-        for lst in (latents, embeds, shapes, captions, paths):
+        for lst in (latents, embeds, shapes, captions, paths, *extra.values()):
             lst.clear()
 
     for i in tqdm(range(len(dataset)), desc="encode", disable=not progress):
@@ -119,11 +184,17 @@ def encode_dataset(dataset, out_dir: str | Path, vae=None, text_encoder: TextEnc
             embeds.append(text_encoder([item.get("caption", "")])[0])
         elif use_text:
             embeds.append(precomputed_text(Path(item["path"]), features_dir).float())
+        if image_encoder is not None:
+            last = image_condition_kind == "first-last"
+            extra["image_embeds"].append(image_encoder(item["video"][:, [0, -1] if last else [0]].transpose(0, 1)))
+        if image_condition_kind is not None:
+            extra["condition"].append(image_condition(item["video"], vae, image_condition_kind))
         if len(latents) == shard_size:
             flush()
     if latents:
         flush()
-    index = {"shards": shards, "text_features": use_text, "count": sum(len(s["shapes"]) for s in shards),
+    index = {"shards": shards, "text_features": use_text, "image_features": image_encoder is not None,
+             "image_condition": image_condition_kind, "count": sum(len(s["shapes"]) for s in shards),
              "vae": getattr(getattr(vae, "config", None), "_name_or_path", None) if vae is not None else None}
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
@@ -150,6 +221,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", help="transformers text-encoder directory (tokenizer + model)")
     parser.add_argument("--text-features", help="folder of precomputed <video-stem>.safetensors text features "
                         "(key prompt_embeds)")
+    parser.add_argument("--image-encoder", help="CLIP vision model directory (Wan 2.1 I2V's image_encoder, with "
+                        "its image processor): store each clip's image features for image-to-video training")
+    parser.add_argument("--image-condition", choices=IMAGE_CONDITIONS, help="store each clip's image-to-video "
+                        "condition input (first frame, or first and last, known): for Wan 2.1 I2V / FLF2V models")
     parser.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
@@ -174,7 +249,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --text-encoder or --text-features, not both.")
     if args.text_features and not Path(args.text_features).is_dir():
         raise FileNotFoundError(f"--text-features {args.text_features}: no such folder.")
-    for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
+    if args.image_encoder and not args.image_condition:
+        raise ValueError("--image-encoder is for image-to-video training, which also needs the condition input: "
+                         "add --image-condition first (or first-last).")
+    for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder),
+                        ("--image-encoder", args.image_encoder)):
         if value:
             check_local_or_repo(value, flag)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -188,13 +267,17 @@ def run(args: argparse.Namespace) -> int:
 
         vae = AutoModel.from_pretrained(args.vae).to(device).eval()
     text_encoder = load_text_encoder(args.text_encoder, device, args.max_text_length) if args.text_encoder else None
+    image_encoder = load_image_encoder(args.image_encoder, device) if args.image_encoder else None
     index = encode_dataset(dataset, args.out, vae, text_encoder, args.text_features, args.shard_size,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, image_encoder=image_encoder,
+                           image_condition_kind=args.image_condition)
     info = json.loads(index.read_text())
     size = sum((index.parent / s["file"]).stat().st_size for s in info["shards"])
     n = len(info["shards"])
     print(f"wrote {info['count']} clips in {n} shard{'s' * (n != 1)} ({format_size(size)}, "
-          f"{'latents' if vae is not None else 'pixels'}{' + text features' if info['text_features'] else ''}) to "
+          f"{'latents' if vae is not None else 'pixels'}{' + text features' if info['text_features'] else ''}"
+          f"{' + image features' if info['image_features'] else ''}"
+          f"{' + ' + info['image_condition'] + '-frame condition' if info['image_condition'] else ''}) to "
           f"{index.parent}/ in {time.perf_counter() - start:.0f} s (train with data.kind=latents "
           f"data.root={index.parent})")
     return 0

@@ -2,6 +2,8 @@
 
 Shard ``shard-00000.safetensors`` holds, for item ``j``, ``{j}.latents`` ``[C, T, H, W]`` (normalized VAE latents, or
 pixels without a VAE) and, when text features were encoded, ``{j}.prompt_embeds`` ``[L, D]`` (real tokens only).
+With image-to-video data (``stdit encode --image-encoder / --image-condition``) also ``{j}.image_embeds``
+``[L_img, D_img]`` (CLIP features) and ``{j}.condition`` ``[C_cond, T, H, W]`` (the condition input).
 ``index.json`` lists the shards, each item's latent shape (for bucketing), caption and source path.
 """
 
@@ -75,6 +77,10 @@ class LatentDataset(Dataset):
             item = {"latents": h.get_tensor(f"{j}.latents").float(), "caption": caption}
             if self.has_text:
                 item["prompt_embeds"] = h.get_tensor(f"{j}.prompt_embeds").float()
+            if self.index.get("image_features"):
+                item["image_embeds"] = h.get_tensor(f"{j}.image_embeds").float()
+            if self.index.get("image_condition"):
+                item["condition"] = h.get_tensor(f"{j}.condition").float()
         except Exception as e:
             raise ValueError(f"{self.root / file}: cannot read item {j} ({type(e).__name__}: {e}); the shard does not "
                              f"match {INDEX}: encode again.") from e
@@ -86,12 +92,16 @@ class LatentDataset(Dataset):
         return state
 
 
-def write_shard(path: Path, latents: list[torch.Tensor], prompt_embeds: list[torch.Tensor] | None) -> None:
+def write_shard(path: Path, latents: list[torch.Tensor], prompt_embeds: list[torch.Tensor] | None,
+                extra: dict[str, list[torch.Tensor]] | None = None) -> None:
+    """``extra``: more per-item tensors by name (``image_embeds``, ``condition``), one per latent."""
     from safetensors.torch import save_file
 
     tensors = {f"{j}.latents": z.contiguous() for j, z in enumerate(latents)}
     if prompt_embeds is not None:
         tensors.update({f"{j}.prompt_embeds": e.contiguous() for j, e in enumerate(prompt_embeds)})
+    for name, values in (extra or {}).items():
+        tensors.update({f"{j}.{name}": v.contiguous() for j, v in enumerate(values)})
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)
