@@ -26,7 +26,8 @@ def load_kernels():
         # Dependencies first: the attention module takes the reloaded tiles, configs and backward kernels.
         for name in ("stdit.kernels.attention_tiles", "stdit.kernels.attention_bwd", "stdit.kernels.attention_sm90",
                      "stdit.kernels.attention",
-                     "stdit.kernels.qk_norm_rope", "stdit.kernels", "stdit.kernels.attention_sparse"):
+                     "stdit.kernels.qk_norm_rope", "stdit.kernels", "stdit.kernels.attention_sparse",
+                     "stdit.kernels.attention_fp8"):
             if name in sys.modules:
                 importlib.reload(sys.modules[name])
     return stdit.kernels
