@@ -13,6 +13,8 @@ Backends:
     ``sdpa``      ``torch.nn.functional.scaled_dot_product_attention`` (torch picks flash/cuDNN/efficient)
     ``xformers``  ``xformers.ops.memory_efficient_attention`` (optional extra: ``pip install stdit[xformers]``)
     ``eager``     plain math in fp32, the reference
+    ``fp8``       our 8-bit forward (INT8 Q/K, FP8 P/V: ``stdit.kernels.attention_fp8``), inference only; a call
+                  that autograd would need gradients of is refused
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager")
+BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager", "fp8")
 ENV_VAR = "STDIT_ATTENTION"
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("stdit_attention", default=None)
@@ -262,11 +264,31 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
+def fp8_attention(q, k, v, key_padding_mask=None, scale=None):
+    from stdit.kernels.attention_fp8 import attention_fp8
+
+    return attention_fp8(q, k, v, key_padding_mask, scale)
+
+
+def fp8_supports(q: torch.Tensor) -> str | None:
+    """Why the fp8 backend cannot take these inputs, or None if it can."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "inputs are not on a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not supported"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} is larger than 256"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        return "FP8 needs compute capability 8.9 or newer"
+    return None
+
+
 _IMPLS: dict[str, Callable[..., torch.Tensor]] = {
     "triton": triton_attention,
     "sdpa": sdpa_attention,
     "xformers": xformers_attention,
     "eager": eager_attention,
+    "fp8": fp8_attention,
 }
 
 
@@ -291,6 +313,11 @@ def attention(
         reason = triton_supports(q, k)
         if reason is not None:
             _warn_once(f"triton:{reason}", f"stdit: triton attention unavailable ({reason}); falling back to sdpa.")
+            name = "sdpa"
+    elif name == "fp8":
+        reason = fp8_supports(q)
+        if reason is not None:
+            _warn_once(f"fp8:{reason}", f"stdit: fp8 attention unavailable ({reason}); falling back to sdpa.")
             name = "sdpa"
     if key_padding_mask is not None:
         key_padding_mask = as_keep_mask(key_padding_mask).to(device=q.device)

@@ -30,10 +30,11 @@ class StDiTAttnProcessor:
         q, k = attn.norm_rope(q, k, rotary_emb)
         v = v.unflatten(-1, (attn.heads, -1))
         if context is not None:  # cross-attention is per query token: no communication under sequence parallelism
-            out = attention(q, k, v, key_padding_mask=attention_mask, backend=attn.backend)
+            backend = attn.active_backend()
+            out = attention(q, k, v, key_padding_mask=attention_mask, backend=backend)
             if encoder_hidden_states_image is not None:  # Wan I2V: the CLIP image tokens, attended to apart
                 k_img, v_img = attn.project_image(encoder_hidden_states_image)
-                out = out + attention(q, k_img, v_img, backend=attn.backend)
+                out = out + attention(q, k_img, v_img, backend=backend)
         elif attn.sp is not None:
             q, k, v = (attn.sp.seq_to_heads(t) for t in (q, k, v))
             out = attn.sp.heads_to_seq(attn.self_attention(q, k, v, layout, attn.sp.seq_len))
@@ -78,6 +79,7 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
         self.backend: str | None = None  # runtime choice, set by StDiT.set_attention_backend
         self.sp = None  # runtime: a stdit.parallel.ulysses.SequenceParallel, set by StDiT.enable_sequence_parallel
         self.tile_switch = None  # runtime: a stdit.sparse.TileSwitch, set by StDiT.set_tile_attention
+        self.fp8_switch = None  # runtime: a stdit.fp8.FP8Switch, set by StDiT.set_fp8_attention
         self.set_processor(StDiTAttnProcessor())
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, layout=None,
@@ -93,6 +95,11 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
             return (self.to_q(x), *self.to_kv(context).chunk(2, dim=-1))
         src = x if context is None else context
         return self.to_q(x), self.to_k(src), self.to_v(src)
+
+    def active_backend(self) -> str | None:
+        """The backend of this call: ``"fp8"`` where the model's 8-bit attention covers it now, else the layer's."""
+        switch = self.fp8_switch
+        return "fp8" if switch is not None and switch.active else self.backend
 
     def project_image(self, image_tokens):
         """Image keys (RMS-normed) and values ``[B, L_img, H, D]`` for Wan I2V's image cross-attention."""
@@ -160,7 +167,7 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
         if mode == "full" and switch is not None and switch.active and layout is not None:
             out = tile_self_attention(q, k, v, (t, h, w), switch.config)
         else:
-            out = attention(q, k, v, backend=self.backend)
+            out = attention(q, k, v, backend=self.active_backend())
         if mode == "spatial":
             out = rearrange(out, "(b t) s n d -> b (t s) n d", t=t)
         elif mode == "temporal":

@@ -280,6 +280,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
         self._tile_switch = None  # runtime: set_tile_attention
+        self._fp8_switch = None  # runtime: set_fp8_attention
         self._compile_kwargs: dict | None = None  # set by compile_blocks
 
     # ---- runtime choices (never stored in the config) -------------------------------------------------
@@ -383,6 +384,21 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         for i, block in enumerate(self.blocks):
             on = switch is not None and (config.layers is None or i in config.layers)
             block.attn1.tile_switch = switch if on else None
+
+    def set_fp8_attention(self, config=None) -> None:
+        """8-bit attention (a :class:`stdit.fp8.FP8Attention`: which blocks, which timesteps, cross-attention too or
+        not) for inference; None turns it off. A runtime choice like the backend, not stored in the config."""
+        from stdit.fp8 import set_fp8_attention
+
+        set_fp8_attention(self, config)
+
+    def quantize_fp8(self, device=None) -> list[str]:
+        """The transformer blocks' linears to FP8 through torchao, for inference (see :func:`stdit.fp8.
+        quantize_fp8`: embeddings, output projection and modulation stay as they are). Returns the converted
+        linears' names. Not reversible in place: reload the model for its original weights."""
+        from stdit.fp8 import quantize_fp8
+
+        return quantize_fp8(self, device)
 
     def enable_sequence_parallel(self, group=None) -> None:
         """Shard the tokens over the ranks of ``group`` (default: the whole world), Ulysses style. Every rank must
@@ -520,6 +536,8 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         switch = self._tile_switch
         if switch is not None:  # dense above max_timestep: read only when that can differ (one host sync)
             switch.active = switch.config.max_timestep >= 1000 or bool(timestep.max() <= switch.config.max_timestep)
+        if self._fp8_switch is not None:
+            self._fp8_switch.update(timestep)
         if self.config.num_classes and class_labels is None:
             class_labels = torch.full((b,), self.config.num_classes, device=hidden_states.device, dtype=torch.long)
         noisy = hidden_states[:, :self.config.out_channels or self.config.in_channels]  # x_t, for prediction "sample"
@@ -606,6 +624,9 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """diffusers' ``save_pretrained``; each safetensors file also stores a CRC-32 of every tensor in its metadata,
         which ``from_pretrained`` checks (see :mod:`stdit.model_files`)."""
+        if getattr(self, "_fp8_linears", None):
+            raise ValueError("this model's linears were quantized to FP8 for inference (quantize_fp8); save the "
+                             "model before quantizing, or reload the original checkpoint.")
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             from stdit.model_files import stamp_directory

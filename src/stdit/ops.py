@@ -198,8 +198,13 @@ def hookless(module: torch.nn.Module) -> bool:
 def is_plain(module: torch.nn.Module | None, cls: type) -> bool:
     """Whether a fused path may read ``module``'s weights directly instead of calling it: it is exactly a ``cls``
     (not a peft LoRA wrapper or another subclass) and :func:`hookless`. Anything else must run as a module, or its
-    adapter or hook would be skipped silently."""
-    return type(module) is cls and hookless(module)
+    adapter or hook would be skipped silently. Its own parameters must be plain tensors too: a quantized weight
+    (torchao's FP8 tensor subclass) computes through the module's ``F.linear``, not through a fused op's matmul."""
+    return (type(module) is cls and hookless(module)
+            and all(type(p) in _PLAIN_TENSORS for p in module._parameters.values() if p is not None))
+
+
+_PLAIN_TENSORS = (torch.nn.Parameter, torch.Tensor)
 
 
 def feed_forward(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

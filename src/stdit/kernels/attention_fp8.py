@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -284,8 +284,25 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     q's dtype. ``key_padding_mask`` ``[B, Sk]``, True = attend (a query with every key masked outputs zeros).
     ``qk_format``: ``"int8"`` or ``"fp8"`` (e4m3) for Q and K; P and V are FP8 either way. No gradient."""
     _check(q, k, v, key_padding_mask, qk_format)
+    if torch.compiler.is_compiling():  # one opaque op for torch.compile instead of a graph break
+        return _attention_fp8_op(q, k, v, key_padding_mask, scale, qk_format)
+    return _attention_fp8(q, k, v, key_padding_mask, scale, qk_format)
+
+
+def _attention_fp8(q, k, v, key_padding_mask, scale, qk_format):
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     return attention_quantized(quantize(q, k, v, scale, qk_format), o, q.shape[2], key_padding_mask)
+
+
+@torch.library.custom_op("stdit::attention_fp8", mutates_args=())
+def _attention_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                      scale: Optional[float], qk_format: str) -> torch.Tensor:
+    return _attention_fp8(q, k, v, key_padding_mask, scale, qk_format)
+
+
+@_attention_fp8_op.register_fake
+def _(q, k, v, key_padding_mask, scale, qk_format):
+    return torch.empty(q.shape, device=q.device, dtype=q.dtype)
 
 
 def attention_quantized(qz: Quantized, out: torch.Tensor, num_heads: int,
