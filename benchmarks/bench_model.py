@@ -10,6 +10,7 @@ model running stdit's kernels (``stdit.integrations.apply_to_diffusers``). Also 
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 import time
@@ -127,8 +128,36 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--backends", nargs="+", default=["triton", "sdpa"])
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (regional: each block)")
+    p.add_argument("--fp8", action="store_true", help="add stdit rows with 8-bit attention, and with FP8 linears "
+                   "(torchao) too, on a quantized copy of the model")
     p.add_argument("--no-profile", action="store_true")
     return run_on_gpu("bench_model", _run, p.parse_args(argv))
+
+
+def fp8_candidates(ours, x, ts, text) -> list[tuple]:
+    """stdit with 8-bit attention in every block (the model itself, switched on for its call), then with the blocks'
+    linears in FP8 too (a quantized copy: torchao's conversion is in place)."""
+    from stdit.fp8 import FP8Attention
+
+    def with_fp8_attention(model):
+        def call():
+            model.set_fp8_attention(FP8Attention())
+            try:
+                return model(x, ts, text, return_dict=False)[0]
+            finally:
+                model.set_fp8_attention(None)
+        return call
+
+    rows = [("stdit (triton) + fp8 attention", ours, with_fp8_attention(ours), "triton", False, False)]
+    try:
+        quantized = copy.deepcopy(ours)
+        quantized.quantize_fp8()
+        quantized.set_attention_backend("triton")
+        rows.append(("stdit (triton) + fp8 attention + fp8 linears", quantized, with_fp8_attention(quantized),
+                     "triton", False, False))
+    except (ImportError, RuntimeError) as e:  # no torchao, or a GPU without FP8
+        print(f"fp8 linears skipped: {e}")
+    return rows
 
 
 def _run(args, clock: GpuClock) -> int:
@@ -157,6 +186,8 @@ def _run(args, clock: GpuClock) -> int:
             candidates = [("diffusers Wan", wan, run_wan, None, False, False),
                           ("diffusers Wan + stdit kernels", wan, run_wan, None, False, True)]
             candidates += [(f"stdit ({b})", ours, run_ours, b, False, False) for b in args.backends]
+            if args.fp8:
+                candidates += fp8_candidates(ours, x, ts, text)
             if args.compile:  # after the eager rows; each model gets its eager blocks back below
                 candidates += [("diffusers Wan + compile", wan, run_wan, None, True, False),
                                ("diffusers Wan + stdit kernels + compile", wan, run_wan, None, True, True)]
@@ -164,7 +195,8 @@ def _run(args, clock: GpuClock) -> int:
             base_ms = None
             for name, model, fn, backend, compiled, stdit_kernels in candidates:
                 regional_compile(model, compiled)
-                ours.set_attention_backend(backend)
+                if model is wan or model is ours:
+                    ours.set_attention_backend(backend)
                 if stdit_kernels:  # stdit's default backend, auto, as a user of apply_to_diffusers gets it
                     apply_to_diffusers(wan)
                 try:
@@ -185,6 +217,8 @@ def _run(args, clock: GpuClock) -> int:
                 print(rows[-1])
             for m in (wan, ours):
                 regional_compile(m, False)
+            candidates.clear()  # the FP8 copy's memory back before the next shape
+            model = fn = None
             if shape == "480p" and not args.no_profile:
                 ours.set_attention_backend(args.backends[0])
                 profile(lambda: ours(x, ts, text, return_dict=False), RESULTS / f"model-profile-{slug}.txt",

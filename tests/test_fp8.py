@@ -136,3 +136,60 @@ def test_gpu_quantize_fp8_and_fp8_attention(tmp_path):
         model.save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="already FP8"):
         model.quantize_fp8()
+
+
+def test_sample_cli_fp8(tmp_path, capsys):
+    from stdit.cli import main
+    from stdit.pipeline import make_scheduler
+
+    tiny_model(text_dim=None, num_classes=2, in_channels=3, out_channels=3, attention_head_dim=32).save_pretrained(
+        tmp_path / "m")
+    make_scheduler("euler", 1.0).save_pretrained(tmp_path / "m")
+    base = ["sample", "--model", str(tmp_path / "m"), "--class-label", "1", "--frames", "2", "--height", "16",
+            "--width", "16", "--steps", "2", "--scale", "1", "--no-progress", "--out", str(tmp_path / "v.gif")]
+    if HAS_CUDA:
+        assert main(base + ["--fp8", "attention"]) == 0 and (tmp_path / "v.gif").is_file()
+    else:
+        assert main(base + ["--fp8", "attention"]) == 2
+        assert "CUDA GPU" in capsys.readouterr().err
+
+
+def test_training_with_fp8_linears(tmp_path, monkeypatch):
+    pytest.importorskip("torchao")
+    from safetensors.torch import load_file
+    from test_train import tiny
+
+    import stdit.fp8 as fp8
+    from stdit.train import train
+    from stdit.train_utils import read_log
+
+    converted = []
+    real = fp8.convert_fp8_training
+
+    def spy(model, recipe):
+        converted.append(real(model, recipe))
+        converted.append({type(m).__name__ for m in model.modules()})
+        return converted[0]
+
+    monkeypatch.setattr(fp8, "convert_fp8_training", spy)
+    train(tiny(tmp_path / "fp8", ["train.fp8_linears=rowwise"]))
+    train(tiny(tmp_path / "bf16"))
+    names, classes = converted
+    assert names and "Float8Linear" in classes
+    losses = [[r["loss"] for r in read_log(tmp_path / run / "log.jsonl")] for run in ("fp8", "bf16")]
+    assert all(torch.isfinite(torch.tensor(losses[0]))) and losses[0] != losses[1]
+    assert abs(losses[0][0] - losses[1][0]) < 0.1 * losses[1][0]  # same model, same data: the first loss agrees
+    exported = [load_file(str(tmp_path / run / "model" / "diffusion_pytorch_model.safetensors"))
+                for run in ("fp8", "bf16")]
+    assert set(exported[0]) == set(exported[1])  # the export is an ordinary checkpoint
+
+
+def test_fp8_training_refusals():
+    from test_train import tiny
+
+    with pytest.raises(ValueError, match="fp8_linears"):
+        tiny("/tmp/unused", ["train.fp8_linears=fp4"])
+    from stdit.fp8 import convert_fp8_training
+
+    with pytest.raises(ValueError, match="recipe"):
+        convert_fp8_training(tiny_model(), "fp4")

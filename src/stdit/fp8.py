@@ -139,3 +139,31 @@ def quantize_fp8(model, device: torch.device | str | None = None) -> list[str]:
             quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: p + fqn in names)
     model._fp8_linears = sorted(names)
     return model._fp8_linears
+
+
+FP8_TRAINING_RECIPES = ("rowwise", "tensorwise")
+
+
+def convert_fp8_training(model, recipe: str = "rowwise") -> list[str]:
+    """Train the linears :func:`fp8_linear_names` lists in FP8: torchao's ``Float8Linear`` (the master weights stay
+    in their dtype; inputs, weights and output gradients are cast to e4m3 per row or per tensor for each matmul).
+    Call before sharding (FSDP2) and before ``torch.compile``, which fuses the casts (without it they run as
+    separate ops and cost much of the gain). Returns the converted linears' names. The state dict is unchanged, so
+    checkpoints and the exported model are the same as without FP8."""
+    if recipe not in FP8_TRAINING_RECIPES:
+        raise ValueError(f"FP8 training recipe {recipe!r}; choose one of {FP8_TRAINING_RECIPES}.")
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise ValueError("FP8 training converts the frozen base linears under the LoRA adapters' wrappers; train "
+                         "LoRA in bf16 (drop train.fp8_linears).")
+    device = next(model.parameters()).device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError(f"FP8 training needs compute capability 8.9 or newer (Ada, Hopper); "
+                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}.")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise ImportError("FP8 training needs torchao: pip install 'stdit[fp8]' (or pip install torchao).") from e
+    names = set(fp8_linear_names(model))
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda m, fqn: fqn in names)
+    return sorted(names)

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=float, default=0.125, help="fraction of key tiles with --tile-attention topk")
     parser.add_argument("--dense-above", type=float, default=1000.0, help="with --tile-attention: timesteps above "
                         "this (0..1000, the noisiest steps) attend densely")
+    parser.add_argument("--fp8", choices=("attention", "all"), help="FP8 inference on a GPU (stdit.fp8): 8-bit "
+                        "attention in every block, or that and the blocks' linears in FP8 (needs torchao: "
+                        "pip install 'stdit[fp8]')")
     parser.add_argument("--calibrate-cache", action="store_true", help="sample uncached and write the step cache's "
                         "calibration (step_cache.json) into the model directory, for later --cache runs with the "
                         "same scheduler and steps")
@@ -126,6 +129,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{model_dir} is not a saved model directory (no config.json, and no model_index.json of "
                          "a saved pipeline).")
     tile_attention(args)  # one clear error for bad settings, before anything loads
+    if args.fp8 and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("--fp8 runs 8-bit kernels on a CUDA GPU; this run is on the CPU (drop --fp8).")
+    if args.fp8 == "all":
+        from stdit.fp8 import _torchao
+
+        _torchao()  # the install hint now, not after the model loaded
     if args.cache and args.calibrate_cache:
         raise ValueError("give --cache or --calibrate-cache, not both (calibration samples uncached).")
     if args.cache_threshold is not None and not args.cache:
@@ -264,6 +273,12 @@ def run(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.tile_attention:
         pipe.transformer.set_tile_attention(tile_attention(args))
+    if args.fp8:
+        from stdit.fp8 import FP8Attention
+
+        if args.fp8 == "all":
+            pipe.transformer.quantize_fp8()
+        pipe.transformer.set_fp8_attention(FP8Attention())
     with _step_cache(args, pipe) as calibrator:
         out = pipe(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),

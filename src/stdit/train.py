@@ -341,6 +341,11 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
         from stdit.sparse import TileAttention
 
         tile = TileAttention(tile=tc.tile_attention.tile, window=tc.tile_attention.window)
+    if tc.fp8_linears:
+        from stdit.fp8 import convert_fp8_training
+
+        model.to(device)  # the capability check reads the model's device
+        convert_fp8_training(model, tc.fp8_linears)
     if tc.activation_checkpointing:
         model.enable_gradient_checkpointing(keep_attention=tc.checkpoint_keep_attention,
                                              keep_matmuls=tc.checkpoint_keep_matmuls)

@@ -118,6 +118,9 @@ class TrainConfig:
                                        "only elementwise ops are recomputed (fastest; about 13 more [S, dim] "
                                        "activations per block)")
     compile: bool = _f(False, "torch.compile each block")
+    fp8_linears: str | None = _f(None, "train the blocks' linears in FP8 through torchao float8 (stdit.fp8."
+                                 "convert_fp8_training; needs pip install 'stdit[fp8]' and, for speed, train.compile)",
+                                 choices=(None, "rowwise", "tensorwise"))
     attention_backend: str | None = _f(None, "attention backend (None: default for the device)",
                                        choices=(None, "auto", "triton", "sdpa", "xformers", "eager"))
     log_every: int = _f(1, "steps between log lines", min=1)
@@ -352,6 +355,9 @@ def _check_consistency(cfg: Config, source: str) -> None:
     if cfg.parallel.dp_shard == 0:
         raise ValueError(f"{source}: parallel.dp_shard must be -1 (fill) or >= 1; got 0.")
     lora = cfg.train.lora
+    if lora is not None and cfg.train.fp8_linears:
+        raise ValueError(f"{source}: train.fp8_linears does not combine with train.lora (peft's wrappers hold the "
+                         "frozen base linears): train LoRA in bf16, or set train.fp8_linears=null.")
     if lora is not None:
         if "pretrained" not in cfg.model:
             raise ValueError(f"{source}: train.lora finetunes a trained model: set model.pretrained to its directory, "
