@@ -6,7 +6,7 @@ schedules: stages, consumer warpgroups, ping-pong turns, persistent grid. Needs 
 
     python benchmarks/bench_attention_sm90.py
 
-Writes ``benchmarks/results/attention-sm90-configs-<gpu>.{md,json}``; the table in ``NOTES-attention.md`` (session 4)
+Writes ``benchmarks/results/attention-sm90-configs-<gpu>.{md,json}``; the schedule table in ``benchmarks/DECISIONS.md``
 was measured with the same loop.
 """
 

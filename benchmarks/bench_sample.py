@@ -50,7 +50,7 @@ def parse_args(argv):
     p.add_argument("--magcache", type=float, nargs="*", default=[0.1, 0.2], help="MagCache thresholds (rows)")
     p.add_argument("--max-skip", type=int, default=3, help="step caches: most skipped steps in a row")
     p.add_argument("--extra-backends", nargs="*", default=[], help="more StDiT attention backends, one batched row "
-                   "each (plus one with the first MagCache threshold), e.g. the sparse / fp8 modes once they exist")
+                   "each (plus one with the first MagCache threshold), and a PSNR row on the tiny model; e.g. fp8")
     p.add_argument("--calibration", help="a step_cache.json for the Wan model (default: calibrate on other noise)")
     p.add_argument("--tiny-model", help="a trained tiny model directory (runs/tiny/model) for PSNR / SSIM")
     p.add_argument("--tiny-videos", type=int, default=2, help="videos per class of the tiny model")
@@ -325,8 +325,8 @@ def _write(args, rows: list[dict], quality: list[dict], shapes: list[str]) -> No
              "is the rest of the wall time (latent setup, postprocessing). `block stacks`: transformer calls that ran "
              "the blocks, of all calls. `speedup`s are against diffusers' WanPipeline of the same run. `latent rel "
              "err vs uncached`: the final latents against the uncached StDiTPipeline run. Step caches calibrated on "
-             f"other noise, at most {args.max_skip} skipped steps in a row. The sparse and FP8 attention modes add "
-             "rows with --extra-backends once they are StDiT backends.")
+             f"other noise, at most {args.max_skip} skipped steps in a row. `--extra-backends fp8` adds rows on the "
+             "8-bit attention.")
     if quality:
         notes += ("\n\nStep caches on a learned model (PSNR / SSIM of the frames, cached against uncached from the "
                   "same noise; calibrated on other seeds):\n\n"
@@ -423,6 +423,15 @@ def _tiny_quality(args, device) -> list[dict]:
                 disable_step_cache(model)
             rows.append({"model": label, "cache": _cache_label(method, threshold),
                          "block stacks": f"{hook.computed}/{steps}", "PSNR dB": psnr(out, ref), "SSIM": ssim(out, ref)})
+            print(rows[-1])
+        for backend in args.extra_backends:  # e.g. fp8: the same noise, uncached, on that attention backend
+            model.set_attention_backend(backend)
+            try:
+                out = sample(0)
+            finally:
+                model.set_attention_backend(None)
+            rows.append({"model": label, "cache": f"none, {backend} attention", "block stacks": f"{steps}/{steps}",
+                         "PSNR dB": psnr(out, ref), "SSIM": ssim(out, ref)})
             print(rows[-1])
     return rows
 

@@ -83,7 +83,7 @@ def test_bad_config_values():
 
 
 def test_unknown_attention_backend(model):
-    with pytest.raises(ValueError, match=r"Unknown attention backend 'flash3': StDiT takes auto, triton, sdpa, xformers, eager \(stdit's\) or native"):
+    with pytest.raises(ValueError, match=r"Unknown attention backend 'flash3': StDiT takes auto, triton, sdpa, xformers, eager, fp8 \(stdit's\) or native"):
         model.set_attention_backend("flash3")
     with pytest.raises(ValueError, match="Unknown attention backend"):
         with attention_backend("nope"):

@@ -240,7 +240,7 @@ def triton_attention(q, k, v, key_padding_mask=None, scale=None):
         return _flash_attention_fwd(q, k, v, key_padding_mask, scale)[0]
     # Plain eager calls skip the custom op's dispatch and its generated autograd wrapper: the same kernels through
     # an autograd.Function, 629 instead of 847 us of host time per forward+backward of a tiny call on an H200's host
-    # (benchmarks/NOTES-attention.md, session 7).
+    # (benchmarks/DECISIONS.md).
     from stdit.kernels.attention import FlashAttention
 
     return FlashAttention.apply(q, k, v, key_padding_mask, scale)

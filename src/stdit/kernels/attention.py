@@ -257,7 +257,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 # Plans: a call repeating an earlier one's signature (shapes, strides, dtypes, 16-byte alignment, scale, and the
 # switches that pick a kernel) replays the Hopper kernels' bound launches, skipping the checks and the dispatch in
-# between: at 4k tokens and below the host sets the pace (benchmarks/NOTES-attention.md, session 12). launch() binds
+# between: at 4k tokens and below the host sets the pace (benchmarks/DECISIONS.md). launch() binds
 # to the current device: plans key on it, and are kept only where it is the inputs' own.
 _PLANS: dict = {}
 _MAX_PLANS = 1024
@@ -345,7 +345,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     whenever ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics
     (deterministic).
     ``STDIT_ATTN_ATOMIC_BWD=1`` selects a one-pass Triton kernel with an fp32 atomic dQ instead; on H100 it measured
-    slower (see NOTES-attention.md). ``forward_sm90``: the forward ran the Hopper kernel on these q, k, v.
+    slower (see benchmarks/DECISIONS.md). ``forward_sm90``: the forward ran the Hopper kernel on these q, k, v.
     """
     key = None
     if key_padding_mask is None and q.is_cuda:

@@ -3,7 +3,7 @@
 A program owns a key block (dK, dV in registers) and adds each query block's share of dQ into an fp32 buffer, so S
 and dP are computed once per tile pair (5 matrix products instead of the two-pass backward's 7). On an H100 it
 measured slower than the two passes (the kernel holds dK, dV and a dQ partial in registers and pays the dQ reduction
-traffic; see ``benchmarks/NOTES-attention.md``), and on Hopper the Gluon one-pass backward of
+traffic; see ``benchmarks/DECISIONS.md``), and on Hopper the Gluon one-pass backward of
 :mod:`.attention_sm90_bwd` is the default at head dims 64 and 128, so this stays a switch. It shares the tiles,
 launch helpers and autotuning of :mod:`.attention_tiles`.
 """

@@ -2,7 +2,7 @@
 
 Triton's ``tl.dot`` waits for every outstanding warpgroup MMA right after the score product, so a tile's softmax
 runs while the tensor cores idle, and a CTA barrier before each TMA refill keeps the warpgroups in lockstep
-(``benchmarks/NOTES-attention.md``). Gluon exposes the asynchronous ``wgmma``, its wait, mbarriers and warp
+(``benchmarks/DECISIONS.md``). Gluon exposes the asynchronous ``wgmma``, its wait, mbarriers and warp
 specialization, and this kernel uses them:
 
 * a one-warp load partition streams each tile's Q blocks and K, V through ``STAGES``-deep shared-memory rings
@@ -640,7 +640,7 @@ CONSUMER_REGS = {2: 240, 3: 160}
 Q_IN_REGISTERS = (128,)
 # Head dims whose softmax row sums run on the tensor cores: the 16-bit P times a ones tile, into an 8-column
 # accumulator rescaled with O, instead of 64 FADDs and the shuffles per key block per thread. The softmax's
-# instruction count bounds the forward (benchmarks/NOTES-attention.md, Session 16). H200, B1 H24 S16384 d64,
+# instruction count bounds the forward (benchmarks/DECISIONS.md). H200, B1 H24 S16384 d64,
 # sustained at the power limit: 490-491 -> 503-514 TFLOP/s (three runs). At d=128, where the matrix work per
 # softmax is twice as large, the extra products cost more than the adds: 607-621 -> 579-591 at S32760, 3-4% lost
 # at S4096 and with text keys. The row sums are then of the rounded P that the P V product uses, so the logsumexp
@@ -658,7 +658,7 @@ SUM_MMA_HEAD_DIMS = (64,) if _TRITON < (3, 7) else ()
 # of one, plus the merge, 8 us, and the launch gaps, 3 us; torch profiler, below the power limit). H200, sustained loops, TFLOP/s, unsplit -> split: S32760 d128 614 -> 624 (last round 55% busy),
 # B1 H24 S16384 d64 505 -> 511 (64%), S16384 d128 623 -> 613 (82%), S8192 d128 609 -> 599 (82%), S75600 d128
 # 634 -> 617 (82%), S4096 d128 610 -> 559 (91%, 32 key blocks). So only a last round under SPLIT_TAIL_MAX busy, with
-# long rounds, is split (benchmarks/NOTES-attention.md, Session 19).
+# long rounds, is split (benchmarks/DECISIONS.md).
 SPLIT_HEAD_DIMS = (64, 128)  # read as one chunk: a piece is one fp32 O accumulator per row
 SPLIT_TAIL_MAX = 0.7  # split where the last round keeps less than this share of the programs busy
 SPLIT_MIN_BLOCKS = 128  # key blocks per tile (16,384 keys): shorter rounds gain less than the split costs

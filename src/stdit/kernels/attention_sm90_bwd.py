@@ -13,7 +13,7 @@ a TMA bulk reduce. Five matrix products per tile pair (the two-pass backward doe
 The load warp also brings each query block's logsumexp and delta into shared memory (published by dO's barrier),
 so the consumers never wait on global loads: with them loaded by the consumers, an H200 took 31.9 ms (bf16, B1
 H12 S32760 d128), with the loader 30.1 ms, 547 TFLOP/s, against 30.8 ms for cuDNN's backward and 40.7 ms for the
-two-pass Triton kernels (see benchmarks/NOTES-attention.md). When there are fewer key blocks than SMs (text
+two-pass Triton kernels (see benchmarks/DECISIONS.md). When there are fewer key blocks than SMs (text
 cross-attention: 512 keys), each key block's query range is split over several programs (:func:`query_splits`)
 and dK, dV are summed with fp32 atomics.
 
@@ -501,7 +501,7 @@ def default_stages(d: int) -> int:
 # Sk1024 (32) 485 -> 496, B1 H12 S4096 (64) 545 -> 537, B1 H12 S32760 (512) 561 -> 546; d72 B4 H16 S1024 250 -> 262;
 # d96 339 -> 332 and d64 338 -> 332 at B4 S1024. The register stores take ~6 us of a program; the TMA build's
 # consumer loop is scheduled slightly worse by ptxas (same instructions, another order and operand reuse), which a
-# program pays on every block (benchmarks/NOTES-attention.md, session 14).
+# program pays on every block (benchmarks/DECISIONS.md).
 TMA_GRADS_HEAD_DIMS = (72, 128)
 TMA_GRADS_MAX_BLOCKS = 32
 
