@@ -29,7 +29,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stdit.attention import attention as stdit_attention
-from stdit.attention import rms_norm
+from stdit.ops import rms_norm
 from stdit.kernels import flash_attention, qk_norm_rope
 from stdit.rope import RotaryEmbedding3D, apply_rope
 

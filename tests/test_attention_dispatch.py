@@ -12,6 +12,7 @@ from _kernel_env import HAS_CUDA, device, load_kernels, max_err
 load_kernels()
 # The package re-exports the function ``attention``, which shadows the submodule's attribute name.
 A = importlib.import_module("stdit.attention")
+from stdit.checkpointing import keep_self_attention_policy  # noqa: E402
 
 
 def qkv(b=2, sq=24, sk=24, h=2, d=64, dtype=torch.float32, seed=0):
@@ -93,6 +94,19 @@ def test_triton_fallback_warns_once_for_unsupported_shapes():
     assert A.triton_supports(q.to(torch.int32), k) is not None
 
 
+def test_every_named_backend_is_in_the_registry_and_fp8_falls_back_with_its_reason(monkeypatch):
+    assert set(A.BACKENDS) == {"auto", *A.REGISTRY}
+    A._warned.clear()
+    q, k, v = qkv(d=64)
+    monkeypatch.setitem(A.REGISTRY, "fp8", A.Backend(A.REGISTRY["fp8"].run, lambda q, k: "no FP8 here"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = [A.attention(q, k, v, backend="fp8") for _ in range(2)]
+    msgs = [str(w.message) for w in rec if "falling back to sdpa" in str(w.message)]
+    assert msgs == ["stdit: fp8 attention unavailable (no FP8 here); falling back to sdpa."]
+    assert torch.equal(out[0], A.sdpa_attention(q, k, v))
+
+
 def test_triton_backend_gradients_and_compile():
     q, k, v = (x.requires_grad_() for x in qkv(sq=20, sk=20, d=64))
     kpm = torch.ones(2, 20, dtype=torch.bool, device=device())
@@ -132,7 +146,7 @@ def test_triton_backend_eager_and_checkpoint_policy(monkeypatch, policy):
     if policy is None:
         loss = checkpoint(f, q, k, v, use_reentrant=False)
     else:
-        ctx = functools.partial(create_selective_checkpoint_contexts, A.keep_self_attention_policy)
+        ctx = functools.partial(create_selective_checkpoint_contexts, keep_self_attention_policy)
         loss = checkpoint(f, q, k, v, use_reentrant=False, context_fn=ctx)
     grads = torch.autograd.grad(loss, (q, k, v))
     ref = A.eager_attention(q, k, v).square().sum()

@@ -77,7 +77,7 @@ def test_qk_norm_rope_custom_op_under_compile(weights):
     """Under torch.compile (``fullgraph``: no break) the kernel runs as the custom ops ``stdit::qk_norm_rope_fwd``
     / ``_bwd``: outputs and every gradient the eager kernel's bits; schema, fake functions and autograd
     registration pass torch's op checks."""
-    from stdit.attention import _qk_norm_rope_fwd, qk_norm_rope
+    from stdit.ops import _qk_norm_rope_fwd, qk_norm_rope
 
     h = 2
     args = make_inputs(2, 5, h, 8, torch.float32, weights, seed=5)
@@ -96,7 +96,7 @@ def test_qk_norm_rope_custom_op_under_compile(weights):
 
 def torch_path(q, k, wq, wk, eps, cos, sin, h):
     """The unfused torch ops the model runs without the kernel (norm and rope each rounding to q's dtype)."""
-    from stdit.attention import rms_norm
+    from stdit.ops import rms_norm
     from stdit.rope import apply_rope
 
     q = rms_norm(q, wq, eps).unflatten(-1, (h, -1))

@@ -15,6 +15,10 @@ Backends:
     ``eager``     plain math in fp32, the reference
     ``fp8``       our 8-bit forward (INT8 Q/K, FP8 P/V: ``stdit.kernels.attention_fp8``), inference only; a call
                   that autograd would need gradients of is refused
+
+Each backend but ``auto`` is a :class:`Backend` in :data:`REGISTRY`: the function that runs it and the one reason
+it cannot take a call, if any. The checkpointing policies that keep attention outputs are in
+:mod:`stdit.checkpointing`, QK RMSNorm + RoPE with the other fused ops in :mod:`stdit.ops`.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import math
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager", "fp8")
+BACKENDS = ("auto", "triton", "sdpa", "xformers", "eager", "fp8")  # "auto" and the names of REGISTRY (below)
 ENV_VAR = "STDIT_ATTENTION"
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("stdit_attention", default=None)
@@ -270,7 +275,7 @@ def fp8_attention(q, k, v, key_padding_mask=None, scale=None):
     return attention_fp8(q, k, v, key_padding_mask, scale)
 
 
-def fp8_supports(q: torch.Tensor) -> str | None:
+def fp8_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
     """Why the fp8 backend cannot take these inputs, or None if it can."""
     if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return "inputs are not on a CUDA device"
@@ -283,12 +288,22 @@ def fp8_supports(q: torch.Tensor) -> str | None:
     return None
 
 
-_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
-    "triton": triton_attention,
-    "sdpa": sdpa_attention,
-    "xformers": xformers_attention,
-    "eager": eager_attention,
-    "fp8": fp8_attention,
+@dataclass(frozen=True)
+class Backend:
+    """One attention backend: ``run(q, k, v, key_padding_mask=, scale=)`` and ``why_not(q, k)``, the one reason it
+    cannot take a call (None: it takes every call). A backend chosen by name that cannot take a call hands it to
+    ``sdpa``, warning once per reason."""
+
+    run: Callable[..., torch.Tensor]
+    why_not: Callable[[torch.Tensor, torch.Tensor], str | None] | None = None
+
+
+REGISTRY: dict[str, Backend] = {
+    "triton": Backend(triton_attention, triton_supports),
+    "sdpa": Backend(sdpa_attention),
+    "xformers": Backend(xformers_attention),  # not installed: its run says how to install it
+    "eager": Backend(eager_attention),
+    "fp8": Backend(fp8_attention, fp8_supports),
 }
 
 
@@ -309,186 +324,12 @@ def attention(
     name = resolve_backend(backend)
     if name == "auto":
         name = auto_backend(q, k, v, key_padding_mask)  # picks triton only where our kernels take the call
-    elif name == "triton":
-        reason = triton_supports(q, k)
+    else:
+        why_not = REGISTRY[name].why_not
+        reason = why_not(q, k) if why_not is not None else None
         if reason is not None:
-            _warn_once(f"triton:{reason}", f"stdit: triton attention unavailable ({reason}); falling back to sdpa.")
-            name = "sdpa"
-    elif name == "fp8":
-        reason = fp8_supports(q)
-        if reason is not None:
-            _warn_once(f"fp8:{reason}", f"stdit: fp8 attention unavailable ({reason}); falling back to sdpa.")
+            _warn_once(f"{name}:{reason}", f"stdit: {name} attention unavailable ({reason}); falling back to sdpa.")
             name = "sdpa"
     if key_padding_mask is not None:
         key_padding_mask = as_keep_mask(key_padding_mask).to(device=q.device)
-    return _IMPLS[name](q, k, v, key_padding_mask=key_padding_mask, scale=scale)
-
-
-# The ops that run an attention core, as a checkpoint policy sees them (below autograd), and where each keeps its
-# sequence dim: torch's SDPA kernels take [B, H, S, D], ours [B, S, H, D].
-_ATTENTION_OPS = {
-    "aten::_scaled_dot_product_cudnn_attention": -2,
-    "aten::_scaled_dot_product_flash_attention": -2,
-    "aten::_scaled_dot_product_efficient_attention": -2,
-    "aten::_scaled_dot_product_flash_attention_for_cpu": -2,
-    "stdit::flash_attention_fwd": 1,
-}
-
-
-# Matrix products as the selective-checkpointing policy sees them (nn.Linear dispatches to addmm / mm).
-_MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"})
-
-
-def _op_name(func) -> str:
-    return getattr(func, "name", lambda: "")()
-
-
-def _keeps_self_attention(func, args) -> bool:
-    dim = _ATTENTION_OPS.get(_op_name(func))
-    return dim is not None and len(args) >= 2 and args[0].shape[dim] == args[1].shape[dim]
-
-
-def keep_self_attention_policy(ctx, func, *args, **kwargs):
-    """Selective activation checkpointing policy: keep the outputs of every self-attention core (query length =
-    key length) and recompute everything else. With it, the backward's recompute of a block skips the attention
-    forward, the costliest op of a video DiT, for one more saved [B, S, H*D] tensor (and its logsumexp) per block.
-    """
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if _keeps_self_attention(func, args):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def keep_attention_and_matmuls_policy(ctx, func, *args, **kwargs):
-    """Selective activation checkpointing policy: keep every attention output (self and text cross-attention) and
-    every matrix product's output (projections, FFN), recompute only the elementwise ops (norms, modulation, RoPE,
-    activations). The recompute then costs almost no time; the saved activations grow by the linear layers' outputs
-    (about 13 x [B, S, dim] per block at Wan's FFN ratio), still far below keeping everything.
-    """
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    name = _op_name(func)
-    if name in _MATMUL_OPS or name in _ATTENTION_OPS:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim with fp32 statistics. On CUDA it is torch's ``F.rms_norm`` (what ``nn.RMSNorm``
-    runs, so what diffusers' Wan computes) instead of five elementwise ops; elsewhere the math is spelled out in
-    fp32 (matches ``torch.nn.RMSNorm`` on fp32 inputs)."""
-    if x.is_cuda and (weight is None or weight.dtype == x.dtype):
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
-
-
-def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
-    if os.environ.get("STDIT_FUSED_ROPE", "1") == "0" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return _kernels_importable() and (q.shape[-1] // num_heads) % 2 == 0
-
-
-_KERNELS_IMPORTABLE: list[bool] = []  # the answer, once asked
-
-
-@torch.compiler.assume_constant_result
-def _kernels_importable() -> bool:
-    """Whether stdit.kernels (Triton) imports here. Dynamo takes the answer as a constant: an import traced inside a
-    compiled block is a graph break, and one inside a checkpointed block made its compiled checkpoint fall back to
-    eager, where the selective-checkpointing policy no longer applied (keep_matmuls recomputed every product)."""
-    if not _KERNELS_IMPORTABLE:
-        try:
-            import stdit.kernels  # noqa: F401
-            _KERNELS_IMPORTABLE.append(True)
-        except ImportError:
-            _KERNELS_IMPORTABLE.append(False)
-    return _KERNELS_IMPORTABLE[0]
-
-
-@torch.library.custom_op("stdit::qk_norm_rope_fwd", mutates_args=())
-def _qk_norm_rope_fwd(
-    q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None, weight_k: torch.Tensor | None, eps: float,
-    cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from stdit.kernels.qk_norm_rope import qk_norm_rope_forward
-
-    return qk_norm_rope_forward(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
-
-
-@_qk_norm_rope_fwd.register_fake
-def _(q, k, weight_q, weight_k, eps, cos, sin, num_heads):
-    b, s, hd = q.shape
-    return q.new_empty(b, s, num_heads, hd // num_heads), k.new_empty(b, s, num_heads, hd // num_heads)
-
-
-@torch.library.custom_op("stdit::qk_norm_rope_bwd", mutates_args=())
-def _qk_norm_rope_bwd(
-    gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None,
-    weight_k: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, d weight_q, d weight_k)``; the weights' grads are empty without weights."""
-    from stdit.kernels.qk_norm_rope import qk_norm_rope_backward
-
-    dq, dk, dwq, dwk = qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads)
-    return dq, dk, q.new_empty(0) if dwq is None else dwq, k.new_empty(0) if dwk is None else dwk
-
-
-@_qk_norm_rope_bwd.register_fake
-def _(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(0) if weight_q is None else weight_q.new_empty(
-        weight_q.shape), k.new_empty(0) if weight_k is None else weight_k.new_empty(weight_k.shape))
-
-
-def _qk_norm_rope_setup(ctx, inputs, output):
-    q, k, weight_q, weight_k, eps, cos, sin, num_heads = inputs
-    ctx.save_for_backward(q, k, weight_q, weight_k, cos, sin)
-    ctx.eps, ctx.num_heads = eps, num_heads
-
-
-def _qk_norm_rope_backward(ctx, gq, gk):
-    q, k, weight_q, weight_k, cos, sin = ctx.saved_tensors
-    dq, dk, dwq, dwk = _qk_norm_rope_bwd(gq, gk, q, k, weight_q, weight_k, ctx.eps, cos, sin, ctx.num_heads)
-    if weight_q is None:
-        dwq = dwk = None
-    return dq, dk, dwq, dwk, None, None, None, None
-
-
-_qk_norm_rope_fwd.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
-
-
-def qk_norm_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weight_q: torch.Tensor | None,
-    weight_k: torch.Tensor | None,
-    eps: float,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    num_heads: int,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """QK RMSNorm across heads, then 3D RoPE: q, k ``[B, S, H*D]`` -> ``[B, S, H, D]`` each.
-
-    ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. On CUDA the
-    three steps run as one fused Triton kernel whatever the attention backend (norm and RoPE are not attention;
-    ``STDIT_FUSED_ROPE=0`` turns it off); on the CPU only with the triton backend under ``TRITON_INTERPRET=1``.
-    Under ``torch.compile`` the kernel runs as the custom op ``stdit::qk_norm_rope_fwd``.
-    """
-    from stdit.rope import apply_rope
-
-    if cos is not None and _fused_norm_rope_ok(q, num_heads, resolve_backend(backend)):
-        from stdit.kernels import qk_norm_rope as fused  # under torch.compile it calls the custom op above
-
-        return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
-    q = rms_norm(q, weight_q, eps).unflatten(-1, (num_heads, -1))
-    k = rms_norm(k, weight_k, eps).unflatten(-1, (num_heads, -1))
-    if cos is not None:
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return q, k
+    return REGISTRY[name].run(q, k, v, key_padding_mask=key_padding_mask, scale=scale)

@@ -9,8 +9,8 @@ from diffusers.models.attention import AttentionModuleMixin
 from einops import rearrange
 from torch import nn
 
-from stdit.attention import attention, qk_norm_rope
-from stdit.ops import is_plain
+from stdit.attention import attention
+from stdit.ops import is_plain, qk_norm_rope
 from stdit.rope import apply_rope
 from stdit.sparse import tile_self_attention
 

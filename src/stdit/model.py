@@ -29,9 +29,9 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from einops import rearrange
 from torch import nn
 
-from stdit.attention import (BACKENDS, as_keep_mask, attention_backend, context_backend,
-                             keep_attention_and_matmuls_policy, keep_self_attention_policy)
+from stdit.attention import BACKENDS, as_keep_mask, attention_backend, context_backend
 from stdit.attention_layer import StDiTAttention, StDiTAttnProcessor
+from stdit.checkpointing import keep_attention_and_matmuls_policy, keep_self_attention_policy
 from stdit.checks import check_call, check_config
 from stdit.ops import add_norm_modulate, feed_forward, is_plain, norm_modulate
 from stdit.rope import RotaryEmbedding3D, axis_split
@@ -291,9 +291,9 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
         The recompute runs under the attention backend the forward ran with, also when that came from an
         :func:`~stdit.attention.attention_backend` block that the backward is outside of. With ``keep_attention=True``
         the self-attention outputs are kept instead of recomputed (torch's selective checkpointing with
-        :func:`stdit.attention.keep_self_attention_policy`): the recompute skips the attention forward, at the cost
+        :func:`stdit.checkpointing.keep_self_attention_policy`): the recompute skips the attention forward, at the cost
         of one more saved [B, S, dim] activation per block. ``keep_matmuls=True`` (implies ``keep_attention``) also
-        keeps every matrix product's output (:func:`stdit.attention.keep_attention_and_matmuls_policy`): only the
+        keeps every matrix product's output (:func:`stdit.checkpointing.keep_attention_and_matmuls_policy`): only the
         elementwise ops are recomputed, for about 13 more [B, S, dim] activations per block.
         """
         policy = (keep_attention_and_matmuls_policy if keep_matmuls

@@ -1,4 +1,5 @@
-"""The elementwise chain around attention and FFN: LayerNorm + adaLN modulate, gated residual adds.
+"""The fused ops around attention and FFN: LayerNorm + adaLN modulate, gated residual adds, the FFN's GELU
+epilogue, and QK RMSNorm + 3D RoPE (:func:`qk_norm_rope`).
 
 The model calls only :func:`norm_modulate` and :func:`add_norm_modulate`, so one fused kernel replaces each
 whole chain in one place. On CUDA tensors they run the Triton kernels of ``stdit.kernels.adaln`` (one read
@@ -230,3 +231,126 @@ def feed_forward(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     for module in ffn.net[1:]:
         h = module(h)
     return h
+
+
+# ---- QK RMSNorm + RoPE (the fused Triton kernel, its custom op, and the torch path) ----------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim with fp32 statistics. On CUDA it is torch's ``F.rms_norm`` (what ``nn.RMSNorm``
+    runs, so what diffusers' Wan computes) instead of five elementwise ops; elsewhere the math is spelled out in
+    fp32 (matches ``torch.nn.RMSNorm`` on fp32 inputs)."""
+    if x.is_cuda and (weight is None or weight.dtype == x.dtype):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
+    if os.environ.get("STDIT_FUSED_ROPE", "1") == "0" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return _kernels_importable() and (q.shape[-1] // num_heads) % 2 == 0
+
+
+_KERNELS_IMPORTABLE: list[bool] = []  # the answer, once asked
+
+
+@torch.compiler.assume_constant_result
+def _kernels_importable() -> bool:
+    """Whether stdit.kernels (Triton) imports here. Dynamo takes the answer as a constant: an import traced inside a
+    compiled block is a graph break, and one inside a checkpointed block made its compiled checkpoint fall back to
+    eager, where the selective-checkpointing policy no longer applied (keep_matmuls recomputed every product)."""
+    if not _KERNELS_IMPORTABLE:
+        try:
+            import stdit.kernels  # noqa: F401
+            _KERNELS_IMPORTABLE.append(True)
+        except ImportError:
+            _KERNELS_IMPORTABLE.append(False)
+    return _KERNELS_IMPORTABLE[0]
+
+
+@torch.library.custom_op("stdit::qk_norm_rope_fwd", mutates_args=())
+def _qk_norm_rope_fwd(
+    q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None, weight_k: torch.Tensor | None, eps: float,
+    cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from stdit.kernels.qk_norm_rope import qk_norm_rope_forward
+
+    return qk_norm_rope_forward(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+
+
+@_qk_norm_rope_fwd.register_fake
+def _(q, k, weight_q, weight_k, eps, cos, sin, num_heads):
+    b, s, hd = q.shape
+    return q.new_empty(b, s, num_heads, hd // num_heads), k.new_empty(b, s, num_heads, hd // num_heads)
+
+
+@torch.library.custom_op("stdit::qk_norm_rope_bwd", mutates_args=())
+def _qk_norm_rope_bwd(
+    gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None,
+    weight_k: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, d weight_q, d weight_k)``; the weights' grads are empty without weights."""
+    from stdit.kernels.qk_norm_rope import qk_norm_rope_backward
+
+    dq, dk, dwq, dwk = qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+    return dq, dk, q.new_empty(0) if dwq is None else dwq, k.new_empty(0) if dwk is None else dwk
+
+
+@_qk_norm_rope_bwd.register_fake
+def _(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(0) if weight_q is None else weight_q.new_empty(
+        weight_q.shape), k.new_empty(0) if weight_k is None else weight_k.new_empty(weight_k.shape))
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, weight_q, weight_k, eps, cos, sin, num_heads = inputs
+    ctx.save_for_backward(q, k, weight_q, weight_k, cos, sin)
+    ctx.eps, ctx.num_heads = eps, num_heads
+
+
+def _qk_norm_rope_backward(ctx, gq, gk):
+    q, k, weight_q, weight_k, cos, sin = ctx.saved_tensors
+    dq, dk, dwq, dwk = _qk_norm_rope_bwd(gq, gk, q, k, weight_q, weight_k, ctx.eps, cos, sin, ctx.num_heads)
+    if weight_q is None:
+        dwq = dwk = None
+    return dq, dk, dwq, dwk, None, None, None, None
+
+
+_qk_norm_rope_fwd.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor | None,
+    weight_k: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK RMSNorm across heads, then 3D RoPE: q, k ``[B, S, H*D]`` -> ``[B, S, H, D]`` each.
+
+    ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. On CUDA the
+    three steps run as one fused Triton kernel whatever the attention backend (norm and RoPE are not attention;
+    ``STDIT_FUSED_ROPE=0`` turns it off); on the CPU only with the triton backend under ``TRITON_INTERPRET=1``.
+    Under ``torch.compile`` the kernel runs as the custom op ``stdit::qk_norm_rope_fwd``.
+    """
+    from stdit.attention import resolve_backend
+    from stdit.rope import apply_rope
+
+    if cos is not None and _fused_norm_rope_ok(q, num_heads, resolve_backend(backend)):
+        from stdit.kernels import qk_norm_rope as fused  # under torch.compile it calls the custom op above
+
+        return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+    q = rms_norm(q, weight_q, eps).unflatten(-1, (num_heads, -1))
+    k = rms_norm(k, weight_k, eps).unflatten(-1, (num_heads, -1))
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k

@@ -7,7 +7,7 @@
 
 :class:`StDiTWanAttnProcessor` computes what diffusers' ``WanAttnProcessor`` computes (self-attention with RoPE,
 text cross-attention, the I2V image branch) through stdit's path: the fused QK RMSNorm + RoPE kernel
-(:func:`stdit.attention.qk_norm_rope`) and stdit's attention dispatch (:func:`stdit.attention.attention`, ``auto``:
+(:func:`stdit.ops.qk_norm_rope`) and stdit's attention dispatch (:func:`stdit.attention.attention`, ``auto``:
 our Triton kernels on Hopper, torch SDPA elsewhere). Projections run as modules, so peft LoRA layers and hooks on
 them still run; the norms' weights are read directly only from plain hook-free ``nn.RMSNorm`` s. Each
 ``WanTransformerBlock`` also gets :class:`WanBlockHook`, a diffusers hook that runs the block's LayerNorms,
@@ -30,7 +30,8 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTransformerBlock
 from torch import nn
 
-from stdit.attention import as_keep_mask, attention, check_backend, qk_norm_rope, rms_norm
+from stdit.attention import as_keep_mask, attention, check_backend
+from stdit.ops import qk_norm_rope, rms_norm
 from stdit.ops import add_norm_modulate, feed_forward, hookless, is_plain, norm_modulate
 from stdit.rope import apply_rope
 

@@ -199,7 +199,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None
     if (weight_q is None) != (weight_k is None):
         raise ValueError("pass both norm weights or neither")
     if torch.compiler.is_compiling():
-        from stdit.attention import _qk_norm_rope_fwd
+        from stdit.ops import _qk_norm_rope_fwd
 
         return _qk_norm_rope_fwd(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
     return QKNormRope.apply(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
