@@ -293,7 +293,7 @@ def versions():
     return {**GpuClock().info, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "python": platform.python_version(),
-            "switches": {k: os.environ[k] for k in ("STDIT_ATTN_WS", "STDIT_ATTN_ATOMIC_BWD", "STDIT_AUTOTUNE")
+            "switches": {k: os.environ[k] for k in ("STDIT_AUTOTUNE",)
                          if k in os.environ}}
 
 

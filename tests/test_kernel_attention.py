@@ -75,10 +75,8 @@ CPU_CASES = [
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter test; the gpu tests cover CUDA")
-@pytest.mark.parametrize("atomic", ["0", "1"])
 @pytest.mark.parametrize("b,sq,sk,h,d,dtype,mask,layout", CPU_CASES)
-def test_flash_attention_interpreter(b, sq, sk, h, d, dtype, mask, layout, atomic, monkeypatch):
-    monkeypatch.setenv("STDIT_ATTN_ATOMIC_BWD", atomic)
+def test_flash_attention_interpreter(b, sq, sk, h, d, dtype, mask, layout):
     q, k, v, kpm, do = make_inputs(b, sq, sk, h, d, dtype, mask, seed=sq * 131 + d, layout=layout)
     out = run(kernels.flash_attention, q, k, v, kpm, do)
     ref = run(lambda *a: attention_ref(*a, dtype=torch.float64), q, k, v, kpm, do)
@@ -163,10 +161,8 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("atomic", ["0", "1"])
 @pytest.mark.parametrize("b,sq,sk,h,d,dtype,mask,layout", GPU_CASES)
-def test_flash_attention_gpu(b, sq, sk, h, d, dtype, mask, layout, atomic, monkeypatch):
-    monkeypatch.setenv("STDIT_ATTN_ATOMIC_BWD", atomic)
+def test_flash_attention_gpu(b, sq, sk, h, d, dtype, mask, layout):
     q, k, v, kpm, do = make_inputs(b, sq, sk, h, d, dtype, mask, seed=sq + sk + d, layout=layout)
     out = run(kernels.flash_attention, q, k, v, kpm, do)
     ref = run(lambda *a: attention_ref(*a, dtype=torch.float32), q, k, v, kpm, do)
@@ -188,9 +184,8 @@ def test_flash_attention_gpu_fp32():
 
 @pytest.mark.gpu
 @gpu
-def test_flash_attention_gpu_deterministic_and_fully_written(monkeypatch):
+def test_flash_attention_gpu_deterministic_and_fully_written():
     """With torch's deterministic mode on, the backward takes the two-pass kernels (no atomics): same bits twice."""
-    monkeypatch.setenv("STDIT_ATTN_ATOMIC_BWD", "0")
     q, k, v, kpm, do = make_inputs(1, 4097, 4097, 2, 128, torch.bfloat16, False, seed=11)
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -67,8 +67,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
               sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod, smb, sms,
               H, SQ, SK, qk_scale, SQ_KEY, SK_KEY,
               D: tl.constexpr, D_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-              USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WS: tl.constexpr):
+              USE_TMA: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -89,9 +88,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     sk_full = (SK // BLOCK_N) * BLOCK_N
-    # WS: Triton's automatic warp specialization (a TMA producer warp feeding consumer warpgroups), which lets
-    # the softmax of one tile overlap the matrix products of the next; it needs the tensor-descriptor path.
-    for start_n in tl.range(0, sk_full, BLOCK_N, warp_specialize=WS):
+    for start_n in tl.range(0, sk_full, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_desc, v_desc, K, V, KPM, start_n, SK, sks, skd, svs, svd,
                                    sms, qk_scale, offs_n0, offs_d, D, D_PAD, False, HAS_MASK, PREC, USE_TMA)
@@ -110,9 +107,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM,
     tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=offs_m < SQ)
 
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5),
-                         (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)], WS=False)
-if os.environ.get("STDIT_ATTN_WS") == "1" and not _INTERPRET:
-    _FWD_CONFIGS += _configs([(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)], WS=True)
+                         (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)])
 _FWD = _tuned(_attn_fwd, _FWD_CONFIGS)
 
 
@@ -333,19 +328,14 @@ def _forward(q, k, v, key_padding_mask, scale):
     return o, lse, False
 
 
-def _atomic_backward() -> bool:
-    return os.environ.get("STDIT_ATTN_ATOMIC_BWD", "0") == "1" and not torch.are_deterministic_algorithms_enabled()
-
-
 def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=None, forward_sm90=False):
     """Returns ``(dq, dk, dv)``, each contiguous ``[B, S, H, D]`` in the inputs' dtype.
 
     On Hopper, within its scope (d=64, 72, 80, 96, 128, no key mask, row-view layouts), one pass in Gluon that sums
     dQ in fp32 with bulk reduce-adds (:mod:`.attention_sm90_bwd`; run-to-run bits of dQ may differ). Elsewhere, and
     whenever ``torch.use_deterministic_algorithms(True)`` is on, two passes, dK/dV then dQ, with no atomics
-    (deterministic).
-    ``STDIT_ATTN_ATOMIC_BWD=1`` selects a one-pass Triton kernel with an fp32 atomic dQ instead; on H100 it measured
-    slower (see benchmarks/DECISIONS.md). ``forward_sm90``: the forward ran the Hopper kernel on these q, k, v.
+    (deterministic; a one-pass Triton variant with an atomic dQ measured slower: benchmarks/DECISIONS.md).
+    ``forward_sm90``: the forward ran the Hopper kernel on these q, k, v.
     """
     key = None
     if key_padding_mask is None and q.is_cuda:
@@ -354,7 +344,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
                (do.data_ptr() | q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr() | lse.data_ptr()) & 15,
                forward_sm90,
                torch.are_deterministic_algorithms_enabled(), os.environ.get("STDIT_ATTN_SM90_BWD"),
-               os.environ.get("STDIT_ATTN_ATOMIC_BWD"), os.environ.get("STDIT_ATTN_SM90"),
+               os.environ.get("STDIT_ATTN_SM90"),
                os.environ.get("STDIT_ATTN_TMA"))
         plan = _PLANS.get(key)
         if plan is not None:
@@ -365,7 +355,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     d_pad = max(16, next_pow2(d))
     delta = torch.empty_like(lse)
     pre_block = 16 if _INTERPRET else 64
-    one_pass = not _atomic_backward() and _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90)
+    one_pass = _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90)
     # The one-pass backward's fp32 dQ sums, zeroed by the preprocess (otherwise delta stands in, unread).
     dqa = torch.empty(b, sq, h, d, device=q.device, dtype=torch.float32) if one_pass else delta
     pre_scalars = (*o.stride(), *do.stride(), h, sq)
@@ -384,10 +374,6 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     keys = (h, sq, sk, scale * _LOG2E, scale, _bucket(sq), _bucket(sk))
     tune_key = (d, has_mask, common["PREC"], _bucket(sq), _bucket(sk), q.dtype)
-    if _atomic_backward():
-        from .attention_bwd_atomic import backward_atomic
-
-        return backward_atomic(q, k, v, do, lse, delta, dk, dv, kpm, smb, sms, strides, keys, common, scale)
     dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     tma = _tma_allowed(q, do)
     _launch(_DKDV, (*tune_key, tma), lambda meta: (cdiv(sk, meta["BLOCK_N"]), b * h),

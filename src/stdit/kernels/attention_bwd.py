@@ -1,8 +1,8 @@
 """Flash attention backward in Triton, two passes with no atomics (deterministic): a ``delta = rowsum(dO * O)``
 preprocess, one pass that owns a key block and sweeps the queries (dK, dV), and one that owns a query block and
 sweeps the keys (dQ): 7 matrix products per tile pair instead of a one-pass kernel's 5, but no dQ reduction. The host
-side, which picks between these, the Hopper one-pass kernel of :mod:`.attention_sm90_bwd` and the opt-in atomic
-kernel of :mod:`.attention_bwd_atomic`, is :func:`.attention.flash_attention_backward`.
+side, which picks between these and the Hopper one-pass kernel of :mod:`.attention_sm90_bwd`, is
+:func:`.attention.flash_attention_backward`.
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ def _attn_bwd_preprocess(O, DO, DELTA, DQA, sob, sos, soh, sod, sdb, sds, sdh, s
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
-               offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, HAS_MASK: tl.constexpr,
-               PREC: tl.constexpr, USE_TMA: tl.constexpr):
-    """One query block's share of dK and dV for this key block (shared with the one-pass atomic backward, which
-    also takes dS^T for its dQ); ``keep`` (with HAS_MASK) zeroes the masked keys' probabilities. Returns
-    ``(dk, dv, dS^T in q's dtype)``."""
+def _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
+                offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, PREC: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """One query block's share of dK and dV for this key block."""
     offs_m = start_m + offs_m0
     q = _stream_tile(q_desc, Q, start_m, offs_m0, offs_d, sqs, sqd, SQ, D, D_PAD, TAIL, USE_TMA)
     if TAIL:
@@ -51,22 +49,11 @@ def _dkdv_step(dk, dv, k, v, keep, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, 
         delta = tl.load(DELTA + offs_m)
     st = tl.dot(k, tl.trans(q), input_precision=PREC)
     pt = tl.math.exp2(st * qk_scale - lse[None, :])
-    if HAS_MASK:
-        pt = tl.where(keep[:, None], pt, 0.0)
     do = _stream_tile(do_desc, DO, start_m, offs_m0, offs_d, sds, sdd, SQ, D, D_PAD, TAIL, USE_TMA)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     dst = (pt * (dpt - delta[None, :])).to(q.dtype)
     dk = tl.dot(dst, q, dk, input_precision=PREC)
-    return dk, dv, dst
-
-
-@triton.jit
-def _dkdv_block(dk, dv, k, v, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds, sdd, qk_scale,
-                offs_m0, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, TAIL: tl.constexpr, PREC: tl.constexpr,
-                USE_TMA: tl.constexpr):
-    dk, dv, _ = _dkdv_step(dk, dv, k, v, offs_m0, q_desc, do_desc, Q, DO, LSE, DELTA, start_m, SQ, sqs, sqd, sds,
-                           sdd, qk_scale, offs_m0, offs_d, D, D_PAD, TAIL, False, PREC, USE_TMA)
     return dk, dv
 
 

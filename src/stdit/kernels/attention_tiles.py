@@ -1,6 +1,5 @@
 """Tile loads and stores, and the autotuning helpers, shared by the general Triton attention kernels: the forward
-(:mod:`.attention`), the two-pass backward (:mod:`.attention_bwd`) and the opt-in atomic one
-(:mod:`.attention_bwd_atomic`). Each of those modules lists its own configs.
+(:mod:`.attention`) and the two-pass backward (:mod:`.attention_bwd`). Each of those modules lists its own configs.
 
 Tiles are ``[rows, D_PAD]`` slices of one (batch, head) of a ``[B, S, H, D]`` tensor read with any strides; a head
 dim that is not a power of two is padded to ``D_PAD`` with masked loads. On Hopper the tiles that the inner loops
@@ -81,9 +80,6 @@ def _make_prune(single: bool):
         # fp32 tiles need twice the shared memory and registers; keep the small blocks for them.
         wide = named_args["Q"].element_size() > 2
         kept = [c for c in configs if not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-        # Warp specialization is built around the tensor-descriptor loads.
-        if not named_args.get("USE_TMA", kwargs.get("USE_TMA")):
-            kept = [c for c in kept if not c.kwargs.get("WS")]
         kept = kept or configs[-1:]
         return kept[:1] if single else kept
     return prune
@@ -93,15 +89,14 @@ def _make_prune(single: bool):
 _KEY = ["D", "HAS_MASK", "PREC", "USE_TMA", "SQ_KEY", "SK_KEY"]
 
 
-def _tuned(kernel, configs, key=_KEY, reset=None):
+def _tuned(kernel, configs, key=_KEY):
     """(autotuned over ``configs``, one fixed config); ``STDIT_AUTOTUNE=0`` picks the second at launch.
 
     The fixed variant takes the first config, or the last (the smallest) for fp32 inputs.
     """
-    # ``reset``: outputs accumulated with atomics, zeroed before each timed run of the autotuner.
-    return (triton.autotune(configs, key=key, reset_to_zero=reset,
+    return (triton.autotune(configs, key=key,
                             prune_configs_by={"early_config_prune": _make_prune(False)})(kernel),
-            triton.autotune(configs[:1] + configs[-1:], key=key, reset_to_zero=reset,
+            triton.autotune(configs[:1] + configs[-1:], key=key,
                             prune_configs_by={"early_config_prune": _make_prune(True)})(kernel))
 
 
