@@ -77,7 +77,8 @@ def test_qk_norm_rope_custom_op_under_compile(weights):
     """Under torch.compile (``fullgraph``: no break) the kernel runs as the custom ops ``stdit::qk_norm_rope_fwd``
     / ``_bwd``: outputs and every gradient the eager kernel's bits; schema, fake functions and autograd
     registration pass torch's op checks."""
-    from stdit.ops import _qk_norm_rope_fwd, qk_norm_rope
+    from stdit.kernels.qk_norm_rope import qk_norm_rope_op as _qk_norm_rope_fwd
+    from stdit.ops import qk_norm_rope
 
     h = 2
     args = make_inputs(2, 5, h, 8, torch.float32, weights, seed=5)

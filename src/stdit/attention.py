@@ -191,64 +191,15 @@ def xformers_attention(q, k, v, key_padding_mask=None, scale=None):
     return out.masked_fill(~key_padding_mask.any(dim=1)[:, None, None, None], 0.0)
 
 
-@torch.library.custom_op("stdit::flash_attention_fwd", mutates_args=())
-def _flash_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from stdit.kernels.attention import flash_attention_forward
-
-    return flash_attention_forward(q, k, v, key_padding_mask, scale)
-
-
-@_flash_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, scale):
-    b, sq, h, d = q.shape
-    return q.new_empty(b, sq, h, d), q.new_empty(b, h, sq, dtype=torch.float32)
-
-
-@torch.library.custom_op("stdit::flash_attention_bwd", mutates_args=())
-def _flash_attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    key_padding_mask: torch.Tensor | None, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from stdit.kernels.attention import flash_attention_backward
-
-    return flash_attention_backward(do, q, k, v, o, lse, key_padding_mask, scale)
-
-
-@_flash_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, key_padding_mask, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _flash_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
-    ctx.scale = scale
-
-
-def _flash_backward(ctx, do, dlse):
-    q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, key_padding_mask, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-_flash_attention_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
-
-
 def triton_attention(q, k, v, key_padding_mask=None, scale=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        # torch.compile and dispatch modes (selective checkpointing's policy, fake tensors) see the kernels as the
-        # custom op above: one opaque, named op instead of a graph break or a stream of launches.
-        return _flash_attention_fwd(q, k, v, key_padding_mask, scale)[0]
-    # Plain eager calls skip the custom op's dispatch and its generated autograd wrapper: the same kernels through
-    # an autograd.Function, 629 instead of 847 us of host time per forward+backward of a tiny call on an H200's host
-    # (benchmarks/DECISIONS.md).
-    from stdit.kernels.attention import FlashAttention
+        # The kernels' custom op, looked up rather than imported (an import traced by Dynamo breaks the graph); it
+        # is registered: choosing this backend (triton_supports, auto_backend) imported stdit.kernels.
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return torch.ops.stdit.flash_attention_fwd(q, k, v, key_padding_mask, scale)[0]
+    from stdit.kernels.attention import flash_attention
 
-    return FlashAttention.apply(q, k, v, key_padding_mask, scale)
+    return flash_attention(q, k, v, key_padding_mask, scale)
 
 
 def triton_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:

@@ -49,100 +49,6 @@ def _fused_enabled(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return adaln.supported(x, *tensors)
 
 
-_VECTORS = ("gate", "shift", "scale", "weight", "bias")
-
-
-@torch.library.custom_op("stdit::adaln_fwd", mutates_args=())
-def _adaln_fwd(
-    x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor | None,
-    scale: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, norm: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h, out, mean, rstd)`` of the fused kernel; one that is absent (h without y, the others without the norm)
-    is an empty tensor."""
-    from stdit.kernels import adaln
-
-    x = x.contiguous()
-    y = None if y is None else y.contiguous()
-    res = adaln.adaln_fwd(x, y, *adaln.prepare(x, gate, shift, scale, weight, bias), eps, norm)
-    return tuple(x.new_empty(0, dtype=dt) if t is None else t
-                 for t, dt in zip(res, (x.dtype, x.dtype, torch.float32, torch.float32)))
-
-
-@_adaln_fwd.register_fake
-def _(x, y, gate, shift, scale, weight, bias, eps, norm):
-    stats = (x.shape[0] * x.shape[1] if norm else 0,)
-    return (x.new_empty(x.shape if y is not None else (0,)), x.new_empty(x.shape if norm else (0,)),
-            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
-
-
-@torch.library.custom_op("stdit::adaln_bwd", mutates_args=())
-def _adaln_bwd(
-    dout: torch.Tensor | None, dhx: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor | None,
-    gate: torch.Tensor | None, scale: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-    mean: torch.Tensor, rstd: torch.Tensor, need: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dy, d gate, d shift, d scale, d weight, d bias)``: the vectors' grads as fp32 ``[B, D]`` / ``[D]``
-    sums for those ``need`` asks for. Empty where absent: dx without dout (it is dhx itself), dy without a gate (it
-    is dx), an unneeded vector's grad."""
-    from stdit.kernels import adaln
-
-    h = h.contiguous()
-    gate32, _, scale32, w32, b32 = adaln.prepare(h, gate, None, scale, weight, bias)
-    names = [n for n, on in zip(_VECTORS, need) if on]
-    dx, dy, g = adaln.adaln_bwd(None if dout is None else dout.contiguous(), None if dhx is None else dhx.contiguous(),
-                                h, y, gate32, scale32, w32, b32, mean, rstd, names)
-    if dout is None:
-        dx = None
-    # The per-sample vectors' sums are views of one buffer; returns may not alias each other.
-    vectors = [None if n not in g else g[n].clone() if g[n].dim() == 2 else g[n] for n in _VECTORS]
-    return tuple(h.new_empty(0) if t is None else t for t in (dx, dy, *vectors))
-
-
-@_adaln_bwd.register_fake
-def _(dout, dhx, h, y, gate, scale, weight, bias, mean, rstd, need):
-    b, _, d = h.shape
-    vec = [(b, d)] * 3 + [(d,)] * 2
-    return (h.new_empty(h.shape if dout is not None else (0,)), h.new_empty(h.shape if gate is not None else (0,)),
-            *(h.new_empty(shape if on else (0,), dtype=torch.float32 if on else h.dtype)
-              for shape, on in zip(vec, need)))
-
-
-def _adaln_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, weight, bias, eps, norm = inputs
-    h, _, mean, rstd = output
-    ctx.save_for_backward(x if y is None else h, y if gate is not None else None, gate, scale, weight, bias, mean,
-                          rstd)
-    ctx.vectors = tuple(None if t is None else (t.shape, t.dtype) for t in (gate, shift, scale, weight, bias))
-    ctx.residual, ctx.norm = y is not None, norm
-    ctx.set_materialize_grads(False)
-
-
-def _adaln_backward(ctx, dh, dout, _dmean, _drstd):
-    from stdit.kernels.adaln import _vec_grad
-
-    h, y, gate, scale, weight, bias, mean, rstd = ctx.saved_tensors
-    dh, dout = (dh if ctx.residual else None), (dout if ctx.norm else None)
-    need = [t is not None and ctx.needs_input_grad[2 + i] and (dout is not None or i == 0)
-            for i, t in enumerate(ctx.vectors)]
-    if dout is None and (dh is None or gate is None):  # nothing reaches the kernel: at most a plain residual add
-        return dh, dh if ctx.residual else None, None, None, None, None, None, None, None
-    dx, dy, *g = _adaln_bwd(dout, dh, h, y, gate, scale, weight, bias, mean, rstd, need)
-    dx = dh if dout is None else dx
-    dy = None if not ctx.residual else (dx if gate is None else dy)
-    return (dx, dy, *(_vec_grad(t, meta) if on else None for t, meta, on in zip(g, ctx.vectors, need)), None, None)
-
-
-_adaln_fwd.register_autograd(_adaln_backward, setup_context=_adaln_setup)
-
-
-def adaln_compiled(x, y, gate, shift, scale, weight, bias, eps, norm):
-    """The fused kernels as the custom op, which is how :func:`stdit.kernels.fused_norm_modulate` and
-    :func:`~stdit.kernels.fused_add_norm_modulate` run under torch.compile. Returns ``(h, normed or None)``; h is x
-    without y."""
-    h, out, _, _ = _adaln_fwd(x, y, gate if y is not None else None, shift, scale, weight, bias, eps, norm)
-    return (x if y is None else h), (out if norm else None)
-
-
 def norm_modulate(
     x: torch.Tensor,
     shift: torch.Tensor | None = None,
@@ -273,57 +179,6 @@ def _kernels_importable() -> bool:
     return _KERNELS_IMPORTABLE[0]
 
 
-@torch.library.custom_op("stdit::qk_norm_rope_fwd", mutates_args=())
-def _qk_norm_rope_fwd(
-    q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None, weight_k: torch.Tensor | None, eps: float,
-    cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from stdit.kernels.qk_norm_rope import qk_norm_rope_forward
-
-    return qk_norm_rope_forward(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
-
-
-@_qk_norm_rope_fwd.register_fake
-def _(q, k, weight_q, weight_k, eps, cos, sin, num_heads):
-    b, s, hd = q.shape
-    return q.new_empty(b, s, num_heads, hd // num_heads), k.new_empty(b, s, num_heads, hd // num_heads)
-
-
-@torch.library.custom_op("stdit::qk_norm_rope_bwd", mutates_args=())
-def _qk_norm_rope_bwd(
-    gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None,
-    weight_k: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, d weight_q, d weight_k)``; the weights' grads are empty without weights."""
-    from stdit.kernels.qk_norm_rope import qk_norm_rope_backward
-
-    dq, dk, dwq, dwk = qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads)
-    return dq, dk, q.new_empty(0) if dwq is None else dwq, k.new_empty(0) if dwk is None else dwk
-
-
-@_qk_norm_rope_bwd.register_fake
-def _(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(0) if weight_q is None else weight_q.new_empty(
-        weight_q.shape), k.new_empty(0) if weight_k is None else weight_k.new_empty(weight_k.shape))
-
-
-def _qk_norm_rope_setup(ctx, inputs, output):
-    q, k, weight_q, weight_k, eps, cos, sin, num_heads = inputs
-    ctx.save_for_backward(q, k, weight_q, weight_k, cos, sin)
-    ctx.eps, ctx.num_heads = eps, num_heads
-
-
-def _qk_norm_rope_backward(ctx, gq, gk):
-    q, k, weight_q, weight_k, cos, sin = ctx.saved_tensors
-    dq, dk, dwq, dwk = _qk_norm_rope_bwd(gq, gk, q, k, weight_q, weight_k, ctx.eps, cos, sin, ctx.num_heads)
-    if weight_q is None:
-        dwq = dwk = None
-    return dq, dk, dwq, dwk, None, None, None, None
-
-
-_qk_norm_rope_fwd.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
-
-
 def qk_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -346,7 +201,7 @@ def qk_norm_rope(
     from stdit.rope import apply_rope
 
     if cos is not None and _fused_norm_rope_ok(q, num_heads, resolve_backend(backend)):
-        from stdit.kernels import qk_norm_rope as fused  # under torch.compile it calls the custom op above
+        from stdit.kernels import qk_norm_rope as fused  # under torch.compile it calls its custom op
 
         return fused(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
     q = rms_norm(q, weight_q, eps).unflatten(-1, (num_heads, -1))

@@ -1,4 +1,5 @@
-"""Triton kernels for stdit; each file holds its kernels, launcher, autograd Function and functional API."""
+"""Triton kernels for stdit; each file holds its kernels, launcher, custom op (what torch.compile sees), autograd
+Function (the eager path, over the same forward and backward) and functional API. Nothing here imports stdit."""
 
 from .adaln import fused_add_norm_modulate, fused_norm_modulate
 from .attention import SUPPORTED_HEAD_DIMS, flash_attention

@@ -426,6 +426,96 @@ def _vec_grad(g: torch.Tensor | None, meta):
 # ------------------------------------------------------------------------------------------- autograd
 
 
+# The custom ops: what torch.compile sees (one opaque op; Dynamo cannot trace the launches).
+_VECTORS = ("gate", "shift", "scale", "weight", "bias")
+
+
+@torch.library.custom_op("stdit::adaln_fwd", mutates_args=())
+def _adaln_fwd(
+    x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor | None,
+    scale: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, out, mean, rstd)`` of the fused kernel; one that is absent (h without y, the others without the norm)
+    is an empty tensor."""
+    x = x.contiguous()
+    y = None if y is None else y.contiguous()
+    res = adaln_fwd(x, y, *prepare(x, gate, shift, scale, weight, bias), eps, norm)
+    return tuple(x.new_empty(0, dtype=dt) if t is None else t
+                 for t, dt in zip(res, (x.dtype, x.dtype, torch.float32, torch.float32)))
+
+
+@_adaln_fwd.register_fake
+def _(x, y, gate, shift, scale, weight, bias, eps, norm):
+    stats = (x.shape[0] * x.shape[1] if norm else 0,)
+    return (x.new_empty(x.shape if y is not None else (0,)), x.new_empty(x.shape if norm else (0,)),
+            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
+
+
+@torch.library.custom_op("stdit::adaln_bwd", mutates_args=())
+def _adaln_bwd(
+    dout: torch.Tensor | None, dhx: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor | None,
+    gate: torch.Tensor | None, scale: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    mean: torch.Tensor, rstd: torch.Tensor, need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dy, d gate, d shift, d scale, d weight, d bias)``: the vectors' grads as fp32 ``[B, D]`` / ``[D]``
+    sums for those ``need`` asks for. Empty where absent: dx without dout (it is dhx itself), dy without a gate (it
+    is dx), an unneeded vector's grad."""
+    h = h.contiguous()
+    gate32, _, scale32, w32, b32 = prepare(h, gate, None, scale, weight, bias)
+    names = [n for n, on in zip(_VECTORS, need) if on]
+    dx, dy, g = adaln_bwd(None if dout is None else dout.contiguous(), None if dhx is None else dhx.contiguous(),
+                                h, y, gate32, scale32, w32, b32, mean, rstd, names)
+    if dout is None:
+        dx = None
+    # The per-sample vectors' sums are views of one buffer; returns may not alias each other.
+    vectors = [None if n not in g else g[n].clone() if g[n].dim() == 2 else g[n] for n in _VECTORS]
+    return tuple(h.new_empty(0) if t is None else t for t in (dx, dy, *vectors))
+
+
+@_adaln_bwd.register_fake
+def _(dout, dhx, h, y, gate, scale, weight, bias, mean, rstd, need):
+    b, _, d = h.shape
+    vec = [(b, d)] * 3 + [(d,)] * 2
+    return (h.new_empty(h.shape if dout is not None else (0,)), h.new_empty(h.shape if gate is not None else (0,)),
+            *(h.new_empty(shape if on else (0,), dtype=torch.float32 if on else h.dtype)
+              for shape, on in zip(vec, need)))
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, bias, eps, norm = inputs
+    h, _, mean, rstd = output
+    ctx.save_for_backward(x if y is None else h, y if gate is not None else None, gate, scale, weight, bias, mean,
+                          rstd)
+    ctx.vectors = tuple(None if t is None else (t.shape, t.dtype) for t in (gate, shift, scale, weight, bias))
+    ctx.residual, ctx.norm = y is not None, norm
+    ctx.set_materialize_grads(False)
+
+
+def _adaln_backward(ctx, dh, dout, _dmean, _drstd):
+    h, y, gate, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dh, dout = (dh if ctx.residual else None), (dout if ctx.norm else None)
+    need = [t is not None and ctx.needs_input_grad[2 + i] and (dout is not None or i == 0)
+            for i, t in enumerate(ctx.vectors)]
+    if dout is None and (dh is None or gate is None):  # nothing reaches the kernel: at most a plain residual add
+        return dh, dh if ctx.residual else None, None, None, None, None, None, None, None
+    dx, dy, *g = _adaln_bwd(dout, dh, h, y, gate, scale, weight, bias, mean, rstd, need)
+    dx = dh if dout is None else dx
+    dy = None if not ctx.residual else (dx if gate is None else dy)
+    return (dx, dy, *(_vec_grad(t, meta) if on else None for t, meta, on in zip(g, ctx.vectors, need)), None, None)
+
+
+_adaln_fwd.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+
+
+def adaln_compiled(x, y, gate, shift, scale, weight, bias, eps, norm):
+    """The fused kernels as the custom op, which is how :func:`fused_norm_modulate` and
+    :func:`fused_add_norm_modulate` run under torch.compile and dispatch modes. Returns ``(h, normed or None)``; h is x
+    without y."""
+    h, out, _, _ = _adaln_fwd(x, y, gate if y is not None else None, shift, scale, weight, bias, eps, norm)
+    return (x if y is None else h), (out if norm else None)
+
+
+# The eager path: the same kernels through an autograd.Function, without the custom op's dispatch.
 class _AdaLN(torch.autograd.Function):
     """One autograd node for ``h = x + gate*y``, ``out = modulate(LN(h))``.
 
@@ -478,10 +568,8 @@ class _AdaLN(torch.autograd.Function):
 
 def fused_norm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6):
     """``LN(x) * (1 + scale) + shift`` in one kernel. x ``[B, S, D]``; shift/scale ``[B, 1, D]``; returns x's dtype.
-    Under ``torch.compile`` (here and below) the kernels run as the custom ops of :mod:`stdit.ops`."""
+    Under ``torch.compile`` (here and below) the kernels run as the custom ops above."""
     if torch.compiler.is_compiling():
-        from stdit.ops import adaln_compiled
-
         return adaln_compiled(x, None, None, shift, scale, weight, bias, eps, True)[1]
     return _AdaLN.apply(x, None, None, shift, scale, weight, bias, eps, False, True)
 
@@ -489,8 +577,6 @@ def fused_norm_modulate(x, shift=None, scale=None, weight=None, bias=None, eps=1
 def fused_add_norm_modulate(x, y, gate=None, shift=None, scale=None, weight=None, bias=None, eps=1e-6, norm=True):
     """``h = x + gate * y`` then ``norm_modulate(h, ...)`` in one kernel; returns ``(h, normed or None)``."""
     if torch.compiler.is_compiling():
-        from stdit.ops import adaln_compiled
-
         return adaln_compiled(x, y, gate, shift, scale, weight, bias, eps, norm)
     res = _AdaLN.apply(x, y, gate, shift, scale, weight, bias, eps, True, norm)
     return res if norm else (res, None)

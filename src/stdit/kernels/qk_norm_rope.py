@@ -173,6 +173,55 @@ def qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_h
     return dq, dk, dwq.sum(0).to(weight_q.dtype), dwk.sum(0).to(weight_k.dtype)
 
 
+# The custom op: what torch.compile and dispatch modes see (one opaque op; Dynamo cannot trace the launches).
+@torch.library.custom_op("stdit::qk_norm_rope_fwd", mutates_args=())
+def qk_norm_rope_op(
+    q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None, weight_k: torch.Tensor | None, eps: float,
+    cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return qk_norm_rope_forward(q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+
+
+@qk_norm_rope_op.register_fake
+def _(q, k, weight_q, weight_k, eps, cos, sin, num_heads):
+    b, s, hd = q.shape
+    return q.new_empty(b, s, num_heads, hd // num_heads), k.new_empty(b, s, num_heads, hd // num_heads)
+
+
+@torch.library.custom_op("stdit::qk_norm_rope_bwd", mutates_args=())
+def _qk_norm_rope_bwd_op(
+    gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None,
+    weight_k: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, d weight_q, d weight_k)``; the weights' grads are empty without weights."""
+    dq, dk, dwq, dwk = qk_norm_rope_backward(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads)
+    return dq, dk, q.new_empty(0) if dwq is None else dwq, k.new_empty(0) if dwk is None else dwk
+
+
+@_qk_norm_rope_bwd_op.register_fake
+def _(gq, gk, q, k, weight_q, weight_k, eps, cos, sin, num_heads):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(0) if weight_q is None else weight_q.new_empty(
+        weight_q.shape), k.new_empty(0) if weight_k is None else weight_k.new_empty(weight_k.shape))
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, weight_q, weight_k, eps, cos, sin, num_heads = inputs
+    ctx.save_for_backward(q, k, weight_q, weight_k, cos, sin)
+    ctx.eps, ctx.num_heads = eps, num_heads
+
+
+def _qk_norm_rope_backward(ctx, gq, gk):
+    q, k, weight_q, weight_k, cos, sin = ctx.saved_tensors
+    dq, dk, dwq, dwk = _qk_norm_rope_bwd_op(gq, gk, q, k, weight_q, weight_k, ctx.eps, cos, sin, ctx.num_heads)
+    if weight_q is None:
+        dwq = dwk = None
+    return dq, dk, dwq, dwk, None, None, None, None
+
+
+qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
+
+
+# The eager path: the same forward and backward through an autograd.Function, without the custom op's dispatch.
 class QKNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, weight_q, weight_k, eps, cos, sin, num_heads):
@@ -199,7 +248,5 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor | None
     if (weight_q is None) != (weight_k is None):
         raise ValueError("pass both norm weights or neither")
     if torch.compiler.is_compiling():
-        from stdit.ops import _qk_norm_rope_fwd
-
-        return _qk_norm_rope_fwd(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
+        return qk_norm_rope_op(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
     return QKNormRope.apply(q, k, weight_q, weight_k, float(eps), cos, sin, int(num_heads))
