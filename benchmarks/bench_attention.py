@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from stdit.attention import attention as stdit_attention
 from stdit.ops import rms_norm
 from stdit.kernels import flash_attention, qk_norm_rope
+from stdit.kernels.config import CONFIG as KCONFIG
 from stdit.rope import RotaryEmbedding3D, apply_rope
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run through `stdit bench attention` (runpy)
@@ -207,8 +208,7 @@ def run_shape(name, b, h, s, d, impls, dtype, args, clock=None):
     with torch.no_grad():
         ref = impls["ours"](*check[:3]).float()
     for iname, fn in impls.items():
-        if iname == "ours-ptr":
-            os.environ["STDIT_ATTN_TMA"] = "0"
+        KCONFIG.tma = iname != "ours-ptr"  # "ours-ptr": ours with tensor descriptors switched off
         try:
             with torch.no_grad():
                 out = fn(*check[:3]).float()
@@ -233,7 +233,7 @@ def run_shape(name, b, h, s, d, impls, dtype, args, clock=None):
             torch.cuda.empty_cache()
             continue
         finally:
-            os.environ.pop("STDIT_ATTN_TMA", None)
+            KCONFIG.tma = True
         print(f"  {name:22s} {iname:15s} fwd {fwd:9.3f} ms {row['fwd_tflops'][iname]:7.1f} TF/s   "
               f"fwd+bwd {fb:9.3f} ms {row['fwdbwd_tflops'][iname]:7.1f} TF/s{graph}", flush=True)
         torch.cuda.empty_cache()

@@ -13,7 +13,6 @@ was measured with the same loop.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SHAPES  # noqa: E402
 from common import bench_ms, write_results  # noqa: E402
+
+from stdit.kernels.config import override  # noqa: E402
 
 # (BLOCK_N, STAGES, consumer warpgroups, ping-pong, persistent grid), as in attention_sm90._CONFIGS.
 ABLATION = {
@@ -73,11 +74,8 @@ def main(argv=None) -> int:
             rows.append({"shape": name, "kernel": f"Gluon {label(cfg)}", "TFLOP/s": tflops(ms, b, h, s, d),
                          "max |diff| vs cuDNN": (o.float() - ref).abs().max().item()})
             print(rows[-1], flush=True)
-        os.environ["STDIT_ATTN_SM90"] = "0"
-        try:
+        with override(sm90_forward=False):
             ms = bench_ms(lambda: ka.flash_attention(q, k, v), warmup_ms=100, rep_ms=rep)
-        finally:
-            os.environ.pop("STDIT_ATTN_SM90")
         rows.append({"shape": name, "kernel": "general Triton kernel", "TFLOP/s": tflops(ms, b, h, s, d)})
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             ms = bench_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt), warmup_ms=100, rep_ms=rep)

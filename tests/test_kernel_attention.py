@@ -16,6 +16,7 @@ from _kernel_env import HAS_CUDA, check_rule, device, load_kernels, max_err
 
 kernels = load_kernels()
 from stdit.kernels.attention_ref import attention_ref  # noqa: E402
+from stdit.kernels.config import CONFIG as KCONFIG  # noqa: E402
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
@@ -353,7 +354,7 @@ def test_sm90_forward_every_config_gpu(b, sq, sk, h, d, dtype, layout, monkeypat
     ka = _sm90_or_skip(q, k, v)
     ref = attention_ref(q, k, v, None, dtype=torch.float32)
     low = attention_ref(q, k, v, None, dtype=dtype)
-    monkeypatch.setenv("STDIT_ATTN_SM90", "0")
+    monkeypatch.setattr(KCONFIG, "sm90_forward", False)
     o_general, lse_general = ka.flash_attention_forward(q, k, v)
     check_rule("o (general kernel)", o_general, ref, low)
     for cfg in ka._sm90._CONFIGS[d]:
@@ -456,7 +457,7 @@ def test_sm90_split_rule(monkeypatch):
     blocks a tile) whose last round keeps under 70% of the SMs busy (B1 H12 S32760 d128: 72 of 2,052 tiles of 192
     rows on 132 SMs, 55%); where it keeps more, the busy SMs run fast enough that a split does not pay."""
     sm90 = kernels.attention_sm90
-    monkeypatch.setattr(sm90, "SPLIT_MODE", "auto")
+    monkeypatch.setattr(KCONFIG, "split", "auto")
     two, three, unpersistent = (128, 2, 2, True, True), (128, 2, 3, True, True), (128, 2, 2, True, False)
     assert sm90.splits(three, 128, 2052, 256, 132) and sm90.splits(two, 128, 3072, 256, 132)  # 55%, 27%
     assert sm90.splits(three, 64, 2064, 128, 132)  # B1 H24 S16384 d64: 84 of 132
@@ -467,9 +468,9 @@ def test_sm90_split_rule(monkeypatch):
     assert not sm90.splits(two, 128, 264 * 8, 256, 132)  # whole rounds
     assert not sm90.splits(unpersistent, 128, 2052, 256, 132)
     assert not sm90.splits(two, 96, 2052, 256, 132)  # two column chunks
-    monkeypatch.setattr(sm90, "SPLIT_MODE", "0")
+    monkeypatch.setattr(KCONFIG, "split", "never")
     assert not sm90.splits(three, 128, 2052, 256, 132)
-    monkeypatch.setattr(sm90, "SPLIT_MODE", "1")
+    monkeypatch.setattr(KCONFIG, "split", "always")
     assert sm90.splits(two, 128, 384, 32, 132) and not sm90.splits(two, 128, 264, 32, 132)
 
 
@@ -588,9 +589,9 @@ def test_plans_replay_and_follow_the_switches_gpu(monkeypatch):
     q_off = buf[1:1 + q.numel()].view(q.shape)
     assert not ka._forward(q_off, k, v, None, None)[2]
     check_flash(q_off, k, v, do)
-    monkeypatch.setenv("STDIT_ATTN_SM90", "0")
+    monkeypatch.setattr(KCONFIG, "sm90_forward", False)
     assert not ka._forward(q, k, v, None, None)[2]
-    monkeypatch.delenv("STDIT_ATTN_SM90")
+    monkeypatch.setattr(KCONFIG, "sm90_forward", True)
     calls.clear()
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -638,7 +639,7 @@ def test_sm90_forward_then_backward_gpu(monkeypatch):
     """Forward on the Hopper kernel, backward on the two-pass kernels from its logsumexp: all gradients right."""
     q, k, v, _, do = make_inputs(2, 1000, 777, 2, 128, torch.bfloat16, False, seed=21)
     ka = _sm90_or_skip(q, k, v)
-    monkeypatch.setenv("STDIT_ATTN_SM90_BWD", "0")
+    monkeypatch.setattr(KCONFIG, "sm90_backward", False)
     assert not ka._sm90_backward_allowed(do, q, k, v, None)
     check_flash(q, k, v, do)
 

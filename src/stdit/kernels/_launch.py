@@ -8,19 +8,19 @@ kernel it returns, and from then on calls the compiled kernel's launcher directl
 The signature key holds what Triton specializes on and more: every integer and bool argument's value, every
 tensor's dtype and 16-byte alignment, the constexprs, the launch options and the device, so a call that would
 compile differently never reuses a kernel. With launch hooks installed (a profiler such as proton), under
-``TRITON_INTERPRET=1``, or with ``STDIT_FAST_LAUNCH=0`` every call takes Triton's own path.
+``TRITON_INTERPRET=1``, or with ``config.override(fast_launch=False)`` every call takes Triton's own path.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 from triton.runtime import JITFunction
 
+from .config import CONFIG
+
 # Triton releases before the ``knobs`` module (3.4) keep their launch hooks elsewhere: they take the plain path.
-_ENABLED = os.environ.get("STDIT_FAST_LAUNCH", "1") != "0" and hasattr(triton, "knobs")
+_ENABLED = hasattr(triton, "knobs")
 _MAX_ENTRIES = 4096  # distinct call signatures kept; one per (kernel, shape, stride, config) seen
 _compiled: dict = {}
 _current_stream = None  # Triton's own current-stream getter (torch's raw stream handle), bound at the first launch
@@ -119,7 +119,7 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> Bound |
     kernel is compiled and kept (None where every call takes Triton's own path)."""
     options = {**DEFAULT_OPTIONS, **options}
     # Under TRITON_INTERPRET=1 kernels are interpreter functions, not JIT functions: nothing is compiled to keep.
-    if not _ENABLED or not isinstance(fn, JITFunction) or _hooks_installed():
+    if not (_ENABLED and CONFIG.fast_launch) or not isinstance(fn, JITFunction) or _hooks_installed():
         fn[grid](*args, **constexprs, **options)
         return None
     global _current_stream

@@ -8,9 +8,9 @@ the host side of both directions (checks, dispatch, plans), the ``autograd.Funct
 Head dims that are not powers of two (72, 96) are padded to the next power of two inside these kernels with
 masked loads. On Hopper the tiles streamed by the inner loops can come through tensor descriptors (TMA), and at
 head dims 64, 72, 80, 96 and 128 (no key mask, ``[B * S, H * D]`` row layouts) the forward is the warp-specialized
-Gluon kernel of :mod:`.attention_sm90` (``STDIT_ATTN_SM90=0`` turns it off) and the backward the one-pass Gluon
+Gluon kernel of :mod:`.attention_sm90` (``config.override(sm90_forward=False)`` turns it off) and the backward the one-pass Gluon
 kernel of :mod:`.attention_sm90_bwd` (dQ summed with bulk reduce-adds), except in torch's deterministic mode or
-with ``STDIT_ATTN_SM90_BWD=0``; they read 72, 80 and 96 as a 64-column chunk plus a 16- or 32-column one instead
+with ``config.override(sm90_backward=False)``; they read 72, 80 and 96 as a 64-column chunk plus a 16- or 32-column one instead
 of padding. The pure-torch twin is :mod:`stdit.kernels.attention_ref`.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -27,6 +26,7 @@ import triton.language as tl
 from . import attention_sm90 as _sm90
 from . import attention_sm90_bwd as _sm90_bwd
 from ._launch import DEFAULT_OPTIONS, cdiv, current_device, launch, next_pow2
+from .config import CONFIG
 from .attention_bwd import _DKDV, _DQ, _attn_bwd_preprocess
 from .attention_tiles import (_INTERPRET, _configs, _load_tile, _make_desc, _off, _pick, _store_tile, _stream_tile,
                               _tuned)
@@ -150,7 +150,7 @@ _TMA_API = not _INTERPRET and hasattr(tl, "make_tensor_descriptor") and hasattr(
 def _tma_allowed(*tensors: torch.Tensor, any_d: bool = False) -> bool:
     """Tensor descriptors need Hopper, 16-byte aligned bases and strides and a unit inner stride; the general
     kernels also D = D_PAD (a power of two), the Hopper ones (``any_d``) read other head dims in two chunks."""
-    if not _TMA_API or os.environ.get("STDIT_ATTN_TMA", "1") == "0":
+    if not _TMA_API or not CONFIG.tma:
         return False
     t0 = tensors[0]
     if not t0.is_cuda or _capability(t0.get_device())[0] < 9:
@@ -169,9 +169,9 @@ def _tma_allowed(*tensors: torch.Tensor, any_d: bool = False) -> bool:
 
 def sm90_forward_covers(q, k, v, key_padding_mask=None) -> bool:
     """Whether the Hopper forward (:mod:`.attention_sm90`) takes a call with these shapes, dtypes, strides and
-    device (``STDIT_ATTN_SM90=0`` turns it off); pointer alignment is checked at launch. Reads no data pointer, so
+    device (``config.override(sm90_forward=False)`` turns it off); pointer alignment is checked at launch. Reads no data pointer, so
     it can run while ``torch.compile`` traces."""
-    if os.environ.get("STDIT_ATTN_SM90", "1") == "0" or _INTERPRET or not q.is_cuda:
+    if not CONFIG.sm90_forward or _INTERPRET or not q.is_cuda:
         return False
     return _sm90.supports(q, k, v, key_padding_mask) and _capability(q.get_device()) == (9, 0)
 
@@ -183,13 +183,13 @@ def _sm90_allowed(q, k, v, key_padding_mask) -> bool:
 def sm90_backward_covers(q, k, v, key_padding_mask=None) -> bool:
     """Whether the one-pass Hopper backward (:mod:`.attention_sm90_bwd`) takes the backward of a call with these
     q, k, v: within the forward's scope, not in deterministic mode (dQ is summed with bulk reduce-adds);
-    ``STDIT_ATTN_SM90_BWD=0`` turns it off. dO must then share the row-view layout (checked at the backward, which
+    ``config.override(sm90_backward=False)`` turns it off. dO must then share the row-view layout (checked at the backward, which
     otherwise runs the two-pass kernels). Reads no data pointer, like :func:`sm90_forward_covers`."""
     return _sm90_backward_on(q) and sm90_forward_covers(q, k, v, key_padding_mask)
 
 
 def _sm90_backward_on(q) -> bool:
-    return (q.shape[-1] in _sm90_bwd.HEAD_DIMS and os.environ.get("STDIT_ATTN_SM90_BWD", "1") != "0"
+    return (q.shape[-1] in _sm90_bwd.HEAD_DIMS and CONFIG.sm90_backward
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -299,7 +299,7 @@ def _forward(q, k, v, key_padding_mask, scale):
     if key_padding_mask is None and q.is_cuda:
         key = ("fwd", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
                q.get_device(), current_device(), scale, (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15,
-               os.environ.get("STDIT_ATTN_SM90"), os.environ.get("STDIT_ATTN_TMA"))
+               CONFIG.key())
         plan = _PLANS.get(key)
         if plan is not None:
             return plan(q, k, v)
@@ -312,7 +312,7 @@ def _forward(q, k, v, key_padding_mask, scale):
     o = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     if _sm90_allowed(q, k, v, key_padding_mask):
-        run = _sm90.forward(q, k, v, o, lse, scale * _LOG2E, tune=os.environ.get("STDIT_AUTOTUNE", "1") != "0")
+        run = _sm90.forward(q, k, v, o, lse, scale * _LOG2E, tune=CONFIG.autotune)
         if key is not None and run is not None and q.get_device() == current_device():
             _remember(key, _forward_plan(run, o.shape, lse.shape))
         return o, lse, True
@@ -343,9 +343,7 @@ def flash_attention_backward(do, q, k, v, o, lse, key_padding_mask=None, scale=N
                q.dtype, k.dtype, v.dtype, do.dtype, o.dtype, q.get_device(), current_device(), scale,
                (do.data_ptr() | q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr() | lse.data_ptr()) & 15,
                forward_sm90,
-               torch.are_deterministic_algorithms_enabled(), os.environ.get("STDIT_ATTN_SM90_BWD"),
-               os.environ.get("STDIT_ATTN_SM90"),
-               os.environ.get("STDIT_ATTN_TMA"))
+               torch.are_deterministic_algorithms_enabled(), CONFIG.key())
         plan = _PLANS.get(key)
         if plan is not None:
             return plan(do, q, k, v, o, lse)

@@ -14,8 +14,8 @@ specialization, and this kernel uses them:
   others' matrix products instead of all softmaxes at once;
 * persistent: ``min(tiles, SMs)`` programs walk the output tiles, and the load warp fetches the next tile's
   blocks during this tile's last products and epilogue (no cold start per tile). Where the last round of tiles
-  would leave many SMs idle, the launch is split (``PART``; :data:`SPLIT_TAIL_MAX`, ``STDIT_ATTN_SPLIT=0`` turns it
-  off): the whole rounds, then the last round's key blocks in one even range per program, merged after;
+  would leave many SMs idle, the launch is split (``PART``; :data:`SPLIT_TAIL_MAX`; ``config.override(
+  split="never")`` turns it off): the whole rounds, then the last round's key blocks in one even range per program, merged after;
 * at d=128 with two consumers Q is the score products' register operand, read from shared memory once per tile;
   at d=64 the softmax's row sums run on the tensor cores (P times a ones tile), not as adds;
 * epilogue: a whole 64-row block of O goes to a shared-memory staging tile and leaves with an asynchronous TMA
@@ -35,8 +35,6 @@ general kernel, the ``gpu`` tests this one.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -44,6 +42,7 @@ import triton.testing
 
 from ._device import num_sms
 from ._launch import cdiv, launch, next_pow2
+from .config import CONFIG
 
 try:
     from triton.experimental import gluon
@@ -662,16 +661,14 @@ SUM_MMA_HEAD_DIMS = (64,) if _TRITON < (3, 7) else ()
 SPLIT_HEAD_DIMS = (64, 128)  # read as one chunk: a piece is one fp32 O accumulator per row
 SPLIT_TAIL_MAX = 0.7  # split where the last round keeps less than this share of the programs busy
 SPLIT_MIN_BLOCKS = 128  # key blocks per tile (16,384 keys): shorter rounds gain less than the split costs
-# STDIT_ATTN_SPLIT: "auto" (the rule above), "0" never, "1" wherever a launch can (for tests and A/B runs).
-SPLIT_MODE = os.environ.get("STDIT_ATTN_SPLIT", "auto")
 
 
 def splits(cfg, d: int, n_tiles: int, n_kv: int, sms: int) -> bool:
     """Whether a launch of ``cfg`` with ``n_tiles`` tiles of ``n_kv`` key blocks on ``sms`` SMs splits its last
     round (see :data:`SPLIT_TAIL_MAX`)."""
-    if SPLIT_MODE == "0" or not cfg[4] or d not in SPLIT_HEAD_DIMS or n_tiles % sms == 0:
+    if CONFIG.split == "never" or not cfg[4] or d not in SPLIT_HEAD_DIMS or n_tiles % sms == 0:
         return False
-    return SPLIT_MODE == "1" or (n_kv >= SPLIT_MIN_BLOCKS and n_tiles % sms < SPLIT_TAIL_MAX * sms)
+    return CONFIG.split == "always" or (n_kv >= SPLIT_MIN_BLOCKS and n_tiles % sms < SPLIT_TAIL_MAX * sms)
 
 
 def split_ranges(n_tiles: int, n_kv: int, programs: int) -> list[list[tuple[int, int, int]]]:

@@ -13,6 +13,8 @@ import os
 import triton
 import triton.language as tl
 
+from .config import CONFIG
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -102,4 +104,4 @@ def _tuned(kernel, configs, key=_KEY):
 
 
 def _pick(kernels):
-    return kernels[1] if os.environ.get("STDIT_AUTOTUNE", "1") == "0" else kernels[0]
+    return kernels[0] if CONFIG.autotune else kernels[1]
