@@ -5,7 +5,8 @@ CPU too. Every random draw of a sample (noise, timestep, condition dropout) is s
 the global batch stream, so a run gives the same losses on 1 or N ranks and after a resume.
 
 Writes to ``train.output_dir``: ``log.jsonl``, ``checkpoints/``, ``samples/``, ``loss.png``, ``config.yaml`` and
-the final ``model/`` (``StDiT.from_pretrained`` loads it; it also holds the sampling scheduler's config). With
+the final ``model/`` (``StDiT.from_pretrained`` loads it; it also holds the sampling scheduler's config);
+``train.tracker`` also sends each log record to TensorBoard (``tensorboard/``) or wandb. With
 ``train.lora`` (finetuning ``model.pretrained`` through peft, see :mod:`stdit.lora`) only the adapters train and are
 checkpointed, and ``model/`` holds the adapter in diffusers' LoRA format instead.
 
@@ -20,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -302,33 +305,205 @@ def _stop_requested(stopper, info: DistInfo, device) -> int:
     return int(flag.item())
 
 
+class Tracker:
+    """Where each log record goes besides ``log.jsonl`` (``train.tracker``, main rank only); this one: nowhere."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _TensorBoard(Tracker):
+    def __init__(self, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb(Tracker):
+    def __init__(self, out: Path, cfg: Config):
+        import wandb
+
+        self.wandb = wandb
+        wandb.init(project="stdit", dir=str(out), config=cfg.to_dict())
+
+    def log(self, record: dict) -> None:
+        self.wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
+        self.wandb.finish()
+
+
+# train.tracker -> the module it needs and the pip package that provides it
+_TRACKER_NEEDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def _require_tracker(name: str | None) -> None:
+    """Raise, before any work starts, when the chosen tracker's package is not installed."""
+    if name is None:
+        return
+    module, package = _TRACKER_NEEDS[name]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        via = " (torch's SummaryWriter writes through it)" if name == "tensorboard" else ""
+        raise ImportError(f"train.tracker={name} needs the {package} package{via}: pip install {package} "
+                          "(or set train.tracker=null).") from e
+
+
+def _make_tracker(name: str | None, out: Path, cfg: Config) -> Tracker:
+    if name == "tensorboard":
+        return _TensorBoard(out)
+    if name == "wandb":
+        return _Wandb(out, cfg)
+    return Tracker()
+
+
+class _RunLog:
+    """``log.jsonl`` (flushed after every record, so a killed run keeps its steps) and the tracker (main rank)."""
+
+    def __init__(self, path: Path, tracker: Tracker):
+        self.file, self.tracker = open(path, "a"), tracker
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.tracker.log(record)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+            self.tracker.close()
+
+
+@dataclass
+class _Run:
+    """What one run trains with, the same on every rank: built by :func:`_setup`, used by every step after."""
+
+    cfg: Config
+    info: DistInfo
+    precision: str
+    mode: str
+    dp_rank: int
+    dp_world: int
+    model: torch.nn.Module  # the model itself; ``wrapped`` is it under DDP/FSDP (the same object without)
+    arch: dict
+    tile: Any
+    wrapped: torch.nn.Module
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    flow: Any
+    dataset: Any
+    sampler: Any
+    x_key: str
+    patch: tuple
+    sample_shift: float
+    data_state: dict = field(default_factory=lambda: {"epoch": 0, "position": 0})  # where the data stream is
+    stream: Any = None
+    autocast: Any = None
+
+    @property
+    def tc(self):
+        return self.cfg.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.train.lora is not None
+
+
 def _train(cfg: Config, info: DistInfo, collector) -> dict:
-    from tqdm.auto import tqdm
+    from stdit.train_utils import StopOnSignal
 
-    from stdit.data.buckets import BucketBatchSampler
-    from stdit.data.loader import batch_stream, bucket_ids, build_dataset
-    from stdit.diffusion import RectifiedFlow
-    from stdit.lora import build_model, inference_model, model_config, save_adapter
-    from stdit.train_utils import EMA, StopOnSignal, plot_loss, read_log, warmup_cosine
-
-    tc, device = cfg.train, info.device
+    tc = cfg.train
     out = Path(tc.output_dir)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if tc.precision == "auto" else tc.precision
+    precision = ("bf16" if info.device.type == "cuda" else "fp32") if tc.precision == "auto" else tc.precision
     mode = resolve_mode(cfg.parallel.mode, info)
-    sp, lora = cfg.parallel.sp, tc.lora is not None
+    sp = cfg.parallel.sp
     if sp > 1 and not info.distributed:  # checked before any work starts
         raise ValueError(f"parallel.sp={sp} needs a multiple of {sp} processes: launch with "
                          f"torchrun --nproc_per_node=N (N divisible by {sp}).")
     if sp > 1 and "pretrained" not in cfg.model:
         _check_sp(sp, cfg.model, info.world_size)
+    _require_tracker(tc.tracker)
     # ranks of one sequence-parallel group train on the same samples: data parallelism is over groups
     dp_rank, dp_world = info.rank // sp, info.world_size // sp
     t_start = time.time()
-    ckpt_root = out / "checkpoints"
-    log_path = out / "log.jsonl"
-    resume_from, changes, changed_keys = _plan_resume(cfg, info, out, ckpt_root,
+    resume_from, changes, changed_keys = _plan_resume(cfg, info, out, out / "checkpoints",
                                                       tc.batch_size * tc.grad_accum * dp_world)
 
+    run = _setup(cfg, info, precision, mode, dp_rank, dp_world)
+    step = _resume(run, resume_from, changes, changed_keys) if resume_from is not None else 0
+    saved_step = step if resume_from is not None else None
+    _start_outputs(run, fresh=resume_from is None)
+    bar = _start_stream(run, step)
+
+    log = _RunLog(out / "log.jsonl", _make_tracker(tc.tracker, out, cfg)) if info.is_main else None
+    run.wrapped.train()
+    try:
+        with StopOnSignal() as stopper:
+            while step < tc.steps:
+                t0 = time.time()
+                loss, grad_norm = _train_step(run, step)
+                step += 1
+                collector.step(step)
+                loss_value = float(all_reduce_mean(loss))
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check "
+                                             "the data.")
+                _log_step(run, log, bar, step, loss_value, grad_norm, time.time() - t0, t_start)
+                if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+                    _save(run, step)
+                    saved_step = step
+                signum = _stop_requested(stopper, info, run.device)
+                if signum:  # log and tracker closed (in finally) after the checkpoint
+                    where = checkpoint_dir(run.ckpt_root, step) if saved_step == step else _save(run, step)
+                    raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at step {step} of {tc.steps}; "
+                                          f"checkpoint {where}. To resume, run the same command again "
+                                          "(train.resume=auto continues from it).", signum, info.is_main)
+                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                    _sample(run, f"step_{step:08d}")
+    finally:  # the tracker is finished however the loop ends (a signal, an error)
+        bar.close()
+        if log is not None:
+            log.close()
+
+    if tc.ckpt_every and step != saved_step:  # re-running a finished run: its checkpoint is already this state
+        _save(run, step)
+    return _export(run, step, t_start)
+
+
+def _setup(cfg: Config, info: DistInfo, precision: str, mode: str, dp_rank: int, dp_world: int) -> _Run:
+    """Model (seeded), its DDP/FSDP wrapper, EMA, optimizer, schedule, flow, dataset and sampler; checks the data."""
+    from stdit.data.buckets import BucketBatchSampler
+    from stdit.data.loader import bucket_ids, build_dataset
+    from stdit.diffusion import RectifiedFlow
+    from stdit.lora import build_model, model_config
+    from stdit.train_utils import EMA, warmup_cosine
+
+    tc, device, sp = cfg.train, info.device, cfg.parallel.sp
     torch.manual_seed(tc.seed)
     model = build_model(cfg, precision)
     arch = model_config(model)
@@ -382,143 +557,155 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
         raise ValueError(f"train.first_frame_prob={tc.first_frame_prob} (Wan 2.2 TI2V's clean first frame) needs a "
                          f"model with temporal patch 1 and no condition channels: {why}. Set "
                          "train.first_frame_prob=0.")
+    return _Run(cfg, info, precision, mode, dp_rank, dp_world, model, arch, tile, wrapped, ema, optimizer, scheduler,
+                flow, dataset, sampler, x_key, patch, sample_shift)
 
-    step, data_state = 0, {"epoch": 0, "position": 0}
-    if resume_from is not None:
-        meta, rng = load_checkpoint(resume_from, wrapped, optimizer, info, ema, trainable_only=lora)
-        scheduler.load_state_dict(meta["scheduler"])
-        step, data_state = int(meta["step"]), meta["data"]
-        if any(k in changed_keys for k in _OPTIM_KEYS):
-            _apply_optim_settings(optimizer, scheduler, tc)
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        _say(info, f"resumed from {resume_from} at step {step}" + (
-            f"; changed since that checkpoint (applies from step {step + 1}):\n  " + "\n  ".join(changes)
-            if changes else ""))
-    resumed_step = step
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if resume_from is None:
-            log_path.write_text("")
+
+def _resume(run: _Run, resume_from: Path, changes: list[str], changed_keys: list[str]) -> int:
+    """Load the checkpoint (model, optimizer, EMA, schedule, data position, RNG) into ``run``; returns its step."""
+    tc, device = run.tc, run.device
+    meta, rng = load_checkpoint(resume_from, run.wrapped, run.optimizer, run.info, run.ema, trainable_only=run.lora)
+    run.scheduler.load_state_dict(meta["scheduler"])
+    step, run.data_state = int(meta["step"]), meta["data"]
+    if any(k in changed_keys for k in _OPTIM_KEYS):
+        _apply_optim_settings(run.optimizer, run.scheduler, tc)
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    _say(run.info, f"resumed from {resume_from} at step {step}" + (
+        f"; changed since that checkpoint (applies from step {step + 1}):\n  " + "\n  ".join(changes)
+        if changes else ""))
+    return step
+
+
+def _start_outputs(run: _Run, fresh: bool) -> None:
+    """``config.yaml`` and, for a new run, an empty ``log.jsonl`` (rank 0 writes; every rank waits for it)."""
+    if run.info.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+        if fresh:
+            (run.out / "log.jsonl").write_text("")
     barrier()
 
-    stream = batch_stream(dataset, sampler, data_state["epoch"], data_state["position"], cfg.data.num_workers)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" and mode != "fsdp"
-                else contextlib.nullcontext())
-    gbs = tc.batch_size * dp_world
-    n_all = sum(p.numel() for p in model.parameters())
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = f" (LoRA rank {tc.lora.rank}; {(n_all - n_params) / 1e6:.2f}M frozen)" if lora else ""
+
+def _start_stream(run: _Run, step: int):
+    """Start the batch stream where the data state points, say what trains, and return the progress bar."""
+    from tqdm.auto import tqdm
+
+    from stdit.data.loader import batch_stream
+
+    cfg, info, tc, device, mode, sp = run.cfg, run.info, run.tc, run.device, run.mode, run.cfg.parallel.sp
+    run.stream = batch_stream(run.dataset, run.sampler, run.data_state["epoch"], run.data_state["position"],
+                              cfg.data.num_workers)
+    run.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if run.precision == "bf16" and mode != "fsdp"
+                    else contextlib.nullcontext())
+    gbs = tc.batch_size * run.dp_world
+    n_all = sum(p.numel() for p in run.model.parameters())
+    n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    frozen = f" (LoRA rank {tc.lora.rank}; {(n_all - n_params) / 1e6:.2f}M frozen)" if run.lora else ""
     _say(info, f"training {n_params / 1e6:.2f}M parameters{frozen} on {info.world_size} x {device.type} ({mode}, "
                f"{f'sp={sp}, ' if sp > 1 else ''}"
-               f"{precision}), global batch {gbs * tc.grad_accum}, {tc.steps} steps -> {out}")
-    bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
-               dynamic_ncols=True)
+               f"{run.precision}), global batch {gbs * tc.grad_accum}, {tc.steps} steps -> {run.out}")
+    return tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
+                dynamic_ncols=True)
 
-    def save(at_step: int) -> Path:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        return save_checkpoint(ckpt_root, at_step, wrapped, optimizer, info, ema, rng=rng, keep=tc.keep_ckpts,
-                               extra={"scheduler": scheduler.state_dict(), "data": data_state,
-                                      "config": cfg.to_dict()}, trainable_only=lora)
 
-    def sample(tag: str) -> list[Path]:
-        if not cfg.sample.enabled:
-            return []
-        weights = _full_weights(wrapped, ema, lora)
-        paths = []
-        if info.is_main:
-            try:
-                sampler = inference_model(cfg, arch, weights)
-                sampler.set_tile_attention(tile)
-                paths = write_samples(cfg, sampler, dataset, out / "samples", tag, sample_shift, device)
-            except (ImportError, OSError) as e:  # a missing video codec must not cost the trained model
-                _say(info, f"could not write the {tag} samples: {e}")
-        barrier()
-        return paths
+def _train_step(run: _Run, step: int):
+    """One optimizer step (``step`` done before it) over ``grad_accum`` micro-batches, then the EMA update.
 
-    log_file = open(log_path, "a") if info.is_main else None
-    wrapped.train()
-    saved_step = resumed_step if resume_from is not None else None
-    with StopOnSignal() as stopper:
-        while step < tc.steps:
-            t0 = time.time()
-            if tile is not None and (step >= tc.tile_attention.dense_steps) != (model._tile_switch is not None):
-                model.set_tile_attention(tile)  # from the start, or after the dense curriculum steps
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                # Fetching may start a DataLoader iterator, which draws its seed from the global RNG; isolated, that
-                # RNG is the model's alone (LoRA dropout), so a resumed run draws the same masks as an unbroken one.
-                with torch.random.fork_rng(devices=[]):
-                    batch, data_state = next(stream)
-                x0 = batch[x_key].to(device, torch.float32)
-                base = ((step * tc.grad_accum + micro) * dp_world + dp_rank) * tc.batch_size
-                uids = list(range(base, base + x0.shape[0]))
-                noise, u, drop, keep_first = _per_sample_draws(tuple(x0.shape[1:]), uids, tc.seed,
-                                                               tc.cond_dropout, tc.first_frame_prob)
-                t = flow.t_from_normal(u, flow.shift_for(tuple(x0.shape), patch)).to(device)
-                kwargs = _conditioning(model, batch, x0, drop, device)
-                last = micro == tc.grad_accum - 1
-                if mode == "fsdp":
-                    wrapped.set_requires_gradient_sync(last)
-                sync = wrapped.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
-                with sync, autocast:
-                    loss = flow.loss(wrapped, x0, noise=noise.to(device), t=t, patch_size=patch,
-                                     clean_first_frame=keep_first if tc.first_frame_prob > 0 else None, **kwargs)
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach()
-            clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(step)
-            step += 1
-            collector.step(step)
-            loss_value = float(all_reduce_mean(loss_sum / tc.grad_accum))
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr or check the data.")
-            dt = time.time() - t0
-            if info.is_main and (step % tc.log_every == 0 or step == tc.steps):
-                rec = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "samples_per_s": gbs * tc.grad_accum / dt,
-                       "elapsed_s": time.time() - t_start}
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
-            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{gbs * tc.grad_accum / dt:.1f}")
-            bar.update()
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
-                save(step)
-                saved_step = step
-            signum = _stop_requested(stopper, info, device)
-            if signum:
-                bar.close()
-                if log_file is not None:
-                    log_file.close()
-                where = checkpoint_dir(ckpt_root, step) if saved_step == step else save(step)
-                raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at step {step} of {tc.steps}; "
-                                      f"checkpoint {where}. To resume, run the same command again "
-                                      "(train.resume=auto continues from it).", signum, info.is_main)
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-                sample(f"step_{step:08d}")
-    bar.close()
-    if log_file is not None:
-        log_file.close()
+    Returns this rank's mean loss (a tensor; the caller averages it over ranks) and the clipped gradient norm.
+    """
+    tc, device, model, wrapped, flow, mode = run.tc, run.device, run.model, run.wrapped, run.flow, run.mode
+    if run.tile is not None and (step >= tc.tile_attention.dense_steps) != (model._tile_switch is not None):
+        model.set_tile_attention(run.tile)  # from the start, or after the dense curriculum steps
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(tc.grad_accum):
+        # Fetching may start a DataLoader iterator, which draws its seed from the global RNG; isolated, that
+        # RNG is the model's alone (LoRA dropout), so a resumed run draws the same masks as an unbroken one.
+        with torch.random.fork_rng(devices=[]):
+            batch, run.data_state = next(run.stream)
+        x0 = batch[run.x_key].to(device, torch.float32)
+        base = ((step * tc.grad_accum + micro) * run.dp_world + run.dp_rank) * tc.batch_size
+        uids = list(range(base, base + x0.shape[0]))
+        noise, u, drop, keep_first = _per_sample_draws(tuple(x0.shape[1:]), uids, tc.seed,
+                                                       tc.cond_dropout, tc.first_frame_prob)
+        t = flow.t_from_normal(u, flow.shift_for(tuple(x0.shape), run.patch)).to(device)
+        kwargs = _conditioning(model, batch, x0, drop, device)
+        last = micro == tc.grad_accum - 1
+        if mode == "fsdp":
+            wrapped.set_requires_gradient_sync(last)
+        sync = wrapped.no_sync() if mode == "ddp" and not last else contextlib.nullcontext()
+        with sync, run.autocast:
+            loss = flow.loss(wrapped, x0, noise=noise.to(device), t=t, patch_size=run.patch,
+                             clean_first_frame=keep_first if tc.first_frame_prob > 0 else None, **kwargs)
+            (loss / tc.grad_accum).backward()
+        loss_sum += loss.detach()
+    clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(step)
+    return loss_sum / tc.grad_accum, grad_norm
 
-    if tc.ckpt_every and step != saved_step:  # re-running a finished run: its checkpoint is already this state
-        save(step)
+
+def _log_step(run: _Run, log: _RunLog | None, bar, step: int, loss_value: float, grad_norm, dt: float,
+              t_start: float) -> None:
+    """Write step ``step``'s record (every ``log_every`` steps and the last; rank 0) and move the progress bar."""
+    tc = run.tc
+    gbs = tc.batch_size * run.dp_world
+    if log is not None and (step % tc.log_every == 0 or step == tc.steps):
+        log.write({"step": step, "loss": loss_value, "lr": run.scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "samples_per_s": gbs * tc.grad_accum / dt,
+                   "elapsed_s": time.time() - t_start})
+    bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{gbs * tc.grad_accum / dt:.1f}")
+    bar.update()
+
+
+def _save(run: _Run, at_step: int) -> Path:
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return save_checkpoint(run.ckpt_root, at_step, run.wrapped, run.optimizer, run.info, run.ema, rng=rng,
+                           keep=run.tc.keep_ckpts, extra={"scheduler": run.scheduler.state_dict(),
+                                                          "data": run.data_state, "config": run.cfg.to_dict()},
+                           trainable_only=run.lora)
+
+
+def _sample(run: _Run, tag: str) -> list[Path]:
+    from stdit.lora import inference_model
+
+    if not run.cfg.sample.enabled:
+        return []
+    weights = _full_weights(run.wrapped, run.ema, run.lora)
+    paths = []
+    if run.info.is_main:
+        try:
+            model = inference_model(run.cfg, run.arch, weights)
+            model.set_tile_attention(run.tile)
+            paths = write_samples(run.cfg, model, run.dataset, run.out / "samples", tag, run.sample_shift,
+                                  run.device)
+        except (ImportError, OSError) as e:  # a missing video codec must not cost the trained model
+            _say(run.info, f"could not write the {tag} samples: {e}")
+    barrier()
+    return paths
+
+
+def _export(run: _Run, step: int, t_start: float) -> dict:
+    """The final samples, loss plot and ``model/`` (rank 0 writes them); returns the run's summary."""
+    from stdit.lora import inference_model, save_adapter
+    from stdit.train_utils import plot_loss, read_log
+
+    cfg, out = run.cfg, run.out
     summary: dict = {"output_dir": str(out), "steps": step, "wall_s": time.time() - t_start}
-    summary["samples"] = [str(p) for p in sample("final")]
-    weights = _full_weights(wrapped, ema, lora) if tc.export else None
-    if info.is_main:
-        records = read_log(log_path)
+    summary["samples"] = [str(p) for p in _sample(run, "final")]
+    weights = _full_weights(run.wrapped, run.ema, run.lora) if run.tc.export else None
+    if run.info.is_main:
+        records = read_log(out / "log.jsonl")
         if records:
             summary["loss_png"] = str(plot_loss(records, out / "loss.png"))
             w = min(20, max(1, len(records) // 2))
@@ -528,11 +715,11 @@ def _train(cfg: Config, info: DistInfo, collector) -> dict:
             from stdit.pipeline import make_scheduler
 
             model_dir = out / "model"
-            if lora:
-                summary["lora_file"] = str(save_adapter(model_dir, model, weights, cfg.model["pretrained"]))
+            if run.lora:
+                summary["lora_file"] = str(save_adapter(model_dir, run.model, weights, cfg.model["pretrained"]))
             else:
-                inference_model(cfg, arch, weights).save_pretrained(model_dir)
-            make_scheduler(cfg.sample.scheduler, sample_shift).save_pretrained(model_dir)
+                inference_model(cfg, run.arch, weights).save_pretrained(model_dir)
+            make_scheduler(cfg.sample.scheduler, run.sample_shift).save_pretrained(model_dir)
             summary["model_dir"] = str(model_dir)
         _report(summary)
     barrier()

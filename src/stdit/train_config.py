@@ -131,6 +131,10 @@ class TrainConfig:
     sample_every: int = _f(0, "steps between sample videos (0: only at the end)", min=0)
     resume: str = _f("auto", "auto (latest good checkpoint in output_dir), none, or a checkpoint path")
     progress: bool = _f(True, "show a progress bar on rank 0")
+    tracker: str | None = _f(None, "also send each log.jsonl record to a tracker on rank 0: tensorboard (torch's "
+                             "SummaryWriter into output_dir/tensorboard; pip install tensorboard) or wandb (project "
+                             "stdit; pip install wandb); null: log.jsonl only",
+                             choices=(None, "tensorboard", "wandb"))
     export: bool = _f(True, "save_pretrained the (EMA) model to output_dir/model at the end (with lora: the "
                       "adapter, in the diffusers LoRA format)")
     lora: LoraSettings | None = _f(None, "LoRA finetuning of model.pretrained through peft (null: train every weight); "
