@@ -59,7 +59,7 @@ except (ImportError, AttributeError):  # pragma: no cover - Triton without Gluon
     HAVE_GLUON = False
 
 # d=64 needs the third consumer warpgroup and the ping-pong: with half the matrix work per key block the softmax
-# dominates (H200, B1 H24 S16384: 466 TFLOP/s with both, 392 without ping-pong, 412 for the general kernel).
+# dominates (benchmarks/DECISIONS.md).
 HEAD_DIMS = (64, 72, 80, 96, 128)
 
 
@@ -602,9 +602,8 @@ if HAVE_GLUON:
             ], [4, 4, 1], [REGS, REGS, 24])
 
 
-# Config: (BLOCK_N, STAGES, consumer warpgroups NW, ping-pong, persistent grid); BLOCK_M = 64 * NW. On an H200
-# (TFLOP/s, B1 H12 S32760 / S4096 d128): 2 stages 600 / 598, 3 stages 590 / 589, no ping-pong 598 / 594, one
-# program per tile 602 / 563 (its best case is the long 40-head shape); BLOCK_N = 64 measured 17% slower.
+# Config: (BLOCK_N, STAGES, consumer warpgroups NW, ping-pong, persistent grid); BLOCK_M = 64 * NW. The tuner picks
+# among these per shape; the schedule's A/B (stages, ping-pong, persistence, BLOCK_N) is in benchmarks/DECISIONS.md.
 _TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _CONFIGS = {
     128: [(128, 2, 2, True, True), (128, 2, 2, True, False), (128, 3, 2, True, True)],
@@ -615,49 +614,36 @@ _CONFIGS = {
     96: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
 }
 # Long sequences take a config by length, not by the tuner: at d=128 three consumers (192 x 128 tiles, 160 registers
-# each, so P reaches the P V products through the O staging tiles: P_SMEM). H200, sustained 0.6-0.7 s loops at the
-# power limit, two runs, against the first config (TFLOP/s): B1 H12 S75600 616-626 -> 628-640, H40 S32760 620-625 ->
-# 625-630, S32760 610-626 -> 610-622, S4096 even, 512 text keys 537-546 -> 528-534, B4 S1024 501-506 -> 355. The
-# tuner's short timings run below the power limit, where the two are even, and it never picked this one. Measured with
-# Triton 3.6 (124 B of spills, none in the key loop); Triton 3.9's build spills 520 B and has not run on a GPU, so
-# newer Tritons leave it out.
+# each, so P reaches the P V products through the O staging tiles: P_SMEM). It wins only in sustained loops at the
+# power limit, which the tuner's short timings do not reach (benchmarks/DECISIONS.md). Measured with Triton 3.6;
+# Triton 3.9's build of it spills and has not run on a GPU, so newer Tritons leave it out.
 LONG_CONFIGS = {128: (128, 2, 3, True, True)} if _TRITON < (3, 7) else {}
 LONG_MIN = 16384  # queries and keys
 for _d, _cfg in LONG_CONFIGS.items():
     _CONFIGS[_d].append(_cfg)  # built and tested with the others (sm90_report, the every-config GPU test)
 _TUNED = {}
 # Registers per thread of each consumer warpgroup (setmaxnreg), by consumer count; the load warp keeps 24. Two
-# consumers: 240 rather than 232 measured +3-4% at d=128 (H200, B1 H12 / H40 S32760: 610-617 -> 630-640 TFLOP/s)
-# and at d=96, no change at d=72 and S4096.
+# consumers: 240 rather than 232 or 248 (benchmarks/DECISIONS.md).
 CONSUMER_REGS = {2: 240, 3: 160}
 # Head dims whose Q is held in registers as the score products' A operand, with P converted to 16 bits at the end
-# of each softmax (so its fp32 copy does not live across the next products beside Q). H200, sustained 1 s loops,
-# interleaved, two machines: d=128 +1.1-1.5% at S32760 / S75600 / H40, +0.7-0.8% with 512 text keys, +1.2-2.8% at
-# B4 S1024, flat at S4096; Q in registers without the early conversion spilled and was slower at S75600 and with
-# text keys. Only a head dim read as one chunk can take it (Q's slot is freed once Q is in registers, and the tail
+# of each softmax (so its fp32 copy does not live across the next products beside Q): 1-3% at d=128
+# (benchmarks/DECISIONS.md). Only a head dim read as one chunk can take it (Q's slot is freed once Q is in registers, and the tail
 # chunk of d=72-96 is read from there); d=64's three consumers have 160 registers each, no room for Q's 32.
 Q_IN_REGISTERS = (128,)
 # Head dims whose softmax row sums run on the tensor cores: the 16-bit P times a ones tile, into an 8-column
 # accumulator rescaled with O, instead of 64 FADDs and the shuffles per key block per thread. The softmax's
-# instruction count bounds the forward (benchmarks/DECISIONS.md). H200, B1 H24 S16384 d64,
-# sustained at the power limit: 490-491 -> 503-514 TFLOP/s (three runs). At d=128, where the matrix work per
-# softmax is twice as large, the extra products cost more than the adds: 607-621 -> 579-591 at S32760, 3-4% lost
-# at S4096 and with text keys. The row sums are then of the rounded P that the P V product uses, so the logsumexp
-# differs from an fp32 sum's by up to log2(1 + 2^-8) (bf16's unit roundoff). Measured with Triton 3.6, whose build
-# has no spills. Triton 3.9's build of it spills 396 bytes (68 without it) and has not run on a GPU, so newer
-# Tritons keep the adds.
+# instruction count bounds the forward at d=64; at d=128, where the matrix work per softmax is twice as large, the
+# extra products cost more than the adds (benchmarks/DECISIONS.md). The row sums are then of the rounded P that the P V product uses, so the logsumexp
+# differs from an fp32 sum's by up to log2(1 + 2^-8) (bf16's unit roundoff). Measured with Triton 3.6; Triton 3.9's
+# build of it spills and has not run on a GPU, so newer Tritons keep the adds.
 SUM_MMA_HEAD_DIMS = (64,) if _TRITON < (3, 7) else ()
 # The last round of a persistent launch: T tiles on G programs take ceil(T / G) rounds, and the last keeps only
 # T mod G of the programs busy (B1 H12 S32760 d128: 2,052 tiles of 192 rows on 132 SMs, 15 whole rounds and 72 tiles,
 # 55%). A split launch runs the whole rounds (PART 1), then cuts the key blocks of the last round's tiles into one
 # even range per program (PART 2: each program writes the unnormalized O rows, row maxima and sums of its one or two
 # pieces of tiles to a workspace), and :func:`_merge_tail` combines the pieces of each tile into O and the logsumexp.
-# A partial round is not all loss: with SMs idle the busy ones run faster (at S16384 d128 the unsplit launch took 216
-# us past the whole rounds' 2,121, a whole round 303, while the pieces ran at a whole round's pace, 267 us for 82%
-# of one, plus the merge, 8 us, and the launch gaps, 3 us; torch profiler, below the power limit). H200, sustained loops, TFLOP/s, unsplit -> split: S32760 d128 614 -> 624 (last round 55% busy),
-# B1 H24 S16384 d64 505 -> 511 (64%), S16384 d128 623 -> 613 (82%), S8192 d128 609 -> 599 (82%), S75600 d128
-# 634 -> 617 (82%), S4096 d128 610 -> 559 (91%, 32 key blocks). So only a last round under SPLIT_TAIL_MAX busy, with
-# long rounds, is split (benchmarks/DECISIONS.md).
+# A partial round is not all loss: with SMs idle the busy ones run faster, so the split pays only where the last
+# round is mostly idle and the tiles are long (benchmarks/DECISIONS.md): the rule below.
 SPLIT_HEAD_DIMS = (64, 128)  # read as one chunk: a piece is one fp32 O accumulator per row
 SPLIT_TAIL_MAX = 0.7  # split where the last round keeps less than this share of the programs busy
 SPLIT_MIN_BLOCKS = 128  # key blocks per tile (16,384 keys): shorter rounds gain less than the split costs

@@ -11,9 +11,8 @@ one of them waits. dQ goes to shared memory, where a one-warp writer partition a
 a TMA bulk reduce. Five matrix products per tile pair (the two-pass backward does seven).
 
 The load warp also brings each query block's logsumexp and delta into shared memory (published by dO's barrier),
-so the consumers never wait on global loads: with them loaded by the consumers, an H200 took 31.9 ms (bf16, B1
-H12 S32760 d128), with the loader 30.1 ms, 547 TFLOP/s, against 30.8 ms for cuDNN's backward and 40.7 ms for the
-two-pass Triton kernels (see benchmarks/DECISIONS.md). When there are fewer key blocks than SMs (text
+so the consumers never wait on global loads (benchmarks/DECISIONS.md: that and the ring depth, the register split
+and the dK/dV stores, each with its measurement). When there are fewer key blocks than SMs (text
 cross-attention: 512 keys), each key block's query range is split over several programs (:func:`query_splits`)
 and dK, dV are summed with fp32 atomics.
 
@@ -490,18 +489,14 @@ CONSUMER_REGS = 240
 
 
 def default_stages(d: int) -> int:
-    """Depth of the Q/dO ring (H200: see :func:`backward`; d=72 3 / 4 stages 353 / 352 TFLOP/s at B2 H16 S4096, d=96
-    444 / 450)."""
+    """Depth of the Q/dO ring, as measured per head dim (benchmarks/DECISIONS.md)."""
     return 4 if d == 64 else 3
 
 
 # At these head dims, programs sweeping at most TMA_GRADS_MAX_BLOCKS 64-row query blocks store dK and dV through
-# shared memory with TMA (the writer warp issues the stores); the others store them from registers. H200, backward
-# kernel alone, TFLOP/s, registers -> TMA: d128 B4 H12 S1024 (16 blocks per program) 412 -> 434, B4 H12 Sq2048
-# Sk1024 (32) 485 -> 496, B1 H12 S4096 (64) 545 -> 537, B1 H12 S32760 (512) 561 -> 546; d72 B4 H16 S1024 250 -> 262;
-# d96 339 -> 332 and d64 338 -> 332 at B4 S1024. The register stores take ~6 us of a program; the TMA build's
-# consumer loop is scheduled slightly worse by ptxas (same instructions, another order and operand reuse), which a
-# program pays on every block (benchmarks/DECISIONS.md).
+# shared memory with TMA (the writer warp issues the stores); the others store them from registers. The TMA stores
+# save the register stores' few microseconds per program, but ptxas schedules that build's consumer loop slightly
+# worse, which a program pays on every block: a gain only for short sweeps (benchmarks/DECISIONS.md).
 TMA_GRADS_HEAD_DIMS = (72, 128)
 TMA_GRADS_MAX_BLOCKS = 32
 
@@ -587,7 +582,6 @@ class Plan:
 def backward(do, q, k, v, o, lse, delta, scale, stages=None, splits=None, dqa=None):
     """dq, dk, dv for the forward's ``o`` and base-2 ``lse``; ``delta = rowsum(do * o)`` ([B, H, Sq] fp32).
     ``dqa``: a zeroed, contiguous fp32 ``[B, Sq, H, D]`` buffer that dQ is summed into (allocated here if None).
-    ``stages``: depth of the Q/dO ring (default :func:`default_stages`: 4 at d=64, else 3; H200, B1 H12 S32760 d128:
-    2 / 3 stages 30.06 / 30.11 ms, H40: 106.6 / 101.9; B1 H24 S16384 d64: 2 / 3 / 4 stages 9.16 / 9.11 / 8.86 ms).
+    ``stages``: depth of the Q/dO ring (default :func:`default_stages`: 4 at d=64, else 3).
     ``splits``: query-range parts per key block (default: :func:`query_splits`)."""
     return Plan(q, k, scale, stages, splits)(do, q, k, v, lse, delta, dqa)
