@@ -81,6 +81,13 @@ def as_int(value) -> int | None:
         return None
 
 
+def check_block_indices(owner: str, layers, num_blocks: int) -> None:
+    """``owner.layers`` (a runtime setting such as ``TileAttention.layers``) must name blocks of the model."""
+    bad = [i for i in layers or () if not 0 <= i < num_blocks]
+    if bad:
+        raise ValueError(f"{owner}.layers {bad} are not block indices of this {num_blocks}-block model.")
+
+
 def _bad(name: str, value, want: str) -> ValueError:
     return ValueError(f"{name}={value!r} ({type(value).__name__}): {want}.")
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stdit.checks import check_block_indices
+
 
 @dataclass(frozen=True)
 class FP8Attention:
@@ -67,10 +69,7 @@ def set_fp8_attention(model, config: FP8Attention | None) -> None:
     if config is not None and not isinstance(config, FP8Attention):
         raise TypeError(f"set_fp8_attention takes a stdit.fp8.FP8Attention or None; got {type(config).__name__}.")
     if config is not None:
-        bad = [i for i in config.layers or () if not 0 <= i < len(model.blocks)]
-        if bad:
-            raise ValueError(f"FP8Attention.layers {bad} are not block indices of this {len(model.blocks)}-block "
-                             "model.")
+        check_block_indices("FP8Attention", config.layers, len(model.blocks))
     switch = FP8Switch(config) if config is not None else None
     model._fp8_switch = switch
     for i, block in enumerate(model.blocks):

@@ -32,7 +32,7 @@ from torch import nn
 from stdit.attention import BACKENDS, as_keep_mask, attention_backend, context_backend
 from stdit.attention_layer import StDiTAttention, StDiTAttnProcessor
 from stdit.checkpointing import keep_attention_and_matmuls_policy, keep_self_attention_policy
-from stdit.checks import check_call, check_config
+from stdit.checks import check_block_indices, check_call, check_config
 from stdit.ops import add_norm_modulate, feed_forward, is_plain, norm_modulate
 from stdit.rope import RotaryEmbedding3D, axis_split
 
@@ -375,10 +375,7 @@ class StDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixi
             if self.config.attention_mode != "full":
                 raise ValueError(f"tile attention replaces full 3D self-attention; this model's attention_mode is "
                                  f"{self.config.attention_mode!r}.")
-            bad = [i for i in config.layers or () if not 0 <= i < len(self.blocks)]
-            if bad:
-                raise ValueError(f"TileAttention.layers {bad} are not block indices of this {len(self.blocks)}-block "
-                                 "model.")
+            check_block_indices("TileAttention", config.layers, len(self.blocks))
         switch = TileSwitch(config) if config is not None else None
         self._tile_switch = switch
         for i, block in enumerate(self.blocks):

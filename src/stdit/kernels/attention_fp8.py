@@ -64,10 +64,8 @@ def _to_fp8(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows(X, MEAN, X8, XS, sxb, sxs, sxh, sxd, H, S, factor, QMAX: tl.constexpr, D: tl.constexpr,
-                D_PAD: tl.constexpr, HAS_MEAN: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    # One block of tokens of one (batch, head): subtract the channel means, one scale per token, round to 8 bits.
+def _load_token_block(X, sxb, sxs, sxh, sxd, H, S, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's block of tokens of one (batch, head) of a [B, S, H, D] tensor, fp32, zeros past S and D.
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -75,7 +73,15 @@ def _quant_rows(X, MEAN, X8, XS, sxb, sxs, sxh, sxd, H, S, factor, QMAX: tl.cons
     cols = tl.arange(0, D_PAD)
     inside = (rows[:, None] < S) & (cols[None, :] < D)
     x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxs + cols[None, :] * sxd, mask=inside, other=0.0)
-    x = x.to(tl.float32)
+    return pid_bh, rows, cols, inside, x.to(tl.float32)
+
+
+@triton.jit
+def _quant_rows(X, MEAN, X8, XS, sxb, sxs, sxh, sxd, H, S, factor, QMAX: tl.constexpr, D: tl.constexpr,
+                D_PAD: tl.constexpr, HAS_MEAN: tl.constexpr, INT8: tl.constexpr, BLOCK: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    # One block of tokens of one (batch, head): subtract the channel means, one scale per token, round to 8 bits.
+    pid_bh, rows, cols, inside, x = _load_token_block(X, sxb, sxs, sxh, sxd, H, S, D, D_PAD, BLOCK)
     if HAS_MEAN:
         mean = tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)
         x = tl.where(inside, x - mean[None, :], 0.0)
@@ -95,16 +101,10 @@ def _quant_v(V, VSHIFT, VS, V8, svb, svs, svh, svd, H, S, S_PAD, D: tl.constexpr
              BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     # One block of tokens of one (batch, head) of V, shifted and divided by the channel scales, cast to FP8 and
     # stored transposed; the blocks past S write the zero padding.
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D_PAD)
-    inside = (rows[:, None] < S) & (cols[None, :] < D)
-    x = tl.load(V + b * svb + h * svh + rows[:, None] * svs + cols[None, :] * svd, mask=inside, other=0.0)
+    pid_bh, rows, cols, inside, x = _load_token_block(V, svb, svs, svh, svd, H, S, D, D_PAD, BLOCK)
     shift = tl.load(VSHIFT + pid_bh * D_PAD + cols)
     scale = tl.load(VS + pid_bh * D_PAD + cols)
-    y = tl.where(inside, (x.to(tl.float32) - shift[None, :]) / scale[None, :], 0.0)
+    y = tl.where(inside, (x - shift[None, :]) / scale[None, :], 0.0)
     y = _to_fp8(y, INTERPRET)
     tl.store(V8 + (pid_bh.to(tl.int64) * D_PAD + cols[None, :]) * S_PAD + rows[:, None], y,
              mask=rows[:, None] < S_PAD)
