@@ -51,11 +51,12 @@ def main(argv=None) -> int:
         print("bench_attention_sm90 needs an sm_90 GPU (H100/H200).", file=sys.stderr)
         return 2
     from stdit.kernels import attention as ka
+    from stdit.kernels._compat import ensure_scratch_allocator
 
     if not ka._sm90.HAVE_GLUON:
         print("bench_attention_sm90 needs a Triton with Gluon's Hopper API.", file=sys.stderr)
         return 2
-    ka._ensure_allocator()
+    ensure_scratch_allocator()
     rows = []
     for name, b, h, s, d in SHAPES:
         if d not in ABLATION or (args.shapes and name not in args.shapes):

@@ -192,9 +192,10 @@ def xformers_attention(q, k, v, key_padding_mask=None, scale=None):
 
 
 def triton_attention(q, k, v, key_padding_mask=None, scale=None):
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling():
         # The kernels' custom op, looked up rather than imported (an import traced by Dynamo breaks the graph); it
-        # is registered: choosing this backend (triton_supports, auto_backend) imported stdit.kernels.
+        # is registered: choosing this backend (triton_supports, auto_backend) imported stdit.kernels. Outside
+        # torch.compile, flash_attention itself takes the op under a dispatch mode.
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         return torch.ops.stdit.flash_attention_fwd(q, k, v, key_padding_mask, scale)[0]
     from stdit.kernels.attention import flash_attention

@@ -3,7 +3,7 @@ epilogue, and QK RMSNorm + 3D RoPE (:func:`qk_norm_rope`).
 
 The model calls only :func:`norm_modulate` and :func:`add_norm_modulate`, so one fused kernel replaces each
 whole chain in one place. On CUDA tensors they run the Triton kernels of ``stdit.kernels.adaln`` (one read
-and one write of each activation, forward and backward); elsewhere, or with ``STDIT_FUSED_NORM=0``, the plain
+and one write of each activation, forward and backward); elsewhere, or with ``FUSED["norm"]`` off, the plain
 torch functions below, which are also the kernels' reference twin.
 
 Math follows Wan: norms and modulation in fp32 (or wider, for fp64 inputs), results cast to x's dtype.
@@ -16,7 +16,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-ENV_VAR = "STDIT_FUSED_NORM"
+# Ablation switches of the fused paths, for tests and benchmarks (``monkeypatch.setitem(ops.FUSED, "norm", False)``).
+# Users have no need of them: each fused path runs only where it computes what the torch path computes.
+FUSED = {"norm": True, "rope": True}
 
 
 def norm_modulate_torch(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6):
@@ -42,7 +44,7 @@ def add_norm_modulate_torch(x, y, gate=None, shift=None, scale=None, weight=None
 
 
 def _fused_enabled(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    if not x.is_cuda or os.environ.get(ENV_VAR, "1") == "0":
+    if not x.is_cuda or not FUSED["norm"]:
         return False
     from stdit.kernels import adaln
 
@@ -119,7 +121,7 @@ def feed_forward(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     On CUDA, when autograd will not ask for a backward (sampling), the GELU runs in the first matmul's epilogue
     (``torch._addmm_activation``: cuBLASLt's bias + GELU-tanh epilogue), which saves one read and one write of the
-    widest activation of the block ([S, ffn_dim]). Elsewhere, in training, with ``STDIT_FUSED_NORM=0``, and whenever
+    widest activation of the block ([S, ffn_dim]). Elsewhere, in training, with ``FUSED["norm"]`` off, and whenever
     the first projection is not a plain hook-free ``nn.Linear`` (a LoRA, offloading or casting hook) the module runs
     as it is.
     """
@@ -129,7 +131,7 @@ def feed_forward(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                and getattr(act, "approximate", None) == "tanh"
                and proj.bias is not None and x.dtype == proj.weight.dtype
                and not (torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad))
-               and os.environ.get(ENV_VAR, "1") != "0")
+               and FUSED["norm"])
     if not fusable:
         return ffn(x)
     h = torch._addmm_activation(proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True)
@@ -155,7 +157,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def _fused_norm_rope_ok(q: torch.Tensor, num_heads: int, backend: str) -> bool:
-    if os.environ.get("STDIT_FUSED_ROPE", "1") == "0" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if not FUSED["rope"] or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if not q.is_cuda and not (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False
@@ -194,7 +196,7 @@ def qk_norm_rope(
 
     ``cos``/``sin`` are ``[S, D/2]`` fp32 tables (see :mod:`stdit.rope`), or None for no rotation. On CUDA the
     three steps run as one fused Triton kernel whatever the attention backend (norm and RoPE are not attention;
-    ``STDIT_FUSED_ROPE=0`` turns it off); on the CPU only with the triton backend under ``TRITON_INTERPRET=1``.
+    ``FUSED["rope"]`` off turns it off); on the CPU only with the triton backend under ``TRITON_INTERPRET=1``.
     Under ``torch.compile`` the kernel runs as the custom op ``stdit::qk_norm_rope_fwd``.
     """
     from stdit.attention import resolve_backend

@@ -13,22 +13,15 @@ compile differently never reuses a kernel. With launch hooks installed (a profil
 
 from __future__ import annotations
 
-import torch
-import triton
-from triton.runtime import JITFunction
-
+from . import _compat
+from ._compat import JITFunction, current_device, launch_hooks_installed, run_compiled
 from .config import CONFIG
 
-# Triton releases before the ``knobs`` module (3.4) keep their launch hooks elsewhere: they take the plain path.
-_ENABLED = hasattr(triton, "knobs")
 _MAX_ENTRIES = 4096  # distinct call signatures kept; one per (kernel, shape, stride, config) seen
 _compiled: dict = {}
-_current_stream = None  # Triton's own current-stream getter (torch's raw stream handle), bound at the first launch
+_current_stream = None  # Triton's own current-stream getter, bound at the first launch (the driver loads lazily)
 
-
-# torch.cuda.current_device() without its lazy-initialization checks (two Python calls, a few microseconds on these
-# hosts): the callers launch on CUDA tensors, so CUDA is initialized.
-current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+__all__ = ["DEFAULT_OPTIONS", "Bound", "cdiv", "current_device", "launch", "next_pow2"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,17 +34,6 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (``n`` >= 1)."""
     return 1 << (n - 1).bit_length()
-
-
-_RUNTIME = triton.knobs.runtime if _ENABLED else None
-
-
-def _hooks_installed() -> bool:
-    # Runs before every bound launch, so it is written out (a generator over the two hooks took 3 µs a call on the
-    # device machines' hosts). Triton 3.6 and later hold the hooks as (usually empty) chains; older releases as a
-    # callable or None.
-    enter, exit_ = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
-    return bool(getattr(enter, "calls", enter) or getattr(exit_, "calls", exit_))
 
 
 def _signature(args: tuple) -> tuple:
@@ -73,13 +55,13 @@ def _trailing(fn, n_args: int, constexprs: dict) -> tuple:
     """The arguments after the ``n_args`` positional ones, in the kernel's parameter order (constexprs included:
     the compiled launcher takes every parameter and skips the constant ones)."""
     out = []
-    for p in fn.params[n_args:]:
-        if p.name in constexprs:
-            out.append(constexprs[p.name])
-        elif p.has_default:
-            out.append(p.default)
+    for name, has_default, default in _compat.jit_params(fn)[n_args:]:
+        if name in constexprs:
+            out.append(constexprs[name])
+        elif has_default:
+            out.append(default)
         else:
-            raise TypeError(f"{fn.__name__}: no value for parameter {p.name!r}")
+            raise TypeError(f"{fn.__name__}: no value for parameter {name!r}")
     return tuple(out)
 
 
@@ -103,13 +85,10 @@ class Bound:
         self.kernel, self.trailing, self.device = kernel, trailing, device
 
     def __call__(self, *args) -> None:
-        if _hooks_installed():
+        if launch_hooks_installed():
             self.fn[self.grid](*args, **self.constexprs, **self.options)
             return
-        k = self.kernel
-        g0, g1, g2 = self.grid
-        k.run(g0, g1, g2, _current_stream(self.device), k.function, k.packed_metadata, None, None, None, *args,
-              *self.trailing)
+        run_compiled(self.kernel, self.grid, _current_stream(self.device), args, self.trailing)
 
 
 def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> Bound | None:
@@ -119,12 +98,13 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> Bound |
     kernel is compiled and kept (None where every call takes Triton's own path)."""
     options = {**DEFAULT_OPTIONS, **options}
     # Under TRITON_INTERPRET=1 kernels are interpreter functions, not JIT functions: nothing is compiled to keep.
-    if not (_ENABLED and CONFIG.fast_launch) or not isinstance(fn, JITFunction) or _hooks_installed():
+    if not (_compat.HAS_LAUNCH_KNOBS and CONFIG.fast_launch) or not isinstance(fn, JITFunction) or \
+            launch_hooks_installed():
         fn[grid](*args, **constexprs, **options)
         return None
     global _current_stream
     if _current_stream is None:
-        _current_stream = triton.runtime.driver.active.get_current_stream
+        _current_stream = _compat.current_stream_getter()
     device = current_device()
     key = (fn, device, _signature(args), tuple(constexprs.items()), tuple(options.items()))
     hit = _compiled.get(key)
@@ -138,6 +118,5 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> Bound |
         hit = _compiled[key] = (kernel, _trailing(fn, len(args), constexprs))
     else:
         kernel, trailing = hit
-        kernel.run(*grid, _current_stream(device), kernel.function, kernel.packed_metadata, None, None, None, *args,
-                   *trailing)
+        run_compiled(kernel, grid, _current_stream(device), args, trailing)
     return Bound(fn, grid, constexprs, options, *hit, device)

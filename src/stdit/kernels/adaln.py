@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import interpreter_wraps_language
 from ._device import num_sms
 from ._launch import cdiv as _cdiv
 from ._launch import launch
@@ -44,7 +45,7 @@ def _add(a, b):
 # tl.sum is a jit function of triton's own, decorated when triton is imported. If triton was imported before
 # TRITON_INTERPRET=1 was set, the interpreter cannot call it; a reduction with our own combine function still
 # runs there (ten times slower, so only then).
-_OWN_REDUCE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1" and type(tl.sum).__name__ != "InterpretedFunction")
+_OWN_REDUCE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1" and not interpreter_wraps_language())
 
 
 @triton.jit

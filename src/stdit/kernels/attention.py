@@ -25,7 +25,8 @@ import triton.language as tl
 
 from . import attention_sm90 as _sm90
 from . import attention_sm90_bwd as _sm90_bwd
-from ._launch import DEFAULT_OPTIONS, cdiv, current_device, launch, next_pow2
+from ._compat import HAS_TENSOR_DESCRIPTORS, current_device, ensure_scratch_allocator, in_dispatch_mode
+from ._launch import DEFAULT_OPTIONS, cdiv, launch, next_pow2
 from .config import CONFIG
 from .attention_bwd import _DKDV, _DQ, _attn_bwd_preprocess
 from .attention_tiles import (_INTERPRET, _configs, _load_tile, _make_desc, _off, _pick, _store_tile, _stream_tile,
@@ -142,7 +143,7 @@ def _capability(index):
     return torch.cuda.get_device_capability(index)
 
 
-_TMA_API = not _INTERPRET and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+_TMA_API = not _INTERPRET and HAS_TENSOR_DESCRIPTORS
 
 
 # The eligibility checks below run on every call; at 4k tokens and below the host sets the pace, so they read each
@@ -163,7 +164,7 @@ def _tma_allowed(*tensors: torch.Tensor, any_d: bool = False) -> bool:
         *outer, inner = t.stride()
         if inner != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in outer):
             return False
-    _ensure_allocator()
+    ensure_scratch_allocator()
     return True
 
 
@@ -201,16 +202,6 @@ def _sm90_backward_allowed(do, q, k, v, key_padding_mask, forward_sm90: bool = F
     if forward_sm90:
         return _tma_allowed(do, any_d=True)
     return sm90_forward_covers(q, k, v, key_padding_mask) and _tma_allowed(q, k, v, do, any_d=True)
-
-
-def _scratch(size: int, align: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    # Descriptors built inside a kernel live in a scratch buffer that Triton asks the host for. Triton keeps the
-    # allocator in a context variable, which the autograd engine's backward thread does not inherit: set it per call.
-    triton.set_allocator(_scratch)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
@@ -268,7 +259,7 @@ def _forward_plan(run, o_shape, lse_shape):
     def plan(q, k, v):
         o = torch.empty(o_shape, device=q.device, dtype=q.dtype)
         lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-        _ensure_allocator()
+        ensure_scratch_allocator()
         run(q, k, v, o, lse)
         return o, lse, True
 
@@ -279,7 +270,7 @@ def _backward_plan(pre, pre_scalars, bwd):
     def plan(do, q, k, v, o, lse):
         delta = torch.empty_like(lse)
         dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        _ensure_allocator()
+        ensure_scratch_allocator()
         pre(o, do, delta, dqa, *pre_scalars)
         return bwd(do, q, k, v, lse, delta, dqa)
 
@@ -456,7 +447,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
     custom op ``stdit::flash_attention_fwd`` (Dynamo cannot trace the launches).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or in_dispatch_mode():
         return flash_attention_op(q, k, v, key_padding_mask, scale)[0]
     return FlashAttention.apply(q, k, v, key_padding_mask, scale)
 

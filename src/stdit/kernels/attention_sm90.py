@@ -40,23 +40,16 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from ._compat import HAVE_GLUON, TRITON_VERSION
 from ._device import num_sms
 from ._launch import cdiv, launch, next_pow2
 from .config import CONFIG
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
-    # Renamed between Triton releases (3.6: async_copy_global_to_shared; later: async_load).
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    # Renamed between Triton releases (3.6: thread_barrier; later: barrier).
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-    HAVE_GLUON = True
-except (ImportError, AttributeError):  # pragma: no cover - Triton without Gluon's Hopper API
-    HAVE_GLUON = False
+if HAVE_GLUON:
+    from ._compat import cta_barrier as _cta_barrier
+    from ._compat import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from ._compat import tma_load as _tma_load
+    from ._compat import tma_store as _tma_store
 
 # d=64 needs the third consumer warpgroup and the ping-pong: with half the matrix work per key block the softmax
 # dominates (benchmarks/DECISIONS.md).
@@ -604,7 +597,6 @@ if HAVE_GLUON:
 
 # Config: (BLOCK_N, STAGES, consumer warpgroups NW, ping-pong, persistent grid); BLOCK_M = 64 * NW. The tuner picks
 # among these per shape; the schedule's A/B (stages, ping-pong, persistence, BLOCK_N) is in benchmarks/DECISIONS.md.
-_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _CONFIGS = {
     128: [(128, 2, 2, True, True), (128, 2, 2, True, False), (128, 3, 2, True, True)],
     64: [(128, 3, 3, True, True)],
@@ -617,7 +609,7 @@ _CONFIGS = {
 # each, so P reaches the P V products through the O staging tiles: P_SMEM). It wins only in sustained loops at the
 # power limit, which the tuner's short timings do not reach (benchmarks/DECISIONS.md). Measured with Triton 3.6;
 # Triton 3.9's build of it spills and has not run on a GPU, so newer Tritons leave it out.
-LONG_CONFIGS = {128: (128, 2, 3, True, True)} if _TRITON < (3, 7) else {}
+LONG_CONFIGS = {128: (128, 2, 3, True, True)} if TRITON_VERSION < (3, 7) else {}
 LONG_MIN = 16384  # queries and keys
 for _d, _cfg in LONG_CONFIGS.items():
     _CONFIGS[_d].append(_cfg)  # built and tested with the others (sm90_report, the every-config GPU test)
@@ -636,7 +628,7 @@ Q_IN_REGISTERS = (128,)
 # extra products cost more than the adds (benchmarks/DECISIONS.md). The row sums are then of the rounded P that the P V product uses, so the logsumexp
 # differs from an fp32 sum's by up to log2(1 + 2^-8) (bf16's unit roundoff). Measured with Triton 3.6; Triton 3.9's
 # build of it spills and has not run on a GPU, so newer Tritons keep the adds.
-SUM_MMA_HEAD_DIMS = (64,) if _TRITON < (3, 7) else ()
+SUM_MMA_HEAD_DIMS = (64,) if TRITON_VERSION < (3, 7) else ()
 # The last round of a persistent launch: T tiles on G programs take ceil(T / G) rounds, and the last keeps only
 # T mod G of the programs busy (B1 H12 S32760 d128: 2,052 tiles of 192 rows on 132 SMs, 15 whole rounds and 72 tiles,
 # 55%). A split launch runs the whole rounds (PART 1), then cuts the key blocks of the last round's tiles into one

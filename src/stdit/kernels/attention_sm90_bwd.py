@@ -37,24 +37,9 @@ from .attention_sm90 import HAVE_GLUON, chunks
 HEAD_DIMS = (64, 72, 80, 96, 128)
 
 if HAVE_GLUON:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
-
+    from ._compat import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from ._compat import tma_reduce_add as _tma_reduce_add
     from .attention_sm90 import _cta_barrier, _load_block, _tiles, _tma_load, _tma_store, _zero_leading_cols
-
-    if hasattr(tma, "async_atomic_add"):
-        _tma_reduce_add = tma.async_atomic_add
-    else:  # triton 3.6: the builder has the op; the Python wrapper came in a later release
-        from triton._C.libtriton import ir as _ir
-        from triton.experimental.gluon.language._core import builtin as _builtin
-
-        @_builtin
-        def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
-            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
-                                                      src.handle)
 
     @gluon.jit
     def _bwd_loader(q_desc, k_desc, v_desc, do_desc, qh_desc, kh_desc, vh_desc, doh_desc, LSE, DELTA, q_smem, k_smem,

@@ -23,13 +23,9 @@ import tempfile
 
 
 def _ptxas_report(ptx: str) -> str | None:
-    from triton.backends.nvidia import compiler as nv
+    from ._compat import bundled_ptxas
 
-    bindir = os.path.join(os.path.dirname(nv.__file__), "bin")
-    for name in ("ptxas-blackwell", "ptxas"):  # the newest bundled ptxas that reads this PTX version
-        exe = os.path.join(bindir, name)
-        if not os.path.exists(exe):
-            continue
+    for exe in bundled_ptxas():  # the newest bundled ptxas that reads this PTX version
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(ptx)
         try:
@@ -45,21 +41,18 @@ def _ptxas_report(ptx: str) -> str | None:
 def build(fn, constexprs: dict, pointers: dict) -> dict:
     """Compile ``fn`` for sm_90 with these compile-time arguments (pointers: name -> Triton pointer type, assumed
     16-byte aligned; other arguments i32, the scales fp32) and summarize the result."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from ._compat import gluon_compile, jit_params
+    from ._launch import DEFAULT_OPTIONS
 
+    names = [name for name, _, _ in jit_params(fn)]
     sig = {}
-    for name in fn.arg_names:
+    for name in names:
         if name in constexprs:
             sig[name] = "constexpr"
         else:
             sig[name] = pointers.get(name, "fp32" if name in ("qk_scale", "sm_scale") else "i32")
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
-    from ._launch import DEFAULT_OPTIONS
-
-    compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(DEFAULT_OPTIONS, num_warps=4))
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    compiled = gluon_compile(fn, sig, constexprs, attrs, 90, dict(DEFAULT_OPTIONS, num_warps=4))
     ptx = compiled.asm["ptx"]
     report = _ptxas_report(ptx)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", report or "")]
@@ -103,7 +96,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
-    from .attention_sm90 import HAVE_GLUON
+    from ._compat import HAVE_GLUON
 
     if not HAVE_GLUON:
         p.error("this Triton has no Gluon Hopper API")
