@@ -24,19 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SHAPES  # noqa: E402
 from common import bench_ms, write_results  # noqa: E402
 
+from stdit.kernels.attention_sm90 import Config  # noqa: E402
 from stdit.kernels.config import override  # noqa: E402
 
 # (BLOCK_N, STAGES, consumer warpgroups, ping-pong, persistent grid), as in attention_sm90._CONFIGS.
+C = Config
 ABLATION = {
-    128: [(128, 2, 2, True, True), (128, 3, 2, True, True), (128, 2, 2, False, True), (128, 2, 2, True, False),
-          (128, 2, 3, True, True)],
-    64: [(128, 3, 3, True, True), (128, 3, 2, True, True), (128, 3, 3, False, True)],
+    128: [C(128, 2, 2, True, True), C(128, 3, 2, True, True), C(128, 2, 2, False, True), C(128, 2, 2, True, False),
+          C(128, 2, 3, True, True)],
+    64: [C(128, 3, 3, True, True), C(128, 3, 2, True, True), C(128, 3, 3, False, True)],
 }
 
 
-def label(cfg) -> str:
-    block_n, stages, nw, pingpong, persistent = cfg
-    return (f"N{block_n} st{stages} wg{nw}" + (" pp" if pingpong else "") + (" persistent" if persistent else ""))
+def label(cfg: Config) -> str:
+    return (f"N{cfg.block_n} st{cfg.stages} wg{cfg.warpgroups}" + (" pp" if cfg.pingpong else "")
+            + (" persistent" if cfg.persistent else ""))
 
 
 def tflops(ms: float, b: int, h: int, s: int, d: int) -> float:

@@ -276,19 +276,20 @@ def test_sm90_output_tma_store_scope():
     sm90 = kernels.attention_sm90
     for d, cfgs in sm90._CONFIGS.items():
         for cfg in cfgs:
-            expected = not (d == 128 and cfg[1] == 3)
+            expected = not (d == 128 and cfg.stages == 3)
             assert sm90.constexprs(cfg, d)["O_TMA"] is expected, (d, cfg)
             assert sm90.constexprs(cfg, d, o_row_view=False)["O_TMA"] is False, (d, cfg)
-    assert sm90._CONFIGS[128][0][1] == 2  # the d=128 default keeps the TMA store
+    assert sm90._CONFIGS[128][0].stages == 2  # the d=128 default keeps the TMA store
 
 
 def test_sm90_long_sequences_take_their_config(monkeypatch):
     """Long sequences run the length-picked config without tuning; shorter ones are tuned among the others only
     (the length-picked one is far slower there: B4 S1024)."""
     sm90 = kernels.attention_sm90
-    short, long_cfg = (128, 2, 2, True, True), (128, 2, 3, True, True)
+    C = sm90.Config
+    short, long_cfg = C(128, 2, 2, True, True), C(128, 2, 3, True, True)
     monkeypatch.setattr(sm90, "LONG_CONFIGS", {128: long_cfg})
-    monkeypatch.setattr(sm90, "_CONFIGS", {128: [short, (128, 3, 2, True, True), long_cfg]})
+    monkeypatch.setattr(sm90, "_CONFIGS", {128: [short, C(128, 3, 2, True, True), long_cfg]})
     monkeypatch.setattr(sm90, "_TUNED", {})
     launched = []
     monkeypatch.setattr(sm90, "_launch", lambda cfg, *args: launched.append(cfg))
@@ -307,7 +308,7 @@ def test_sm90_long_sequences_take_their_config(monkeypatch):
     assert run(sm90.LONG_MIN, sm90.LONG_MIN) == (long_cfg, [])
     assert run(75600, 32760, tune=False) == (long_cfg, [])
     picked, timed = run(1024, 1024)
-    assert long_cfg not in timed and set(timed) == {short, (128, 3, 2, True, True)} and picked in timed
+    assert long_cfg not in timed and set(timed) == {short, C(128, 3, 2, True, True)} and picked in timed
     assert run(sm90.LONG_MIN, 512, tune=False)[0] == short  # text keys: short on one side
 
 
@@ -429,7 +430,7 @@ def test_sm90_forward_split_gpu(b, sq, sk, h, d, programs):
     ref = attention_ref(q, k, v, None, dtype=torch.float32)
     low = attention_ref(q, k, v, None, dtype=torch.bfloat16)
     scale = d ** -0.5 * ka._LOG2E
-    cfgs = [c for c in sm90._CONFIGS[d] if c[4] and triton.cdiv(sq, 64 * c[2]) * b * h % programs]
+    cfgs = [c for c in sm90._CONFIGS[d] if c.persistent and triton.cdiv(sq, 64 * c.warpgroups) * b * h % programs]
     assert cfgs and d in sm90.SPLIT_HEAD_DIMS
     for cfg in cfgs:
         runs = []
@@ -458,7 +459,8 @@ def test_sm90_split_rule(monkeypatch):
     rows on 132 SMs, 55%); where it keeps more, the busy SMs run fast enough that a split does not pay."""
     sm90 = kernels.attention_sm90
     monkeypatch.setattr(KCONFIG, "split", "auto")
-    two, three, unpersistent = (128, 2, 2, True, True), (128, 2, 3, True, True), (128, 2, 2, True, False)
+    C = sm90.Config
+    two, three, unpersistent = C(128, 2, 2, True, True), C(128, 2, 3, True, True), C(128, 2, 2, True, False)
     assert sm90.splits(three, 128, 2052, 256, 132) and sm90.splits(two, 128, 3072, 256, 132)  # 55%, 27%
     assert sm90.splits(three, 64, 2064, 128, 132)  # B1 H24 S16384 d64: 84 of 132
     assert sm90.splits(three, 128, 50, 256, 132)  # fewer tiles than SMs: spread over all of them
@@ -500,7 +502,7 @@ def test_sm90_split_launch_sequence(sq, h, parts, monkeypatch):
         return lambda *a: calls.append((fn, grid, a, constexprs.get("PART")))
 
     monkeypatch.setattr(sm90, "launch", launch)
-    cfg, programs = (128, 2, 2, True, True), 5
+    cfg, programs = sm90.Config(128, 2, 2, True, True), 5
     q = torch.empty(1, sq, h, 128, device="meta", dtype=torch.bfloat16)
     o = torch.empty_like(q)
     lse = torch.empty(1, h, sq, device="meta")

@@ -35,6 +35,8 @@ general kernel, the ``gpu`` tests this one.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -595,21 +597,30 @@ if HAVE_GLUON:
             ], [4, 4, 1], [REGS, REGS, 24])
 
 
-# Config: (BLOCK_N, STAGES, consumer warpgroups NW, ping-pong, persistent grid); BLOCK_M = 64 * NW. The tuner picks
-# among these per shape; the schedule's A/B (stages, ping-pong, persistence, BLOCK_N) is in benchmarks/DECISIONS.md.
+class Config(NamedTuple):
+    """One schedule of the forward kernel; BLOCK_M = 64 * warpgroups. The tuner picks among :data:`_CONFIGS` per
+    shape; the A/B of each field (stages, ping-pong, persistence, BLOCK_N) is in benchmarks/DECISIONS.md."""
+    block_n: int
+    stages: int
+    warpgroups: int  # consumer warpgroups
+    pingpong: bool
+    persistent: bool  # a grid of one program per SM looping over tiles
+
+
+_C = Config
 _CONFIGS = {
-    128: [(128, 2, 2, True, True), (128, 2, 2, True, False), (128, 3, 2, True, True)],
-    64: [(128, 3, 3, True, True)],
+    128: [_C(128, 2, 2, True, True), _C(128, 2, 2, True, False), _C(128, 3, 2, True, True)],
+    64: [_C(128, 3, 3, True, True)],
     # Two consumers: three (160 registers each) spill and serialize the products with the tail accumulators.
-    72: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
-    80: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
-    96: [(128, 2, 2, True, True), (128, 3, 2, True, True)],
+    72: [_C(128, 2, 2, True, True), _C(128, 3, 2, True, True)],
+    80: [_C(128, 2, 2, True, True), _C(128, 3, 2, True, True)],
+    96: [_C(128, 2, 2, True, True), _C(128, 3, 2, True, True)],
 }
 # Long sequences take a config by length, not by the tuner: at d=128 three consumers (192 x 128 tiles, 160 registers
 # each, so P reaches the P V products through the O staging tiles: P_SMEM). It wins only in sustained loops at the
 # power limit, which the tuner's short timings do not reach (benchmarks/DECISIONS.md). Measured with Triton 3.6;
 # Triton 3.9's build of it spills and has not run on a GPU, so newer Tritons leave it out.
-LONG_CONFIGS = {128: (128, 2, 3, True, True)} if TRITON_VERSION < (3, 7) else {}
+LONG_CONFIGS = {128: _C(128, 2, 3, True, True)} if TRITON_VERSION < (3, 7) else {}
 LONG_MIN = 16384  # queries and keys
 for _d, _cfg in LONG_CONFIGS.items():
     _CONFIGS[_d].append(_cfg)  # built and tested with the others (sm90_report, the every-config GPU test)
@@ -644,7 +655,7 @@ SPLIT_MIN_BLOCKS = 128  # key blocks per tile (16,384 keys): shorter rounds gain
 def splits(cfg, d: int, n_tiles: int, n_kv: int, sms: int) -> bool:
     """Whether a launch of ``cfg`` with ``n_tiles`` tiles of ``n_kv`` key blocks on ``sms`` SMs splits its last
     round (see :data:`SPLIT_TAIL_MAX`)."""
-    if CONFIG.split == "never" or not cfg[4] or d not in SPLIT_HEAD_DIMS or n_tiles % sms == 0:
+    if CONFIG.split == "never" or not cfg.persistent or d not in SPLIT_HEAD_DIMS or n_tiles % sms == 0:
         return False
     return CONFIG.split == "always" or (n_kv >= SPLIT_MIN_BLOCKS and n_tiles % sms < SPLIT_TAIL_MAX * sms)
 
@@ -734,7 +745,7 @@ def constexprs(cfg, d: int, o_row_view: bool = True, part: int = 0) -> dict:
     grid). ``o_row_view``: O reads as a ``[B * Sq, H * D]`` row view, so whole blocks of it can be stored with TMA
     (where the staging tiles fit beside the Q tiles and the K, V rings). The host passes False below 64 queries,
     where no block is whole (Triton 3.6 fails to build the d=72 kernel specialized for Sq = 1 with it)."""
-    block_n, stages, nw, pingpong, _ = cfg
+    block_n, stages, nw, pingpong = cfg.block_n, cfg.stages, cfg.warpgroups, cfg.pingpong
     d0, dt = chunks(d)
     smem = 2 * (d0 + dt) * (2 * nw * 64 + 2 * stages * block_n)  # Q and O staging tiles, K and V rings (16-bit)
     # Three consumers at d=128 have no registers for P (160 each; O and S take 128): P goes through the O staging
@@ -751,7 +762,7 @@ def _launch(cfg, q, k, v, o, lse, qk_scale, split: bool | None = None, programs:
     shapes, strides, dtypes and alignment (None where launches are not cached). ``split``: split the last round
     (None: :func:`splits` decides); ``programs``: the persistent grid (default: one program per SM)."""
     b, sq, h, d = q.shape
-    block_n, _, nw, _, persistent = cfg
+    block_n, nw, persistent = cfg.block_n, cfg.warpgroups, cfg.persistent
     n_m = cdiv(sq, 64 * nw)
     n_tiles = n_m * b * h
     n_kv = cdiv(k.shape[1], block_n)

@@ -76,10 +76,11 @@ def variants():
             if key in seen:  # configs that differ only in the grid compile to one kernel
                 continue
             seen.add(key)
-            name = f"fwd d{d} BLOCK_N={cfg[0]} STAGES={cfg[1]} NW={cfg[2]} PINGPONG={cfg[3]} O_TMA={cx['O_TMA']}"
+            name = (f"fwd d{d} BLOCK_N={cfg.block_n} STAGES={cfg.stages} NW={cfg.warpgroups} PINGPONG={cfg.pingpong} "
+                    f"O_TMA={cx['O_TMA']}")
             ptrs = dict(Q=t, K=t, V=t, O=t, LSE="*fp32", WS="*fp32")
             yield name, fwd._attn_fwd_sm90, cx, ptrs
-            if cfg[4] and d in fwd.SPLIT_HEAD_DIMS:  # persistent: a split launch's two parts
+            if cfg.persistent and d in fwd.SPLIT_HEAD_DIMS:  # persistent: a split launch's two parts
                 for part in (1, 2):
                     yield f"{name} PART={part}", fwd._attn_fwd_sm90, fwd.constexprs(cfg, d, o_row_view, part), ptrs
     for d in bwd.HEAD_DIMS:
