@@ -29,3 +29,11 @@ def test_reference_is_exact_attention_of_the_first_queries():
 def test_needs_a_gpu(capsys):
     assert bench_fp8.main(["--quick"]) == 2
     assert "bench_fp8.py needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only exit")
+def test_train_bench_needs_a_gpu(capsys):
+    import bench_fp8_train
+
+    assert bench_fp8_train.main(["--tiny-steps", "0"]) == 2
+    assert "bench_fp8_train needs a CUDA GPU" in capsys.readouterr().err
