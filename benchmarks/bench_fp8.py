@@ -6,6 +6,10 @@ Speed: forward TOPS (4·B·H·S²·D operations) with the quantization pass incl
 input kinds: N(0, 1) q, k, v, and the same with a large per-channel offset in K (the outliers video DiTs have):
 cosine similarity and relative L2 of the outputs.
 
+Quantization, at the first shape: QK RMSNorm + RoPE then the 8-bit quantization (the norm + RoPE kernel writes bf16
+Q and K, ``quantize`` reads them back after a pass over K for its mean) against the kernel that does all three in one
+pass (``qk_norm_rope_quantized``), alone and followed by the attention (norm + RoPE + attention end to end).
+
     python benchmarks/bench_fp8.py              # Wan's 480p and 720p shapes, d=64
     python benchmarks/bench_fp8.py --quick      # one short shape
 
@@ -23,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stdit.kernels import flash_attention
-from stdit.kernels.attention_fp8 import attention_fp8, attention_quantized, quantize
+from stdit.kernels import flash_attention, qk_norm_rope
+from stdit.kernels.attention_fp8 import Quantized, attention_fp8, attention_quantized, quantize, quantize_v
+from stdit.kernels.qk_norm_rope_quant import qk_norm_rope_attention_fp8, qk_norm_rope_quantized
+from stdit.kernels.qk_norm_rope_ref import norm_rope_ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run through `stdit bench fp8` (runpy)
 from common import RESULTS, bar_plot, bench_ms_clocked, gpu_slug, run_on_gpu, write_results  # noqa: E402
@@ -73,6 +79,49 @@ def accuracy(out, ref):
     return F.cosine_similarity(a, r, dim=0).item(), ((a - r).norm() / r.norm()).item()
 
 
+def quantization_rows(name, b, h, s, d, clock):
+    """INT8 Q/K: norm + RoPE then quantize, against the fused kernel; the inputs are the projections ``[B, S, H*D]``
+    before the norm (the two kinds of :func:`inputs`), the accuracy against fp64 attention of the exact norm + RoPE."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    wq, wk = (1 + 0.1 * torch.randn(2, h * d, device="cuda", generator=g)).to(torch.bfloat16).unbind(0)
+    angles = torch.rand(s, d // 2, device="cuda", generator=g) * 20
+    cos, sin, eps = angles.cos(), angles.sin(), 1e-6
+
+    def unfused_quant(q, k, v):
+        return quantize(*qk_norm_rope(q, k, wq, wk, eps, cos, sin, h), v.unflatten(-1, (h, -1)))
+
+    def fused_quant(q, k, v):
+        return Quantized(*qk_norm_rope_quantized(q, k, wq, wk, eps, cos, sin, h), *quantize_v(v.unflatten(-1, (h, -1))))
+
+    def unfused_attn(q, k, v):
+        return attention_fp8(*qk_norm_rope(q, k, wq, wk, eps, cos, sin, h), v.unflatten(-1, (h, -1)))
+
+    def fused_attn(q, k, v):
+        return qk_norm_rope_attention_fp8(q, k, v, wq, wk, eps, cos, sin, h)
+
+    rows = []
+    for iname, quant, attn in (("int8: norm+rope, then quantize", unfused_quant, unfused_attn),
+                               ("int8: fused norm+rope+quantize", fused_quant, fused_attn)):
+        row = {"shape": name, "impl": iname}
+        try:
+            with torch.no_grad():
+                for kind in ("random", "k-outliers"):
+                    q, k, v = (t.flatten(2) for t in inputs(b, h, s, d, kind, seed=7))
+                    qn, kn = (norm_rope_ref(x, w, eps, cos, sin, h) for x, w in ((q, wq), (k, wk)))
+                    ref = reference(qn, kn, v.unflatten(-1, (h, -1)), REF_QUERIES)
+                    row[f"cos {kind}"], row[f"rel L2 {kind}"] = accuracy(attn(q, k, v), ref)
+                    del qn, kn, ref
+                q, k, v = (t.flatten(2) for t in inputs(b, h, s, d, "random", seed=1))
+                row["quant ms"], _ = bench_ms_clocked(lambda: quant(q, k, v), clock)
+                row["norm+rope+attn ms"], row["clock"] = bench_ms_clocked(lambda: attn(q, k, v), clock)
+        except Exception as e:  # noqa: BLE001 - say why, keep the other rows
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "clock"}, flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run(args, clock):
     shapes = QUICK if args.quick else SHAPES
     impls = implementations()
@@ -102,12 +151,17 @@ def run(args, clock):
                   flush=True)
             rows.append(row)
             torch.cuda.empty_cache()
-    cols = ["shape", "impl", "TOPS", "ms", "kernel TOPS", "kernel ms", "cos random", "rel L2 random",
-            "cos k-outliers", "rel L2 k-outliers", "error"]
+        if name == shapes[0][0]:
+            rows += quantization_rows(name, b, h, s, d, clock)
+    cols = ["shape", "impl", "TOPS", "ms", "kernel TOPS", "kernel ms", "quant ms", "norm+rope+attn ms", "cos random",
+            "rel L2 random", "cos k-outliers", "rel L2 k-outliers", "error"]
     notes = (f"Forward only, bf16 inputs [B, S, H, D], non-causal, no mask. `TOPS` = 4·B·H·S²·D / time, the "
              f"quantization included for the 8-bit rows; `kernel` = the attention kernel on inputs quantized "
              f"beforehand. Accuracy: the first {REF_QUERIES} queries against fp64 attention over all keys; "
-             f"`k-outliers` adds a per-channel offset of std {K_OFFSET} to K. Median of `triton.testing.do_bench`.")
+             f"`k-outliers` adds a per-channel offset of std {K_OFFSET} to K. `quant ms`: QK RMSNorm + RoPE and the "
+             f"8-bit quantization of Q, K, V (unfused: the norm + RoPE kernel, then `quantize`; fused: "
+             f"`qk_norm_rope_quantized` + `quantize_v`); `norm+rope+attn ms`: the same followed by the attention; "
+             f"for these rows the inputs are the projections before the norm. Median of `triton.testing.do_bench`.")
     path = write_results("fp8-attention", "8-bit attention forward", rows, cols, notes)
     labels = [n for n, *_ in shapes]
     series = {i: [next((r.get("TOPS", 0.0) for r in rows if r["shape"] == n and r["impl"] == i), 0.0)

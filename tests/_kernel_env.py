@@ -27,7 +27,7 @@ def load_kernels():
         for name in ("stdit.kernels.attention_tiles", "stdit.kernels.attention_bwd", "stdit.kernels.attention_sm90",
                      "stdit.kernels.attention",
                      "stdit.kernels.qk_norm_rope", "stdit.kernels", "stdit.kernels.attention_sparse",
-                     "stdit.kernels.attention_fp8"):
+                     "stdit.kernels.attention_fp8", "stdit.kernels.qk_norm_rope_quant"):
             if name in sys.modules:
                 importlib.reload(sys.modules[name])
     return stdit.kernels

@@ -12,6 +12,7 @@ from _kernel_env import HAS_CUDA, load_kernels
 from helpers import rel_err, tiny_model
 
 load_kernels()
+from stdit.attention_layer import StDiTAttention  # noqa: E402
 from stdit.fp8 import FP8Attention, fp8_linear_names  # noqa: E402
 
 attn_mod = importlib.import_module("stdit.attention")  # the module (the package exports a function of that name)
@@ -26,6 +27,8 @@ def inputs(model, seed=0, t=500.0):
 
 @pytest.fixture
 def fp8_calls(monkeypatch):
+    """The keys' shapes of every 8-bit attention call: the fp8 backend's, and the self-attentions that run it fused
+    with QK norm + RoPE (StDiTAttention.fp8_self_attention)."""
     calls = []
     real = attn_mod.REGISTRY["fp8"]
 
@@ -33,7 +36,14 @@ def fp8_calls(monkeypatch):
         calls.append(tuple(k.shape))
         return real.run(q, k, v, **kw)
 
+    fused = StDiTAttention.fp8_self_attention
+
+    def counted_fused(self, q, k, v, rotary_emb=None):
+        calls.append(tuple(k.shape))
+        return fused(self, q, k, v, rotary_emb)
+
     monkeypatch.setitem(attn_mod.REGISTRY, "fp8", attn_mod.Backend(counted, real.why_not))
+    monkeypatch.setattr(StDiTAttention, "fp8_self_attention", counted_fused)
     return calls
 
 

@@ -14,7 +14,9 @@
   a long sum (DeepSeek-V3 measured about 14).
 
 :func:`quantize` is one pass over Q, K and V after two reductions (K's mean, V's channel maxima, in torch: a
-per-channel reduction over all tokens must finish before any token is quantized). The quantized copies pad the
+per-channel reduction over all tokens must finish before any token is quantized); :func:`quantize_v` is its V part,
+which the self-attention's fused path (:mod:`stdit.kernels.qk_norm_rope_quant`: QK norm, RoPE and Q/K's quantization
+in one kernel) shares. The quantized copies pad the
 head dim to a power of two with zeros, so every head dim runs. The plain-torch twin, the same quantization and the
 same products in fp32, is :mod:`stdit.kernels.attention_fp8_ref`. Inference only: there is no backward.
 """
@@ -64,6 +66,16 @@ def _to_fp8(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _round_8bit(y, INT8: tl.constexpr, INTERPRET: tl.constexpr):
+    # Values already divided by their scale, to INT8 (round half away from zero: the cast truncates) or FP8 e4m3.
+    if INT8:
+        y = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+    else:
+        y = _to_fp8(y, INTERPRET)
+    return y
+
+
+@triton.jit
 def _load_token_block(X, sxb, sxs, sxh, sxd, H, S, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
     # This program's block of tokens of one (batch, head) of a [B, S, H, D] tensor, fp32, zeros past S and D.
     pid_bh = tl.program_id(1)
@@ -86,11 +98,7 @@ def _quant_rows(X, MEAN, X8, XS, sxb, sxs, sxh, sxd, H, S, factor, QMAX: tl.cons
         mean = tl.load(MEAN + pid_bh * D + cols, mask=cols < D, other=0.0)
         x = tl.where(inside, x - mean[None, :], 0.0)
     scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-20) / QMAX
-    y = x / scale[:, None]
-    if INT8:
-        y = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero (the cast truncates)
-    else:
-        y = _to_fp8(y, INTERPRET)
+    y = _round_8bit(x / scale[:, None], INT8, INTERPRET)
     base = pid_bh.to(tl.int64) * S
     tl.store(X8 + (base + rows[:, None]) * D_PAD + cols[None, :], y, mask=rows[:, None] < S)
     tl.store(XS + base + rows, scale * factor, mask=rows < S)
@@ -263,6 +271,15 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | N
                                           **common, **DEFAULT_OPTIONS)
     _quant_rows[(cdiv(sk, block), b * h)](k, k_mean, k8, ks, *k.stride(), h, sk, 1.0, HAS_MEAN=True, **common,
                                           **DEFAULT_OPTIONS)
+    return Quantized(q8, qs, k8, ks, *quantize_v(v))
+
+
+def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V's part of :class:`Quantized` (v ``[B, S, H, D]``, any strides): ``(v, v_shift, v_scale)``."""
+    b, sk, h, d = v.shape
+    d_pad = max(32, next_pow2(d))
+    dev = v.device
+    block = _QUANT_BLOCK
     # V is shifted by its channels' mid-range (exact: the probabilities of a row sum to one, so the shift is added
     # back to the output) and scaled by their half-range, both from one pass.
     s_pad = cdiv(sk, 16) * 16
@@ -273,9 +290,9 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | N
     v_shift[:, :d] = (v_max + v_min) / 2
     v_scale[:, :d] = ((v_max - v_min) / 2).clamp_min(1e-20) / FP8_MAX
     v8 = torch.empty(b * h, d_pad, s_pad, device=dev, dtype=FP8)
-    _quant_v[(cdiv(s_pad, block), b * h)](v, v_shift, v_scale, v8, *v.stride(), h, sk, s_pad, D=d, D_PAD=d_pad, BLOCK=block,
-                                          INTERPRET=_INTERPRET, **DEFAULT_OPTIONS)
-    return Quantized(q8, qs, k8, ks, v8, v_shift, v_scale)
+    _quant_v[(cdiv(s_pad, block), b * h)](v, v_shift, v_scale, v8, *v.stride(), h, sk, s_pad, D=d, D_PAD=d_pad,
+                                          BLOCK=block, INTERPRET=_INTERPRET, **DEFAULT_OPTIONS)
+    return v8, v_shift, v_scale
 
 
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,

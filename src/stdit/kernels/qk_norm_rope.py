@@ -30,13 +30,26 @@ def _pair_offsets(HALF: tl.constexpr, HALF_PAD: tl.constexpr, HALF_D: tl.constex
 
 
 @triton.jit
-def _norm_rope_row(X, sx, flat, mask, c, s, w_e, w_o, eps, HD: tl.constexpr):
+def _inv_rms(X, sx, flat, mask, eps, HD: tl.constexpr):
+    # The row as _pair_offsets lays it out (fp32) and its RMSNorm factor. The 8-bit kernel
+    # (qk_norm_rope_quant.py) reduces the same layout, so its factor has these bits too.
     x = tl.load(X + flat * sx, mask=mask, other=0.0).to(tl.float32)
-    r = tl.math.rsqrt(tl.sum(tl.sum(x * x, 1), 0) / HD + eps)
-    xe, xo = tl.split(x)
+    return x, tl.math.rsqrt(tl.sum(tl.sum(x * x, 1), 0) / HD + eps)
+
+
+@triton.jit
+def _scale_rotate(xe, xo, r, w_e, w_o, c, s):
+    # Even and odd elements of the pairs: normalized, scaled by the norm weight, rotated.
     ze = xe * r * w_e
     zo = xo * r * w_o
     return tl.join(ze * c - zo * s, ze * s + zo * c)
+
+
+@triton.jit
+def _norm_rope_row(X, sx, flat, mask, c, s, w_e, w_o, eps, HD: tl.constexpr):
+    x, r = _inv_rms(X, sx, flat, mask, eps, HD)
+    xe, xo = tl.split(x)
+    return _scale_rotate(xe, xo, r, w_e, w_o, c, s)
 
 
 @triton.jit
@@ -67,9 +80,8 @@ def _qk_norm_rope_fwd(Q, K, WQ, WK, COS, SIN, QO, KO,
 
 @triton.jit
 def _norm_rope_row_bwd(X, sx, G, sg, DX, flat, mask, c, s, w_e, w_o, eps, HD: tl.constexpr):
-    x = tl.load(X + flat * sx, mask=mask, other=0.0).to(tl.float32)
+    x, r = _inv_rms(X, sx, flat, mask, eps, HD)
     g = tl.load(G + flat * sg, mask=mask, other=0.0).to(tl.float32)
-    r = tl.math.rsqrt(tl.sum(tl.sum(x * x, 1), 0) / HD + eps)
     ge, go = tl.split(g)
     # The rotation is orthogonal: its transpose carries the gradient back to the normalized, scaled row.
     gz = tl.join(ge * c + go * s, go * c - ge * s)
