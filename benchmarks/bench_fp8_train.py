@@ -11,6 +11,10 @@ does) against bf16, same weights and data, one process:
 
     python benchmarks/bench_fp8_train.py                        # Wan2.1-1.3B
     python benchmarks/bench_fp8_train.py --skip-speed --tiny-steps 600
+    python benchmarks/bench_fp8_train.py --tiny-only --tiny-steps 1000   # the tiny model alone, on any device
+
+On the CPU (``--tiny-only``) torchao's float8 matmuls run through torch's CPU ``_scaled_mm``: the rounding to e4m3
+is the GPU's, the speed is not, so only the loss is reported.
 
 Writes ``benchmarks/results/fp8-train-<gpu>.{md,json,png}``.
 """
@@ -121,7 +125,7 @@ def loss_rows(args) -> list[dict]:
         ref = ref if ref is not None else curve
         gap = max(abs(a - b) / b for a, b in zip(curve, ref))
         rows.append({"impl": f"stdit {precision} (Wan loss)", "first loss": curve[0], "final loss": tail,
-                     "max rel gap to bf16": gap, "curve": curve})
+                     "max step gap": gap, "curve": curve})
         print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
     return rows
 
@@ -131,20 +135,26 @@ def tiny_rows(args) -> list[dict]:
     from stdit.train_config import load_train_config
     from stdit.train_utils import read_log
 
+    # The baseline and the master weights: bf16 autocast on a GPU; on the CPU, where bf16 matmuls run several times
+    # slower than fp32 ones, fp32.
+    base = "bf16" if torch.cuda.is_available() else "fp32"
     rows, ref = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for precision, fp8 in (("bf16", None), ("fp8 rowwise", "rowwise"), ("fp8 tensorwise", "tensorwise")):
+        for precision, fp8 in ((base, None), ("fp8 rowwise", "rowwise"), ("fp8 tensorwise", "tensorwise")):
             out = Path(tmp) / precision.replace(" ", "-")
             overrides = [f"train.output_dir={out}", f"train.steps={args.tiny_steps}", "sample.enabled=false",
-                         f"train.ckpt_every={args.tiny_steps}", "train.precision=bf16"]
+                         f"train.ckpt_every={args.tiny_steps}", f"train.precision={base}"]
             if fp8:
                 overrides.append(f"train.fp8_linears={fp8}")
             train(load_train_config("tiny", overrides))
             losses = [r["loss"] for r in read_log(out / "log.jsonl")]
             tail = sum(losses[-50:]) / len(losses[-50:])
-            ref = ref if ref is not None else tail
+            ref = ref if ref is not None else (losses, tail)
             rows.append({"impl": f"stdit {precision} (tiny model, {args.tiny_steps} steps)", "first loss": losses[0],
-                         "final loss": tail, "max rel gap to bf16": abs(tail - ref) / ref})
+                         "final loss": tail, "final loss gap": abs(tail - ref[1]) / ref[1],
+                         "max step gap": max(abs(a - b) / b for a, b in zip(losses, ref[0])),
+                         "baseline": base,
+                         "curve": losses})
             print(rows[-1], flush=True)
     return rows
 
@@ -159,7 +169,12 @@ def main(argv=None) -> int:
     p.add_argument("--tiny-steps", type=int, default=1000, help="0 skips the tiny model")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-loss", action="store_true")
-    return run_on_gpu("bench_fp8_train", _run, p.parse_args(argv))
+    p.add_argument("--tiny-only", action="store_true", help="only the tiny model's loss rows, on this machine's "
+                   "GPU or CPU")
+    args = p.parse_args(argv)
+    if args.tiny_only:
+        return _write(args, tiny_rows(args))
+    return run_on_gpu("bench_fp8_train", _run, args)
 
 
 def _run(args, clock: GpuClock) -> int:
@@ -169,17 +184,33 @@ def _run(args, clock: GpuClock) -> int:
     rows = [] if args.skip_speed else speed_rows(args, clock)
     rows += [] if args.skip_loss else loss_rows(args)
     rows += tiny_rows(args) if args.tiny_steps else []
+    return _write(args, rows)
+
+
+def _notes(args) -> str:
+    tiny = ("Tiny model: the trainer on configs/tiny.yaml, bf16 autocast (fp32 on the CPU), the same batches, noise "
+            "and timesteps in each precision; final loss = mean of the last 50 steps. Gaps are relative, to the "
+            "first row of each part (the baseline): `final loss gap` of the final losses, `max step gap` the "
+            "largest per-step difference of the curves (in the JSON).")
+    if args.tiny_only:
+        return tiny
+    return (f"Speed: {args.shape}, one step, fp32 master weights under bf16 autocast, checkpointing keeps attention, "
+            f"blocks compiled. Wan loss: {args.loss_steps} AdamW steps (lr {args.loss_lr}) at latent grid {LOSS_GRID}, "
+            f"batch {args.loss_batch}, from one random initialization; final loss = mean of the last 10 steps. "
+            + tiny)
+
+
+def _write(args, rows: list[dict]) -> int:
     gpu = machine()["gpu"]
+    base = next((r["baseline"] for r in rows if "baseline" in r), "bf16")
+    cols = ["impl", "tokens", "step ms", "tokens/s", "vs bf16", "peak GiB", "SM MHz", "W", "first loss", "final loss",
+            "final loss gap", "max step gap", "error"]
     md = write_results(
-        "fp8-train",
-        f"FP8 training of the linears (torchao float8) against bf16, {args.config}", rows,
-        ["impl", "tokens", "step ms", "tokens/s", "vs bf16", "peak GiB", "SM MHz", "W", "first loss", "final loss",
-         "max rel gap to bf16", "error"],
-        notes=f"Speed: {args.shape}, one step, fp32 master weights under bf16 autocast, checkpointing keeps "
-              f"attention, blocks compiled. Wan loss: {args.loss_steps} AdamW steps (lr {args.loss_lr}) at latent "
-              f"grid {LOSS_GRID}, batch {args.loss_batch}, from one random initialization; final loss = mean of the "
-              "last 10 steps; gap = the largest per-step relative difference of the curves. Tiny model: the "
-              "trainer on configs/tiny.yaml, bf16 autocast; final loss = mean of the last 50 steps.")
+        "fp8-train-tiny" if args.tiny_only else "fp8-train",
+        f"FP8 training of the linears (torchao float8) against {base}, "
+        f"{'configs/tiny.yaml' if args.tiny_only else args.config}", rows,
+        [c for c in cols if any(c in r for r in rows)],
+        notes=_notes(args))
     speed = [r for r in rows if "tokens/s" in r]
     if speed:
         bar_plot(md.parent / (md.stem + ".png"), [r["impl"] for r in speed], {"tokens/s": [r["tokens/s"] for r in speed]},

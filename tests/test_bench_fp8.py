@@ -37,3 +37,22 @@ def test_train_bench_needs_a_gpu(capsys):
 
     assert bench_fp8_train.main(["--tiny-steps", "0"]) == 2
     assert "bench_fp8_train needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_train_bench_tiny_rows_anywhere(tmp_path, monkeypatch):
+    """``--tiny-only`` trains the tiny model in bf16 and both FP8 recipes from the same start and writes the table."""
+    pytest.importorskip("torchao")
+    import bench_fp8_train
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert bench_fp8_train.main(["--tiny-only", "--tiny-steps", "2"]) == 0
+    md = next(tmp_path.glob("fp8-train-tiny-*.md")).read_text()
+    for name in ("fp32" if not torch.cuda.is_available() else "bf16", "fp8 rowwise", "fp8 tensorwise"):
+        assert f"stdit {name} (tiny model, 2 steps)" in md
+    import json
+
+    rows = json.loads(next(tmp_path.glob("fp8-train-tiny-*.json")).read_text())["rows"]
+    # One start and the same first batch; the zero-initialized output layer makes the first prediction the same too.
+    assert len({r["first loss"] for r in rows}) == 1
+    assert all(len(r["curve"]) == 2 for r in rows)
