@@ -21,7 +21,10 @@ SUPPORTED = ((3, 6), (3, 7), (3, 8), (3, 9))
 
 
 def test_version_parses_release_and_dev_strings():
-    assert _compat.TRITON_VERSION == tuple(int(x) for x in triton.__version__.split(".")[:2])
+    assert _compat.parse_version("3.6.0") == (3, 6)
+    assert _compat.parse_version("3.10.0+git1a2b3c") == (3, 10)  # two-digit minors compare as numbers
+    assert _compat.parse_version("3.7.0rc1") == (3, 7) > (3, 6)
+    assert _compat.TRITON_VERSION == _compat.parse_version(triton.__version__)
 
 
 def test_jit_params_in_order_with_defaults():

@@ -127,10 +127,9 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k
 
-    # The fused 8-bit path saves memory traffic (about a fifth of a millisecond a layer at 32,760 tokens, against
-    # 6-7 ms of attention), but at 4,096 tokens, where the host sets the pace, it measured slower on an H100
-    # (0.73 ms against 0.43 ms for quantization and attention, benchmarks/DECISIONS.md): short sequences keep the
-    # unfused path.
+    # The fused 8-bit path saves memory traffic (by the bytes it does not move, about a fifth of a millisecond a
+    # layer at 32,760 tokens against 6-7 ms of attention; not yet timed there), but at 4,096 tokens, where the host
+    # sets the pace, it measured slower on an H100 (benchmarks/DECISIONS.md): short sequences keep the unfused path.
     fp8_fused_min_tokens = 16384
 
     def fuses_fp8(self, q, k, v, layout) -> bool:
@@ -139,9 +138,11 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
         sequence parallelism, no tile attention) of at least :attr:`fp8_fused_min_tokens` tokens, the norms are
         plain hook-free ``nn.RMSNorm`` s (their weights are read directly, as :meth:`norm_rope`'s fused kernel reads
         them) and no gradient is asked for (the unfused path refuses that with its error)."""
+        # Runs on every self-attention call: the checks that fail for most calls come first.
+        if q.shape[1] < self.fp8_fused_min_tokens or resolve_backend(self.active_backend()) != "fp8":
+            return False
         tiles = self.tile_switch
-        if (q.shape[1] < self.fp8_fused_min_tokens or self.sp is not None
-                or (layout is not None and layout[0] != "full")
+        if (self.sp is not None or (layout is not None and layout[0] != "full")
                 or (tiles is not None and tiles.active and layout is not None)):
             return False
         if not (self.norm_q is not None and is_plain(self.norm_q, nn.RMSNorm) and is_plain(self.norm_k, nn.RMSNorm)
@@ -149,7 +150,7 @@ class StDiTAttention(nn.Module, AttentionModuleMixin):
             return False
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return False
-        if (q.shape[-1] // self.heads) % 2 or resolve_backend(self.active_backend()) != "fp8":
+        if (q.shape[-1] // self.heads) % 2:
             return False
         return REGISTRY["fp8"].why_not(q.unflatten(-1, (self.heads, -1)), k.unflatten(-1, (self.heads, -1))) is None
 

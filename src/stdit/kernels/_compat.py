@@ -22,10 +22,15 @@ from triton.runtime import JITFunction
 __all__ = ["HAS_LAUNCH_KNOBS", "HAS_TENSOR_DESCRIPTORS", "HAVE_GLUON", "JITFunction", "TRITON_VERSION",
            "bundled_ptxas", "cta_barrier", "current_device", "current_stream_getter", "ensure_scratch_allocator",
            "fence_async_shared", "gl", "gluon", "gluon_compile", "in_dispatch_mode", "interpreter_wraps_language",
-           "jit_params", "launch_hooks_installed", "mbarrier", "run_compiled", "tma", "tma_load", "tma_reduce_add",
+           "jit_params", "launch_hooks_installed", "mbarrier", "parse_version", "run_compiled", "tma", "tma_load", "tma_reduce_add",
            "tma_store", "warpgroup_mma", "warpgroup_mma_wait"]
 
-TRITON_VERSION: tuple[int, int] = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+def parse_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a release or development version string ("3.6.0", "3.10.0+git1a2b", "3.7.0rc1")."""
+    return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+TRITON_VERSION: tuple[int, int] = parse_version(triton.__version__)
 
 # ---- torch -----------------------------------------------------------------------------------------------------
 

@@ -21,9 +21,6 @@ _MAX_ENTRIES = 4096  # distinct call signatures kept; one per (kernel, shape, st
 _compiled: dict = {}
 _current_stream = None  # Triton's own current-stream getter, bound at the first launch (the driver loads lazily)
 
-__all__ = ["DEFAULT_OPTIONS", "Bound", "cdiv", "current_device", "launch", "next_pow2"]
-
-
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for launch grids. Host code uses these two rather than ``triton.cdiv`` and
     ``triton.next_power_of_2``, which are constexpr functions: a call from Python unwraps its arguments and costs a

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import HAS_TENSOR_DESCRIPTORS, ensure_scratch_allocator
 from ._launch import DEFAULT_OPTIONS, cdiv, next_pow2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -216,18 +217,12 @@ def _bucket(n: int) -> int:
     return min(next_pow2(max(n, 1)), 1 << 16)
 
 
-def _scratch(size: int, align: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _use_tma(q: torch.Tensor) -> bool:
-    if _INTERPRET or not q.is_cuda or not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+    if _INTERPRET or not q.is_cuda or not HAS_TENSOR_DESCRIPTORS:
         return False
     if torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    # Descriptors built inside a kernel live in scratch memory Triton asks the host for (set per call: Triton keeps
-    # the allocator in a context variable).
-    triton.set_allocator(_scratch)
+    ensure_scratch_allocator()
     return True
 
 

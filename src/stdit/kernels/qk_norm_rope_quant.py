@@ -162,6 +162,15 @@ def qk_norm_rope_quantized(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Ten
     _check_rows(q, k, weight_q, weight_k, cos, sin, num_heads)
     if qk_format not in QK_FORMATS:
         raise ValueError(f"qk_format must be one of {sorted(QK_FORMATS)}; got {qk_format!r}")
+    b, _, hd = q.shape
+    if k_center is not None and tuple(k_center.shape) != (b, num_heads, hd // num_heads):
+        raise ValueError(f"k_center must be [B, H, D] = {(b, num_heads, hd // num_heads)}; got "
+                         f"{tuple(k_center.shape)}")
+    return _quantize_qk(q, k, weight_q, weight_k, eps, cos, sin, num_heads, scale, qk_format, k_center)
+
+
+def _quantize_qk(q, k, weight_q, weight_k, eps, cos, sin, num_heads, scale, qk_format, k_center):
+    # qk_norm_rope_quantized past its checks (the fused attention makes its own).
     b, s, hd = q.shape
     h = num_heads
     d = hd // h
@@ -170,8 +179,6 @@ def qk_norm_rope_quantized(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Ten
     qk_dtype, qmax = QK_FORMATS[qk_format]
     if k_center is None:
         k_center = sample_k_center(k, weight_k, eps, cos, sin, h)
-    if tuple(k_center.shape) != (b, h, d):
-        raise ValueError(f"k_center must be [B, H, D] = {(b, h, d)}; got {tuple(k_center.shape)}")
     center = k_center.to(device=q.device, dtype=torch.float32).reshape(b * h, d).contiguous()
     q8 = torch.empty(b * h, s, d_pad, device=q.device, dtype=qk_dtype)
     k8 = torch.empty(b * h, s, d_pad, device=q.device, dtype=qk_dtype)
@@ -213,7 +220,7 @@ def qk_norm_rope_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def _qk_norm_rope_attention_fp8(q, k, v, weight_q, weight_k, eps, cos, sin, num_heads, scale, qk_format):
-    qz = Quantized(*qk_norm_rope_quantized(q, k, weight_q, weight_k, eps, cos, sin, num_heads, scale, qk_format),
+    qz = Quantized(*_quantize_qk(q, k, weight_q, weight_k, eps, cos, sin, num_heads, scale, qk_format, None),
                    *quantize_v(v.unflatten(-1, (num_heads, -1))))
     b, s, hd = q.shape
     out = torch.empty(b, s, num_heads, hd // num_heads, device=q.device, dtype=q.dtype)
