@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from helpers import tiny_model
 from stdit.cache import (CALIBRATION_FILE, StepCacheCalibration, StepCacheConfig, calibrating, disable_step_cache,
                          enable_step_cache, get_step_cache, parse_layout)
+from stdit.parallel.dist import cleanup
 from stdit.pipeline import StDiTPipeline, layout_name, make_scheduler, stack_branches
 from wan_pipeline import run as run_wan
 from wan_pipeline import tiny_pipeline, tiny_wan
@@ -304,11 +305,13 @@ def _worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    ok = False
     try:
         # numpy arrays travel by value; tensors would travel as shared memory that dies with this process
         results.put((rank, {k: v.numpy() if torch.is_tensor(v) else v for k, v in _parallel_results().items()}))
+        ok = True
     finally:
-        dist.destroy_process_group()
+        cleanup(wait_for_all=ok)  # the group's users freed first: gloo aborts a process that frees them at exit
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from stdit.parallel.dist import cleanup
 from stdit.parallel.ulysses import check_sp_size, valid_sp_sizes
 
 CASES = [
@@ -75,7 +76,7 @@ def _worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    errors = {}
+    errors, ok = {}, False
     try:
         for i, (mode, thw) in enumerate(CASES):
             inputs = _inputs(thw)
@@ -91,8 +92,9 @@ def _worker(rank, world, port, results):
                        for n in ref_grads)
             errors[(mode, thw)] = (err.item(), gerr)
         errors["pipeline"] = (_pipeline_error(), 0.0)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        cleanup(wait_for_all=ok)  # the group's users freed first: gloo aborts a process that frees them at exit
     if rank == 0:
         results.put(errors)
 

@@ -17,6 +17,7 @@ from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 from helpers import rel_err
 from stdit import StDiT
 from stdit.convert import to_wan
+from stdit.parallel.dist import cleanup
 from wan_pipeline import TEXT_DIM, run, tiny_pipeline, tiny_wan
 
 ATOL = 1e-5
@@ -307,7 +308,7 @@ def _sp_worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    errors = {}
+    errors, ok = {}, False
     try:
         g = torch.Generator().manual_seed(0)
         text = torch.randn(1, 5, TEXT_DIM, generator=g)
@@ -333,8 +334,9 @@ def _sp_worker(rank, world, port, results):
                 outs.append((out.detach(), grads))
             (ref, ref_g), (got, got_g) = outs
             errors[name] = (rel_err(got, ref), max(rel_err(got_g[n], ref_g[n]) for n in ref_g))
+        ok = True
     finally:
-        dist.destroy_process_group()
+        cleanup(wait_for_all=ok)  # the group's users freed first: gloo aborts a process that frees them at exit
     if rank == 0:
         results.put(errors)
 
