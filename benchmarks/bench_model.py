@@ -5,6 +5,10 @@ model running stdit's kernels (``stdit.integrations.apply_to_diffusers``). Also 
     python benchmarks/bench_model.py                      # Wan2.1-T2V-1.3B at 480p and 720p x 81 frames
     python benchmarks/bench_model.py --config wan2.1-t2v-14b --shapes 480p
     python benchmarks/bench_model.py --compile            # add torch.compile rows (per block, both models)
+
+Image-to-video configs run too, at their native resolution: ``--config wan2.1-i2v-14b --shapes 480p`` (CLIP image
+tokens as an input), ``--config wan2.1-flf2v-14b --shapes 720p``, ``--config wan2.2-i2v-a14b --shapes 720p`` (one
+expert; the condition channels are part of the latent input).
 """
 
 from __future__ import annotations
@@ -134,7 +138,15 @@ def main(argv=None) -> int:
     return run_on_gpu("bench_model", _run, p.parse_args(argv))
 
 
-def fp8_candidates(ours, x, ts, text) -> list[tuple]:
+def image_tokens(cfg: dict) -> int:
+    """CLIP image tokens a Wan 2.1 image-to-video model reads (257 per ViT-H/14 image; FLF2V's two images give its
+    ``pos_embed_seq_len``), 0 for a model without the image branch."""
+    if not cfg.get("image_dim"):
+        return 0
+    return cfg.get("pos_embed_seq_len") or 257
+
+
+def fp8_candidates(ours, x, ts, text, kw) -> list[tuple]:
     """stdit with 8-bit attention in every block (the model itself, switched on for its call), then with the blocks'
     linears in FP8 too (a quantized copy: torchao's conversion is in place)."""
     from stdit.fp8 import FP8Attention
@@ -143,7 +155,7 @@ def fp8_candidates(ours, x, ts, text) -> list[tuple]:
         def call():
             model.set_fp8_attention(FP8Attention())
             try:
-                return model(x, ts, text, return_dict=False)[0]
+                return model(x, ts, text, **kw, return_dict=False)[0]
             finally:
                 model.set_fp8_attention(None)
         return call
@@ -165,9 +177,7 @@ def _run(args, clock: GpuClock) -> int:
 
     wan, ours = random_wan_pair(args.config)
     cfg = dict(ours.config)
-    if cfg.get("image_dim") or cfg["in_channels"] != cfg["out_channels"]:
-        raise SystemExit(f"bench_model times text-to-video transformers; {args.config} is an image-to-video one "
-                         "(it needs image features and a condition): pick a T2V or TI2V config.")
+    image_len = image_tokens(cfg)
     rows, slug = [], gpu_slug(machine()["gpu"])
     for shape in args.shapes:
         t, h, w = (SHAPES_WAN22_VAE if cfg["in_channels"] == 48 else SHAPES)[shape]
@@ -175,19 +185,25 @@ def _run(args, clock: GpuClock) -> int:
         x = torch.randn(1, cfg["in_channels"], t, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
         text = torch.randn(1, TEXT_LEN, cfg["text_dim"], device="cuda", dtype=torch.bfloat16, generator=gen)
         ts = torch.tensor([500.0], device="cuda")
+        # image-to-video: the condition channels are part of x (in_channels); Wan 2.1's CLIP image tokens go in as
+        # WanImageToVideoPipeline passes them
+        # (FLF2V's two images as a batch of two, which the image embedder joins into one row of 514 tokens)
+        images = 2 if cfg.get("pos_embed_seq_len") else 1
+        kw = {} if not image_len else {"encoder_hidden_states_image": torch.randn(
+            images, image_len // images, cfg["image_dim"], device="cuda", dtype=torch.bfloat16, generator=gen)}
         pt, ph, pw = cfg["patch_size"]
         grid = (t // pt, h // ph, w // pw)
-        flops = model_flops(cfg, grid, TEXT_LEN)
+        flops = model_flops(cfg, grid, TEXT_LEN, image_len)
         with torch.no_grad():
-            ref = wan(x, ts, text, return_dict=False)[0].float()
-            run_wan, run_ours = (lambda: wan(x, ts, text, return_dict=False)[0]), (lambda: ours(x, ts, text,
-                                                                                                return_dict=False)[0])
+            ref = wan(x, ts, text, **kw, return_dict=False)[0].float()
+            run_wan = lambda: wan(x, ts, text, **kw, return_dict=False)[0]  # noqa: E731
+            run_ours = lambda: ours(x, ts, text, **kw, return_dict=False)[0]  # noqa: E731
             # (name, model, call, stdit backend, regional compile, diffusers' Wan on stdit's kernels)
             candidates = [("diffusers Wan", wan, run_wan, None, False, False),
                           ("diffusers Wan + stdit kernels", wan, run_wan, None, False, True)]
             candidates += [(f"stdit ({b})", ours, run_ours, b, False, False) for b in args.backends]
             if args.fp8:
-                candidates += fp8_candidates(ours, x, ts, text)
+                candidates += fp8_candidates(ours, x, ts, text, kw)
             if args.compile:  # after the eager rows; each model gets its eager blocks back below
                 candidates += [("diffusers Wan + compile", wan, run_wan, None, True, False),
                                ("diffusers Wan + stdit kernels + compile", wan, run_wan, None, True, True)]
@@ -221,7 +237,7 @@ def _run(args, clock: GpuClock) -> int:
             model = fn = None
             if shape == "480p" and not args.no_profile:
                 ours.set_attention_backend(args.backends[0])
-                profile(lambda: ours(x, ts, text, return_dict=False), RESULTS / f"model-profile-{slug}.txt",
+                profile(lambda: ours(x, ts, text, **kw, return_dict=False), RESULTS / f"model-profile-{slug}.txt",
                         clock=clock)
         torch.cuda.empty_cache()
 

@@ -44,8 +44,10 @@ def random_wan_pair(config: str, device="cuda", dtype=torch.bfloat16, seed: int 
     return wan, ours
 
 
-def model_flops(config: dict, grid: tuple[int, int, int], text_len: int) -> float:
-    """Forward FLOPs of one sample (matmuls and attention; elementwise work not counted)."""
+def model_flops(config: dict, grid: tuple[int, int, int], text_len: int, image_len: int = 0) -> float:
+    """Forward FLOPs of one sample (matmuls and attention; elementwise work not counted). ``image_len``: Wan 2.1
+    image-to-video's CLIP tokens (their own key/value projections and attention in each block's cross-attention,
+    and the image embedder's two-layer MLP)."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
     s, layers, f = math.prod(grid), config["num_layers"], config["ffn_dim"]
     per_token = 2 * (4 * d * d + 2 * d * d + 2 * d * f)  # self q,k,v,o; cross q,o; FFN
@@ -54,4 +56,6 @@ def model_flops(config: dict, grid: tuple[int, int, int], text_len: int) -> floa
     patch = math.prod(config["patch_size"])
     io = 2 * s * patch * (config["in_channels"] + config["out_channels"]) * d
     text_embed = 2 * text_len * (config["text_dim"] * d + d * d)
-    return layers * (per_token * s + per_text + attn) + io + text_embed
+    per_image = 2 * (2 * d * d) * image_len + 4 * s * image_len * d
+    image_embed = 2 * image_len * (config["image_dim"] ** 2 + config["image_dim"] * d) if image_len else 0
+    return layers * (per_token * s + per_text + attn + per_image) + io + text_embed + image_embed

@@ -92,3 +92,37 @@ def test_regional_compile_wraps_the_blocks_and_gives_them_back():
     assert list(model.blocks) == eager
     bench_model.regional_compile(model, True)  # the same wrappers again: compiled code is kept
     assert list(model.blocks) == wrapped
+
+
+@pytest.mark.parametrize("flf2v", [False, True])
+def test_model_flops_counts_the_image_branch(flf2v):
+    """bench_model's TFLOP/s for Wan 2.1 I2V / FLF2V: the FLOPs ``model_flops`` adds for the CLIP image tokens equal
+    what torch's FLOP counter sees the image branch cost (the same model with and without it)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wan_models import model_flops
+
+    image_len = 6 if flf2v else 3
+    base = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4,
+                text_dim=24, freq_dim=16, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads")
+    i2v = dict(base, image_dim=20, added_kv_proj_dim=32, pos_embed_seq_len=image_len if flf2v else None)
+    grid, text_len = (2, 3, 4), 5
+    x = torch.randn(1, 8, grid[0], 2 * grid[1], 2 * grid[2])
+    text, t = torch.randn(1, text_len, 24), torch.tensor([500.0])
+
+    def counted(cfg, **kw):  # attention through the math backend: its two matmuls are what the counter sees
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            WanTransformer3DModel(**cfg).eval()(x, t, text, **kw)
+        return counter.get_total_flops()
+
+    # FLF2V's two images come as a batch of two, which the image embedder joins into one row of 2 x 3 tokens
+    image = torch.randn(2, image_len // 2, 20) if flf2v else torch.randn(1, image_len, 20)
+    measured = counted(i2v, encoder_hidden_states_image=image) - counted(base)
+    predicted = model_flops(i2v, grid, text_len, image_len) - model_flops(base, grid, text_len)
+    assert predicted == measured
+    assert bench_model.image_tokens(i2v) == (image_len if flf2v else 257)
+    assert bench_model.image_tokens(base) == 0

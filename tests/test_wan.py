@@ -121,7 +121,8 @@ def test_export_refuses_what_wan_cannot_compute():
 
 @pytest.mark.parametrize("name, expected", [("wan2.1-t2v-1.3b", 1_418_996_800), ("wan2.1-t2v-14b", None),
                                             ("wan2.2-ti2v-5b", 4_999_787_712), ("wan2.2-t2v-a14b", 14_288_491_584),
-                                            ("wan2.2-i2v-a14b", 14_288_901_184)])
+                                            ("wan2.2-i2v-a14b", 14_288_901_184), ("wan2.1-i2v-14b", 16_394_878_784),
+                                            ("wan2.1-flf2v-14b", 16_395_536_704)])
 def test_wan_config_parameter_counts(name, expected):
     with torch.device("meta"):
         ours = StDiT.from_config_file(name)
