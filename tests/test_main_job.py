@@ -1,30 +1,35 @@
-"""A shortened main job: the tiny config trains on the embedded videos, its loss falls, and its samples are
-measurably closer to the data than an untrained model's (pixel statistics and the objects' area per frame)."""
+"""A shortened main job: the tiny config trains on the embedded videos, its loss falls, and its samples show what
+the data shows, measured by what sees shapes: one connected object per frame, moving at the data's speed."""
+
+import json
 
 import pytest
 import torch
 
-from stdit.data.synthetic import MovingObjects, ShapeClassifier, sample_quality, shape_metrics
+from stdit.data.synthetic import MovingObjects, ShapeClassifier, shape_metrics
 from stdit.model import StDiT
 from stdit.pipeline import StDiTPipeline, make_scheduler
 from stdit.train import train
 from stdit.train_config import load_train_config
 from stdit.train_utils import loss_drop, read_log
 
-STEPS = 200
+# A quarter of the main job's 4200 steps: long enough for objects and motion to form (at 200-500 steps the samples
+# hold one object in 15-35% of frames), too short for the shape and colour figures the full job is measured by
+# (the README and docs/main-job-recipe.md).
+STEPS = 1000
 
 
-def _samples(model, shift, n_per_class=4):
+def _samples(model, shift, n_per_class=8):
     pipe = StDiTPipeline(model.eval(), make_scheduler("euler", shift))
     pipe.set_progress_bar_config(disable=True)
     labels = [c for c in range(model.config.num_classes) for _ in range(n_per_class)]
-    frames = pipe(class_labels=labels, num_frames=8, height=32, width=32, num_inference_steps=20,
+    frames = pipe(class_labels=labels, num_frames=8, height=32, width=32, num_inference_steps=10,
                   guidance_scale=2.0, generator=torch.Generator().manual_seed(123), output_type="pt").frames
-    return frames.permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, T, H, W] in [-1, 1]
+    return frames.permute(0, 2, 1, 3, 4) * 2 - 1, labels  # [B, C, T, H, W] in [-1, 1]
 
 
-# About 1.5 min on an idle 2-core machine; a loaded CI machine has taken over 15 min, so the suite-wide 900 s limit
-# (there to catch hangs) is raised for this one test instead of shortening what it checks.
+# About 2.5 min on an idle 2-core machine; a loaded CI machine has taken several times longer, so the suite-wide
+# 900 s limit (there to catch hangs) is raised for this one test instead of shortening what it checks.
 @pytest.mark.timeout(2700)
 def test_short_main_job_learns_the_data(tmp_path):
     cfg = load_train_config("tiny", [f"train.output_dir={tmp_path}", f"train.steps={STEPS}", "train.warmup_steps=20",
@@ -35,24 +40,21 @@ def test_short_main_job_learns_the_data(tmp_path):
     assert len(records) == STEPS
     drop = loss_drop(records)
     print(f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} ({drop:.1f}x)")
-    assert drop > 4.0
+    assert drop > 6.0
 
-    data = MovingObjects(seed=cfg.data.seed + 1)  # held-out draws of the same distribution
-    reference = torch.stack([data[i]["video"] for i in range(32)])
-    shift = float(__import__("json").loads((tmp_path / "model" / "scheduler_config.json").read_text())["shift"])
-    trained = sample_quality(_samples(StDiT.from_pretrained(tmp_path / "model"), shift), reference)
+    classifier = ShapeClassifier().fit(MovingObjects(seed=cfg.data.seed), 256)
+    shift = float(json.loads((tmp_path / "model" / "scheduler_config.json").read_text())["shift"])
+    trained = shape_metrics(*_samples(StDiT.from_pretrained(tmp_path / "model"), shift), classifier)
     torch.manual_seed(0)
     fresh = StDiT(**cfg.model)
     fresh.initialize_weights()
-    untrained_init = sample_quality(_samples(fresh, shift), reference)
-    untrained_random = sample_quality(_samples(StDiT(**cfg.model), shift), reference)
-    print("trained", trained, "\nuntrained (DiT init)", untrained_init, "\nuntrained (random)", untrained_random)
-    for untrained in (untrained_init, untrained_random):
-        assert trained["pixel_w1"] < 0.25 * untrained["pixel_w1"]
-        assert trained["area_error"] < 0.25 * untrained["area_error"]
-    # absolute: a mostly clean background, and objects covering about as much of each frame as in the data
-    # (untrained models score about 0.8 on both)
-    assert trained["pixel_w1"] < 0.2 and trained["area_error"] < 0.1
+    untrained = [shape_metrics(*_samples(m, shift), classifier) for m in (fresh, StDiT(**cfg.model))]
+    print("trained", trained, "\nuntrained (DiT init, random)", untrained)
+    # measured at 1000 steps on a 2-core CPU: one object in 66-70% of frames, the data's speed in 46% of steps;
+    # untrained models: 0 and 0
+    assert trained["one_object"] >= 0.5 and trained["speed"] >= 0.3
+    for u in untrained:
+        assert u["one_object"] <= 0.1 and u["speed"] <= 0.1
 
 
 def test_shape_metrics_score_the_data_and_fail_what_is_not():

