@@ -138,12 +138,15 @@ def main(argv=None) -> int:
     return run_on_gpu("bench_model", _run, p.parse_args(argv))
 
 
-def image_tokens(cfg: dict) -> int:
-    """CLIP image tokens a Wan 2.1 image-to-video model reads (257 per ViT-H/14 image; FLF2V's two images give its
-    ``pos_embed_seq_len``), 0 for a model without the image branch."""
+def image_tokens(cfg: dict) -> tuple[int, int]:
+    """(images, CLIP tokens per image) of a Wan 2.1 image-to-video model's image input as WanImageToVideoPipeline
+    passes it: one image of 257 ViT-H/14 tokens, or FLF2V's first and last frame as a batch of two that the image
+    embedder joins into one row of ``pos_embed_seq_len`` tokens; (0, 0) for a model without the image branch."""
     if not cfg.get("image_dim"):
-        return 0
-    return cfg.get("pos_embed_seq_len") or 257
+        return 0, 0
+    if cfg.get("pos_embed_seq_len"):
+        return 2, cfg["pos_embed_seq_len"] // 2
+    return 1, 257
 
 
 def fp8_candidates(ours, x, ts, text, kw) -> list[tuple]:
@@ -177,7 +180,8 @@ def _run(args, clock: GpuClock) -> int:
 
     wan, ours = random_wan_pair(args.config)
     cfg = dict(ours.config)
-    image_len = image_tokens(cfg)
+    images, per_image = image_tokens(cfg)
+    image_len = images * per_image
     rows, slug = [], gpu_slug(machine()["gpu"])
     for shape in args.shapes:
         t, h, w = (SHAPES_WAN22_VAE if cfg["in_channels"] == 48 else SHAPES)[shape]
@@ -185,12 +189,9 @@ def _run(args, clock: GpuClock) -> int:
         x = torch.randn(1, cfg["in_channels"], t, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
         text = torch.randn(1, TEXT_LEN, cfg["text_dim"], device="cuda", dtype=torch.bfloat16, generator=gen)
         ts = torch.tensor([500.0], device="cuda")
-        # image-to-video: the condition channels are part of x (in_channels); Wan 2.1's CLIP image tokens go in as
-        # WanImageToVideoPipeline passes them
-        # (FLF2V's two images as a batch of two, which the image embedder joins into one row of 514 tokens)
-        images = 2 if cfg.get("pos_embed_seq_len") else 1
+        # image-to-video: the condition channels are part of x (in_channels); Wan 2.1 also reads CLIP image tokens
         kw = {} if not image_len else {"encoder_hidden_states_image": torch.randn(
-            images, image_len // images, cfg["image_dim"], device="cuda", dtype=torch.bfloat16, generator=gen)}
+            images, per_image, cfg["image_dim"], device="cuda", dtype=torch.bfloat16, generator=gen)}
         pt, ph, pw = cfg["patch_size"]
         grid = (t // pt, h // ph, w // pw)
         flops = model_flops(cfg, grid, TEXT_LEN, image_len)

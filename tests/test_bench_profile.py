@@ -124,5 +124,5 @@ def test_model_flops_counts_the_image_branch(flf2v):
     measured = counted(i2v, encoder_hidden_states_image=image) - counted(base)
     predicted = model_flops(i2v, grid, text_len, image_len) - model_flops(base, grid, text_len)
     assert predicted == measured
-    assert bench_model.image_tokens(i2v) == (image_len if flf2v else 257)
-    assert bench_model.image_tokens(base) == 0
+    assert bench_model.image_tokens(i2v) == ((2, image_len // 2) if flf2v else (1, 257))
+    assert bench_model.image_tokens(base) == (0, 0)

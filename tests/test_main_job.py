@@ -50,7 +50,7 @@ def test_short_main_job_learns_the_data(tmp_path):
     fresh.initialize_weights()
     untrained = [shape_metrics(*_samples(m, shift), classifier) for m in (fresh, StDiT(**cfg.model))]
     print("trained", trained, "\nuntrained (DiT init, random)", untrained)
-    # measured at 1000 steps on a 2-core CPU: one object in 66-70% of frames, the data's speed in 46% of steps;
+    # measured at 1000 steps on a 2-core CPU: one object in 70% of frames, the data's speed in 46% of steps;
     # untrained models: 0 and 0
     assert trained["one_object"] >= 0.5 and trained["speed"] >= 0.3
     for u in untrained:
